@@ -1,0 +1,104 @@
+//! Building and running the application: the API server and the workers are
+//! sibling tasks sharing one cancellation token; shutdown drains in-flight work.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use workflows::Registry;
+
+use crate::config::{ProcessRole, Settings};
+use crate::engine::Engine;
+use crate::http::{self, ApiState};
+use crate::outbox::Outbox;
+use crate::workers;
+
+/// Errors at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// `ENABLED_WORKFLOWS` names a kind we do not have.
+    #[error("ENABLED_WORKFLOWS names unknown workflow kind `{0}`")]
+    UnknownWorkflow(String),
+    /// Binding the listener failed.
+    #[error("cannot listen: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The workflows this process runs (`ENABLED_WORKFLOWS`, default all).
+pub fn registry(settings: &Settings) -> Result<Registry, AppError> {
+    let all = Registry::builtin();
+    let Some(enabled) = &settings.enabled_workflows else {
+        return Ok(all);
+    };
+    let mut reg = Registry::new();
+    for kind in enabled {
+        match kind.as_str() {
+            "dispatch" => reg = reg.with::<workflows::dispatch::Dispatch>(),
+            other => return Err(AppError::UnknownWorkflow(other.to_string())),
+        }
+    }
+    Ok(reg)
+}
+
+/// A running application.
+pub struct Running {
+    /// Where the API listens (when the role serves it).
+    pub addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Running {
+    /// The token that stops everything.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stop and wait for in-flight work to drain.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Wait until the token is cancelled elsewhere, then drain.
+    pub async fn wait(mut self) {
+        self.shutdown.cancelled().await;
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Start the parts of `role` over a migrated pool. With `listener` unset the
+/// API binds `settings.listen`.
+pub async fn launch(settings: &Settings, pool: PgPool, role: ProcessRole, listener: Option<TcpListener>) -> Result<Running, AppError> {
+    let registry = Arc::new(registry(settings)?);
+    let engine = Engine::new(pool.clone(), registry, settings.engine.clone());
+    let shutdown = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut addr = None;
+    if matches!(role, ProcessRole::Api | ProcessRole::All) {
+        let listener = match listener {
+            Some(l) => l,
+            None => TcpListener::bind(&settings.listen).await?,
+        };
+        addr = Some(listener.local_addr()?);
+        let (applied, _) = broadcast::channel(4096);
+        http::spawn_signal_listener(pool.clone(), applied.clone(), shutdown.clone());
+        let app = http::router(ApiState { engine: engine.clone(), applied });
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            let server = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await });
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "http server failed");
+            }
+        });
+    }
+    if matches!(role, ProcessRole::Worker | ProcessRole::All) {
+        let outbox = Outbox::new(pool.clone(), settings.outbox.clone());
+        let mut set = workers::spawn(engine, outbox, settings.workers.clone(), shutdown.clone());
+        tasks.spawn(async move { while set.join_next().await.is_some() {} });
+    }
+    Ok(Running { addr, shutdown, tasks })
+}

@@ -1,0 +1,141 @@
+//! Typed configuration: defaults, then `DISPATCH_…` environment variables
+//! (a `.env.example` at the repository root documents each one).
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::engine::EngineConfig;
+use crate::outbox::OutboxConfig;
+use crate::workers::WorkerConfig;
+
+/// A value that must never be printed (it may carry a password).
+#[derive(Clone, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wrap a value.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    /// The value, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Which parts a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProcessRole {
+    /// The HTTP API only.
+    Api,
+    /// Workers, timers and sweeps only.
+    Worker,
+    /// Both.
+    All,
+}
+
+/// Configuration errors.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {name}: {message}")]
+pub struct ConfigError {
+    name: &'static str,
+    message: String,
+}
+
+/// Everything configurable.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `DATABASE_URL`; `None` means the embedded server (dev and tests).
+    pub database_url: Option<Secret>,
+    /// `DISPATCH_LISTEN` (default `127.0.0.1:8080`).
+    pub listen: String,
+    /// `DISPATCH_DATA_DIR` (default `.dispatch`): the embedded server lives in `<dir>/pg`.
+    pub data_dir: String,
+    /// `DISPATCH_DB_POOL` (default 32).
+    pub db_pool: u32,
+    /// `ENABLED_WORKFLOWS`: comma-separated kinds this process runs (default: all).
+    pub enabled_workflows: Option<Vec<String>>,
+    /// Engine tuning (`DISPATCH_EFFECT_MAX_ATTEMPTS`).
+    pub engine: EngineConfig,
+    /// Outbox tuning (`DISPATCH_RETRY_MIN_MS`, `DISPATCH_RETRY_MAX_MS`, `DISPATCH_EFFECT_LEASE_MS`).
+    pub outbox: OutboxConfig,
+    /// Worker tuning (`DISPATCH_WORKER_CONCURRENCY`, `DISPATCH_POLL_MS`,
+    /// `DISPATCH_SWEEP_MS`, `DISPATCH_SWEEP_GRACE_MS`, `DISPATCH_SHUTDOWN_GRACE_MS`).
+    pub workers: WorkerConfig,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            database_url: None,
+            listen: "127.0.0.1:8080".into(),
+            data_dir: ".dispatch".into(),
+            db_pool: 32,
+            enabled_workflows: None,
+            engine: EngineConfig::default(),
+            outbox: OutboxConfig::default(),
+            workers: WorkerConfig::default(),
+        }
+    }
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn num<T: std::str::FromStr>(name: &'static str) -> Result<Option<T>, ConfigError> {
+    var(name)
+        .map(|v| v.trim().parse::<T>().map_err(|_| ConfigError { name, message: format!("`{v}` is not a number") }))
+        .transpose()
+}
+
+fn ms(name: &'static str, into: &mut Duration) -> Result<(), ConfigError> {
+    if let Some(v) = num::<u64>(name)? {
+        *into = Duration::from_millis(v);
+    }
+    Ok(())
+}
+
+impl Settings {
+    /// Defaults overlaid with the environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let mut s = Settings::default();
+        s.database_url = var("DATABASE_URL").map(Secret::new);
+        if let Some(v) = var("DISPATCH_LISTEN") {
+            s.listen = v;
+        }
+        if let Some(v) = var("DISPATCH_DATA_DIR") {
+            s.data_dir = v;
+        }
+        if let Some(v) = num("DISPATCH_DB_POOL")? {
+            s.db_pool = v;
+        }
+        s.enabled_workflows = var("ENABLED_WORKFLOWS").map(|v| v.split(',').map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect());
+        if let Some(v) = num("DISPATCH_EFFECT_MAX_ATTEMPTS")? {
+            s.engine.effect_max_attempts = v;
+        }
+        if let Some(v) = num("DISPATCH_WORKER_CONCURRENCY")? {
+            s.workers.concurrency = v;
+        }
+        ms("DISPATCH_RETRY_MIN_MS", &mut s.outbox.retry_min)?;
+        ms("DISPATCH_RETRY_MAX_MS", &mut s.outbox.retry_max)?;
+        ms("DISPATCH_EFFECT_LEASE_MS", &mut s.outbox.lease)?;
+        ms("DISPATCH_POLL_MS", &mut s.workers.poll_interval)?;
+        ms("DISPATCH_SWEEP_MS", &mut s.workers.sweep_interval)?;
+        ms("DISPATCH_SWEEP_GRACE_MS", &mut s.workers.sweep_grace)?;
+        ms("DISPATCH_SHUTDOWN_GRACE_MS", &mut s.workers.shutdown_grace)?;
+        if s.db_pool < s.workers.concurrency as u32 * 2 + 4 {
+            return Err(ConfigError {
+                name: "DISPATCH_DB_POOL",
+                message: format!("must be at least 2 × DISPATCH_WORKER_CONCURRENCY + 4 = {}", s.workers.concurrency * 2 + 4),
+            });
+        }
+        Ok(s)
+    }
+}

@@ -1,0 +1,436 @@
+//! The engine: every state change of every workflow goes through here.
+//!
+//! Applying signals is one PostgreSQL transaction per batch: lock the workflow
+//! row, turn due timers into signals, take the queued signals in arrival order,
+//! run the pure transition for each, then write state (fenced on the version
+//! read), history, timers, outbox effects and the jobs that run them. A crash
+//! anywhere leaves either the old state or the new state with all of its
+//! follow-up work recorded.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{json, Value};
+use sqlx::{PgConnection, PgPool};
+use tracing::instrument;
+use uuid::Uuid;
+use workflows::{Actor, Command, Ctx, ParseError, Registry, Role, Transition};
+
+use crate::store::jobs::{self, ApplyJob, EffectJob};
+use crate::store::signals::{NewSignal, SignalRow};
+use crate::store::workflows::{NewEvent, NewWorkflow, WorkflowRow};
+use crate::store::{self, effects, hash_json, signals, tenants, timers};
+
+/// NOTIFY channel carrying the id of each signal that was applied or rejected.
+pub const SIGNAL_CHANNEL: &str = "dispatch_signal_done";
+/// NOTIFY channel poked when a timer is armed.
+pub const TIMER_CHANNEL: &str = "dispatch_timer_armed";
+
+/// Engine errors. The HTTP layer maps each to a status code in one place.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// No such workflow kind (or not enabled in this process).
+    #[error("unknown workflow kind `{0}`")]
+    UnknownKind(String),
+    /// No such workflow.
+    #[error("workflow not found")]
+    NotFound,
+    /// The same kind+key exists with a different input.
+    #[error("a workflow with this kind and key exists with a different input")]
+    WorkflowExists,
+    /// The same idempotency key arrived with a different request.
+    #[error("this Idempotency-Key was used with a different request")]
+    IdempotencyKeyReused,
+    /// The caller's role may not do this.
+    #[error("role `{0}` may not {1}")]
+    Forbidden(&'static str, String),
+    /// Signal or input did not parse.
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    /// A writer lost the race to a newer version (stale worker fenced off).
+    #[error("stale write fenced off: workflow {0} moved on")]
+    Fenced(Uuid),
+    /// Persistence failed.
+    #[error("database error")]
+    Db(#[from] sqlx::Error),
+}
+
+impl From<store::StoreError> for EngineError {
+    fn from(e: store::StoreError) -> Self {
+        match e {
+            store::StoreError::Db(e) => EngineError::Db(e),
+            other => EngineError::Db(sqlx::Error::Protocol(other.to_string())),
+        }
+    }
+}
+
+/// Engine tuning.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Attempts before an effect is dead-lettered.
+    pub effect_max_attempts: i32,
+    /// Signals applied per transaction per workflow.
+    pub apply_batch: i64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            effect_max_attempts: 8,
+            apply_batch: 100,
+        }
+    }
+}
+
+/// A signal's answer, as the API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SignalAnswer {
+    /// Signal id.
+    pub signal_id: Uuid,
+    /// `queued`, `applied` or `rejected`.
+    pub status: String,
+    /// State name after applying (when decided).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Rejection reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl From<&SignalRow> for SignalAnswer {
+    fn from(s: &SignalRow) -> Self {
+        SignalAnswer {
+            signal_id: s.id,
+            status: s.status.clone(),
+            state: s.state_after.clone(),
+            reason: s.reason.clone(),
+        }
+    }
+}
+
+/// What one apply batch did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ApplyReport {
+    /// Signals accepted.
+    pub applied: usize,
+    /// Signals rejected.
+    pub rejected: usize,
+    /// More signals remain queued (another job was enqueued).
+    pub more: bool,
+}
+
+/// The durable engine.
+#[derive(Clone)]
+pub struct Engine {
+    pool: PgPool,
+    registry: Arc<Registry>,
+    config: EngineConfig,
+}
+
+impl Engine {
+    /// Build an engine over a pool and the workflows this process runs.
+    pub fn new(pool: PgPool, registry: Arc<Registry>, config: EngineConfig) -> Self {
+        Self { pool, registry, config }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The workflow registry.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Start a workflow, idempotently on (tenant, kind, key): the same input
+    /// returns the existing workflow (`created = false`), a different one is
+    /// [`EngineError::WorkflowExists`].
+    #[instrument(skip_all, fields(workflow.kind = kind))]
+    pub async fn start(&self, actor: &Actor, tenant_id: Uuid, kind: &str, key: &str, input: &Value) -> Result<(WorkflowRow, bool), EngineError> {
+        if !matches!(actor.role, Role::Integration | Role::Operator | Role::Ops) {
+            return Err(EngineError::Forbidden(actor.role.as_str(), "start workflows".into()));
+        }
+        let mut tx = self.pool.begin().await?;
+        let out = self.start_in(&mut tx, tenant_id, kind, key, input).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    fn start_in<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        tenant_id: Uuid,
+        kind: &'a str,
+        key: &'a str,
+        input: &'a Value,
+    ) -> futures::future::BoxFuture<'a, Result<(WorkflowRow, bool), EngineError>> {
+        Box::pin(async move {
+            let wf = self.registry.get(kind).ok_or_else(|| EngineError::UnknownKind(kind.into()))?;
+            let config = tenants::config(&mut *conn, tenant_id).await?;
+            let now: DateTime<Utc> = db_now(&mut *conn).await?;
+            let system = Actor::system();
+            let ctx = Ctx { now, tenant_config: &config, actor: &system };
+            let started = wf.start(key, input, &ctx)?;
+            let input_hash = hash_json(input);
+            let new = NewWorkflow {
+                tenant_id,
+                kind,
+                key,
+                input_hash: &input_hash,
+                state_name: started.state_name,
+                state: &started.state,
+            };
+            let Some(mut row) = store::workflows::insert(&mut *conn, &new).await? else {
+                let existing = store::workflows::find(&mut *conn, tenant_id, kind, key)
+                    .await?
+                    .ok_or(EngineError::NotFound)?;
+                return if existing.input_hash == input_hash {
+                    Ok((existing, false))
+                } else {
+                    Err(EngineError::WorkflowExists)
+                };
+            };
+            store::workflows::insert_input(&mut *conn, tenant_id, row.id, input).await?;
+            let status = self.carry_out(&mut *conn, &row, &started.commands).await?;
+            store::workflows::append_history(
+                &mut *conn,
+                tenant_id,
+                row.id,
+                &NewEvent {
+                    version: 0,
+                    event: "started",
+                    signal_id: None,
+                    signal_name: None,
+                    actor_role: None,
+                    actor_subject: None,
+                    from_state: None,
+                    to_state: Some(started.state_name),
+                    reason: None,
+                    commands: json!(started.commands),
+                },
+            )
+            .await?;
+            if let Some(status) = status {
+                row.status = status.into();
+                store::workflows::update_state(&mut *conn, &row, 0).await?;
+            }
+            tracing::info!(workflow.id = %row.id, workflow.kind = kind, "workflow started");
+            Ok((row, true))
+        })
+    }
+
+    /// Queue a signal for a workflow. Validates it first (nothing is stored for
+    /// a bad one); the same idempotency key returns the first signal's answer;
+    /// the same key with a different request is [`EngineError::IdempotencyKeyReused`].
+    #[instrument(skip_all, fields(workflow.kind = kind, signal.name = name))]
+    #[allow(clippy::too_many_arguments)]
+    pub async fn signal(
+        &self,
+        actor: &Actor,
+        tenant_id: Uuid,
+        kind: &str,
+        key: &str,
+        idempotency_key: &str,
+        name: &str,
+        payload: &Value,
+    ) -> Result<SignalAnswer, EngineError> {
+        let wf = self.registry.get(kind).ok_or_else(|| EngineError::UnknownKind(kind.into()))?;
+        wf.check_signal(name, payload)?;
+        if !wf.allowed_roles(name).contains(&actor.role) {
+            return Err(EngineError::Forbidden(actor.role.as_str(), format!("send `{name}`")));
+        }
+        let request_hash = hash_json(&json!({
+            "name": name, "payload": payload, "role": actor.role, "subject": actor.subject,
+        }));
+        let mut tx = self.pool.begin().await?;
+        let row = store::workflows::find(&mut tx, tenant_id, kind, key)
+            .await?
+            .ok_or(EngineError::NotFound)?;
+        let new = NewSignal {
+            tenant_id,
+            workflow_id: row.id,
+            idempotency_key,
+            name,
+            payload,
+            request_hash: &request_hash,
+            actor_role: actor.role.as_str(),
+            actor_subject: actor.subject.as_deref(),
+            received_at: None,
+        };
+        let answer = match signals::insert(&mut tx, &new).await? {
+            Some(sig) => {
+                let job = ApplyJob { tenant_id, workflow_id: row.id };
+                jobs::enqueue_apply(&mut tx, &job, Some(format!("sig:{}", sig.id))).await?;
+                SignalAnswer::from(&sig)
+            }
+            None => {
+                let first = signals::by_key(&mut tx, tenant_id, row.id, idempotency_key)
+                    .await?
+                    .ok_or(EngineError::NotFound)?;
+                if first.request_hash != request_hash {
+                    return Err(EngineError::IdempotencyKeyReused);
+                }
+                SignalAnswer::from(&first)
+            }
+        };
+        tx.commit().await?;
+        Ok(answer)
+    }
+
+    /// The current answer for a signal.
+    pub async fn signal_answer(&self, tenant_id: Uuid, signal_id: Uuid) -> Result<SignalAnswer, EngineError> {
+        let mut conn = self.pool.acquire().await?;
+        let s = signals::by_id(&mut conn, tenant_id, signal_id).await?.ok_or(EngineError::NotFound)?;
+        Ok(SignalAnswer::from(&s))
+    }
+
+    /// Apply the queued signals (and due timers) of one workflow, in one transaction.
+    #[instrument(skip_all, fields(workflow.id = %workflow_id))]
+    pub async fn apply_pending(&self, tenant_id: Uuid, workflow_id: Uuid) -> Result<ApplyReport, EngineError> {
+        let mut tx = self.pool.begin().await?;
+        let Some(mut row) = store::workflows::lock(&mut tx, tenant_id, workflow_id).await? else {
+            return Ok(ApplyReport::default());
+        };
+        let read_version = row.version;
+        for timer in timers::take_due(&mut tx, tenant_id, workflow_id).await? {
+            let payload = json!({});
+            let new = NewSignal {
+                tenant_id,
+                workflow_id,
+                idempotency_key: &format!("timer:{}", timer.id),
+                name: &timer.signal,
+                payload: &payload,
+                request_hash: &hash_json(&json!({"timer": timer.id})),
+                actor_role: Role::System.as_str(),
+                actor_subject: None,
+                received_at: Some(timer.due_at),
+            };
+            signals::insert(&mut tx, &new).await?;
+        }
+        let queued = signals::queued(&mut tx, tenant_id, workflow_id, self.config.apply_batch + 1).await?;
+        let more = queued.len() as i64 > self.config.apply_batch;
+        let config = tenants::config(&mut tx, tenant_id).await?;
+        let wf = self
+            .registry
+            .get(&row.kind)
+            .ok_or_else(|| EngineError::UnknownKind(row.kind.clone()))?;
+        let mut report = ApplyReport { more, ..Default::default() };
+        for sig in queued.iter().take(self.config.apply_batch as usize) {
+            let actor = Actor {
+                role: role_from_db(&sig.actor_role),
+                subject: sig.actor_subject.clone(),
+            };
+            let now = db_now(&mut tx).await?;
+            let ctx = Ctx { now, tenant_config: &config, actor: &actor };
+            let from_state = row.state_name.clone();
+            let transition = match wf.apply(&row.state, &sig.name, &sig.payload, &ctx) {
+                Ok(t) => t,
+                // A stored signal that no longer parses is rejected, never retried forever.
+                Err(e) => Transition::Reject { reason: format!("invalid_signal: {e}") },
+            };
+            let mut event = NewEvent {
+                version: row.version,
+                event: "rejected",
+                signal_id: Some(sig.id),
+                signal_name: Some(&sig.name),
+                actor_role: Some(&sig.actor_role),
+                actor_subject: sig.actor_subject.as_deref(),
+                from_state: Some(&from_state),
+                to_state: Some(&from_state),
+                reason: None,
+                commands: json!([]),
+            };
+            match transition {
+                Transition::Accept { state, state_name, is_final, commands } => {
+                    row.state = state;
+                    row.state_name = state_name.to_string();
+                    row.version += 1;
+                    if let Some(status) = self.carry_out(&mut tx, &row, &commands).await? {
+                        row.status = status.into();
+                    } else if is_final {
+                        row.status = "completed".into();
+                    }
+                    event.event = "applied";
+                    event.version = row.version;
+                    event.to_state = Some(state_name);
+                    event.commands = json!(commands);
+                    store::workflows::append_history(&mut tx, tenant_id, workflow_id, &event).await?;
+                    signals::finish(&mut tx, tenant_id, sig.id, "applied", None, state_name).await?;
+                    report.applied += 1;
+                    tracing::info!(signal.name = %sig.name, from = %from_state, to = state_name, "signal applied");
+                }
+                Transition::Reject { reason } => {
+                    event.reason = Some(&reason);
+                    store::workflows::append_history(&mut tx, tenant_id, workflow_id, &event).await?;
+                    signals::finish(&mut tx, tenant_id, sig.id, "rejected", Some(&reason), &from_state).await?;
+                    report.rejected += 1;
+                    tracing::info!(signal.name = %sig.name, state = %from_state, reason = %reason, "signal rejected");
+                }
+            }
+        }
+        if row.version != read_version && !store::workflows::update_state(&mut tx, &row, read_version).await? {
+            return Err(EngineError::Fenced(workflow_id));
+        }
+        if more {
+            jobs::enqueue_apply(&mut tx, &ApplyJob { tenant_id, workflow_id }, None).await?;
+        }
+        tx.commit().await?;
+        Ok(report)
+    }
+
+    /// Turn commands into rows. Returns the terminal status a command set, if any.
+    async fn carry_out(&self, conn: &mut PgConnection, row: &WorkflowRow, commands: &[Command]) -> Result<Option<&'static str>, EngineError> {
+        let mut status = None;
+        for c in commands {
+            match c {
+                Command::Effect { name, idempotency_key, payload, reply } => {
+                    let inserted = effects::insert(
+                        &mut *conn,
+                        row.tenant_id,
+                        row.id,
+                        name,
+                        idempotency_key,
+                        payload,
+                        reply.as_deref(),
+                        self.config.effect_max_attempts,
+                    )
+                    .await?;
+                    if let Some(effect_id) = inserted {
+                        let job = EffectJob { tenant_id: row.tenant_id, effect_id };
+                        jobs::enqueue_effect(&mut *conn, &job, None, Some(format!("eff:{effect_id}:1"))).await?;
+                    }
+                }
+                Command::SetTimer { name, at, signal } => {
+                    timers::arm(&mut *conn, row.tenant_id, row.id, name, *at, signal).await?;
+                }
+                Command::CancelTimer { name } => timers::cancel(&mut *conn, row.tenant_id, row.id, name).await?,
+                Command::Start { kind, key, input } => {
+                    // A child that exists with other input, or whose input does not
+                    // parse, must not wedge the parent's transition: record and go on.
+                    match self.start_in(&mut *conn, row.tenant_id, kind, key, input).await {
+                        Ok(_) => {}
+                        Err(e @ (EngineError::WorkflowExists | EngineError::Parse(_) | EngineError::UnknownKind(_))) => {
+                            tracing::warn!(workflow.id = %row.id, child.kind = %kind, error = %e, "child workflow not started");
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Command::Complete => status = Some("completed"),
+                Command::Fail { .. } => status = Some("failed"),
+            }
+        }
+        Ok(status)
+    }
+}
+
+/// The transaction's clock: one clock (the database's) for every process.
+async fn db_now(conn: &mut PgConnection) -> Result<DateTime<Utc>, sqlx::Error> {
+    let (now,): (DateTime<Utc>,) = sqlx::query_as("select clock_timestamp()").fetch_one(conn).await?;
+    Ok(now)
+}
+
+fn role_from_db(s: &str) -> Role {
+    Role::parse_api_role(s).unwrap_or(Role::System)
+}

@@ -1,0 +1,303 @@
+//! The HTTP API (axum): JSON in and out, errors as
+//! `{"error": {"code": "...", "message": "..."}}`, mapped in one place.
+
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+use uuid::Uuid;
+use workflows::{Actor, ParseError, Role};
+
+use crate::engine::{Engine, EngineError, SignalAnswer, SIGNAL_CHANNEL};
+use crate::store::tenants::{self, Principal};
+use crate::store::{effects, jobs, timers, workflows as wf_store};
+
+/// Longest `?wait_ms=` a caller may ask for.
+pub const MAX_WAIT_MS: u64 = 30_000;
+
+/// Shared state of the API.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The engine.
+    pub engine: Engine,
+    /// Signal-applied notifications, fanned out to waiting requests.
+    pub applied: broadcast::Sender<Uuid>,
+}
+
+/// An API error: a status and a machine-readable code.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            // Full detail stays in the log (inside the request span); clients get an opaque 5xx.
+            tracing::error!(error = %self.message, "request failed");
+            let body = json!({"error": {"code": "internal", "message": "internal error"}});
+            return (self.status, Json(body)).into_response();
+        }
+        (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response()
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        use StatusCode as S;
+        match &e {
+            EngineError::UnknownKind(_) => ApiError::new(S::NOT_FOUND, "unknown_kind", e.to_string()),
+            EngineError::NotFound => ApiError::new(S::NOT_FOUND, "not_found", e.to_string()),
+            EngineError::WorkflowExists => ApiError::new(S::CONFLICT, "workflow_exists", e.to_string()),
+            EngineError::IdempotencyKeyReused => ApiError::new(S::UNPROCESSABLE_ENTITY, "idempotency_key_reused", e.to_string()),
+            EngineError::Forbidden(..) => ApiError::new(S::FORBIDDEN, "forbidden", e.to_string()),
+            EngineError::Parse(ParseError::UnknownSignal(_)) => ApiError::new(S::UNPROCESSABLE_ENTITY, "unknown_signal", e.to_string()),
+            EngineError::Parse(ParseError::InvalidKey(_)) => ApiError::new(S::UNPROCESSABLE_ENTITY, "invalid_key", e.to_string()),
+            EngineError::Parse(ParseError::InvalidPayload(_)) => ApiError::new(S::UNPROCESSABLE_ENTITY, "invalid_payload", e.to_string()),
+            EngineError::Fenced(_) => ApiError::new(S::CONFLICT, "conflict", e.to_string()),
+            EngineError::Db(err) => match err.as_database_error().and_then(|d| d.code()) {
+                Some(c) if c == "23505" => ApiError::new(S::CONFLICT, "conflict", "conflicting write"),
+                _ => ApiError::new(S::INTERNAL_SERVER_ERROR, "internal", format!("{e}: {err}")),
+            },
+        }
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        EngineError::Db(e).into()
+    }
+}
+
+/// The authenticated caller (`Authorization: Bearer <key>`).
+pub struct Caller(pub Principal);
+
+impl Caller {
+    fn actor(&self) -> Actor {
+        Actor { role: self.0.role, subject: self.0.subject.clone() }
+    }
+}
+
+impl FromRequestParts<ApiState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, Self::Rejection> {
+        let unauthorized = || ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid `Authorization: Bearer <key>` is required");
+        let header = parts.headers.get(axum::http::header::AUTHORIZATION).ok_or_else(unauthorized)?;
+        let key = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|k| !k.is_empty() && k.len() <= 256)
+            .ok_or_else(unauthorized)?;
+        let mut conn = state.engine.pool().acquire().await?;
+        let principal = tenants::authenticate(&mut conn, key).await?.ok_or_else(unauthorized)?;
+        Ok(Caller(principal))
+    }
+}
+
+fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", format!("body is not valid JSON: {e}")))?;
+    serde_json::from_value(value).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", e.to_string()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartRequest {
+    kind: String,
+    key: String,
+    #[serde(default)]
+    input: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignalRequest {
+    name: String,
+    #[serde(default)]
+    payload: Value,
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    wait_ms: Option<u64>,
+}
+
+fn check_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty() || key.len() > 200 || key.chars().any(char::is_control) {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_key", "key must be 1..=200 printable characters"));
+    }
+    Ok(())
+}
+
+async fn start_workflow(State(st): State<ApiState>, caller: Caller, body: Bytes) -> Result<Response, ApiError> {
+    let req: StartRequest = parse_body(&body)?;
+    check_key(&req.key)?;
+    let (row, created) = st.engine.start(&caller.actor(), caller.0.tenant_id, &req.kind, &req.key, &req.input).await?;
+    let view = workflow_view(&st, &caller, row).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(view)).into_response())
+}
+
+async fn get_workflow(State(st): State<ApiState>, caller: Caller, Path((kind, key)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
+    let mut conn = st.engine.pool().acquire().await?;
+    let row = wf_store::find(&mut conn, caller.0.tenant_id, &kind, &key).await?.ok_or(EngineError::NotFound)?;
+    drop(conn);
+    Ok(Json(workflow_view(&st, &caller, row).await?))
+}
+
+async fn workflow_view(st: &ApiState, caller: &Caller, row: wf_store::WorkflowRow) -> Result<Value, ApiError> {
+    let mut conn = st.engine.pool().acquire().await?;
+    let history = wf_store::history(&mut conn, row.tenant_id, row.id).await?;
+    let timers = timers::pending(&mut conn, row.tenant_id, row.id).await?;
+    let effects = effects::of_workflow(&mut conn, row.tenant_id, row.id).await?;
+    let mut view = serde_json::to_value(&row).expect("serializes");
+    view["pending_timers"] = json!(timers);
+    view["effects"] = json!(effects);
+    view["history"] = json!(history);
+    // The start input may carry personal data: operators (and ops) only.
+    if matches!(caller.0.role, Role::Operator | Role::Ops) {
+        view["input"] = wf_store::input(&mut conn, row.tenant_id, row.id).await?.unwrap_or(Value::Null);
+    }
+    Ok(view)
+}
+
+async fn send_signal(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path((kind, key)): Path<(String, String)>,
+    Query(q): Query<WaitQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let idem = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "idempotency_key_required", "an `Idempotency-Key` header (1..=255 chars) is required"))?
+        .to_string();
+    if q.wait_ms.is_some_and(|w| w > MAX_WAIT_MS) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_wait", format!("wait_ms must be at most {MAX_WAIT_MS}")));
+    }
+    let req: SignalRequest = parse_body(&body)?;
+    // Subscribe before queueing so the applied notification cannot slip past.
+    let rx = st.applied.subscribe();
+    let answer = st
+        .engine
+        .signal(&caller.actor(), caller.0.tenant_id, &kind, &key, &idem, &req.name, &req.payload)
+        .await?;
+    let answer = match q.wait_ms {
+        Some(ms) if answer.status == "queued" && ms > 0 => wait_for(&st, rx, caller.0.tenant_id, answer, Duration::from_millis(ms)).await?,
+        _ => answer,
+    };
+    let status = if answer.status == "queued" { StatusCode::ACCEPTED } else { StatusCode::OK };
+    Ok((status, Json(answer)).into_response())
+}
+
+/// Wait for a signal's outcome, woken by LISTEN/NOTIFY (with a slow re-check
+/// in case the listener reconnected and missed one).
+async fn wait_for(st: &ApiState, mut rx: broadcast::Receiver<Uuid>, tenant_id: Uuid, first: SignalAnswer, wait: Duration) -> Result<SignalAnswer, ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut current = st.engine.signal_answer(tenant_id, first.signal_id).await?;
+    while current.status == "queued" {
+        let recheck = tokio::time::Instant::now() + Duration::from_secs(2);
+        match tokio::time::timeout_at(deadline.min(recheck), rx.recv()).await {
+            Ok(Ok(id)) if id != first.signal_id => continue,
+            Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
+            Ok(Err(broadcast::error::RecvError::Closed)) => return Ok(current),
+            Err(_) if tokio::time::Instant::now() >= deadline => {
+                return st.engine.signal_answer(tenant_id, first.signal_id).await.map_err(Into::into);
+            }
+            Err(_) => {}
+        }
+        current = st.engine.signal_answer(tenant_id, first.signal_id).await?;
+    }
+    Ok(current)
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(st): State<ApiState>) -> Response {
+    let depth = async {
+        let mut conn = st.engine.pool().acquire().await?;
+        jobs::queue_depth(&mut conn).await
+    };
+    match tokio::time::timeout(Duration::from_secs(3), depth).await {
+        Ok(Ok(rows)) => {
+            let queues: serde_json::Map<String, Value> = rows.into_iter().map(|(q, n)| (q, json!(n))).collect();
+            Json(json!({"status": "ready", "database": "ok", "queue_depth": queues})).into_response()
+        }
+        _ => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "database": "unreachable"}))).into_response(),
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+/// Forward signal-applied notifications to waiting requests. Reconnects with
+/// backoff; `PgListener` re-listens by itself after a dropped connection.
+pub fn spawn_signal_listener(pool: sqlx::PgPool, tx: broadcast::Sender<Uuid>, shutdown: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "signal listener cannot connect");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            if listener.listen(SIGNAL_CHANNEL).await.is_err() {
+                continue;
+            }
+            delay = Duration::from_millis(100);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    n = listener.recv() => match n {
+                        Ok(n) => if let Ok(id) = n.payload().parse() { let _ = tx.send(id); },
+                        Err(e) => { tracing::warn!(error = %e, "signal listener error"); break; }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Build the router.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/workflows", post(start_workflow))
+        .route("/v1/workflows/{kind}/{key}", get(get_workflow))
+        .route("/v1/workflows/{kind}/{key}/signals", post(send_signal))
+        .fallback(not_found)
+        .with_state(state)
+}
+

@@ -1,0 +1,23 @@
+//! Dispatch: a durable workflow runtime on PostgreSQL.
+//!
+//! Business lifecycles are pure state machines (the `workflows` crate); this
+//! library makes them durable. One signal batch is one PostgreSQL transaction
+//! ([`engine`]); effects leave through an outbox ([`outbox`]) run by apalis
+//! workers ([`workers`]); timers are rows fired by a timer loop; the HTTP API
+//! ([`http`]) queues signals and can wait for their outcome via LISTEN/NOTIFY.
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod outbox;
+pub mod pg;
+pub mod store;
+pub mod telemetry;
+pub mod workers;
+
+pub use app::{launch, Running};
+pub use config::{ProcessRole, Settings};
+pub use engine::{Engine, EngineError};
+pub use workflows;

@@ -1,0 +1,157 @@
+//! The `dispatch` binary: thin — telemetry, config, build, run until a signal.
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use dispatch::store::{self, tenants};
+use dispatch::workflows::Role;
+use dispatch::{ProcessRole, Settings};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "dispatch", about = "A durable workflow runtime on PostgreSQL")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Everything in one process; with DATABASE_URL unset, on a private embedded PostgreSQL.
+    Dev,
+    /// Production: run the API, the workers, or both (needs DATABASE_URL).
+    Serve {
+        /// Which parts to run.
+        #[arg(long, value_enum, default_value = "all")]
+        role: ProcessRole,
+    },
+    /// Apply database migrations (needs DATABASE_URL).
+    Migrate,
+    /// Manage tenants and their API keys (needs DATABASE_URL).
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantCmd {
+    /// Create a tenant and print one key per role.
+    Create {
+        /// Tenant name (lowercase letters, digits, `-`, `_`).
+        name: String,
+    },
+    /// Add a key to a tenant.
+    AddKey {
+        /// Tenant name.
+        name: String,
+        /// ops, operator, executor or integration.
+        #[arg(long)]
+        role: String,
+        /// Who the key acts as (the executor id for executor keys).
+        #[arg(long)]
+        subject: Option<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    dispatch::telemetry::init();
+    let cli = Cli::parse();
+    let settings = Settings::from_env().context("while reading configuration")?;
+    match cli.command {
+        Cmd::Dev => dev(settings).await,
+        Cmd::Serve { role } => {
+            let pool = connect(&settings).await?;
+            store::migrate(&pool).await.context("while migrating")?;
+            run(&settings, pool, role).await
+        }
+        Cmd::Migrate => {
+            let pool = connect(&settings).await?;
+            store::migrate(&pool).await.context("while migrating")?;
+            eprintln!("migrations applied");
+            Ok(())
+        }
+        Cmd::Tenant { command } => {
+            let pool = connect(&settings).await?;
+            let mut conn = pool.acquire().await?;
+            let out = match command {
+                TenantCmd::Create { name } => create_tenant(&mut conn, &name).await?,
+                TenantCmd::AddKey { name, role, subject } => {
+                    let Some(role) = Role::parse_api_role(&role) else {
+                        bail!("unknown role `{role}` (ops, operator, executor, integration)");
+                    };
+                    let tenant = tenants::by_name(&mut conn, &name).await?.with_context(|| format!("no tenant `{name}`"))?;
+                    let key = tenants::add_key(&mut conn, tenant.id, role, subject.as_deref()).await?;
+                    json!({ "key": key })
+                }
+            };
+            println!("{out}");
+            Ok(())
+        }
+    }
+}
+
+async fn connect(settings: &Settings) -> anyhow::Result<sqlx::PgPool> {
+    let Some(url) = &settings.database_url else {
+        bail!("DATABASE_URL is not set (use `dispatch dev` for the embedded database)");
+    };
+    store::connect(url.expose(), settings.db_pool).await.context("while connecting to DATABASE_URL")
+}
+
+async fn create_tenant(conn: &mut sqlx::PgConnection, name: &str) -> anyhow::Result<serde_json::Value> {
+    let tenant = tenants::create(conn, name).await.context("while creating the tenant")?.with_context(|| format!("tenant `{name}` exists"))?;
+    let mut keys = serde_json::Map::new();
+    for role in [Role::Ops, Role::Operator, Role::Executor, Role::Integration] {
+        let subject = (role == Role::Executor).then_some("executor-1");
+        keys.insert(role.as_str().into(), json!(tenants::add_key(conn, tenant.id, role, subject).await?));
+    }
+    Ok(json!({ "tenant": tenant.name, "keys": keys }))
+}
+
+async fn dev(mut settings: Settings) -> anyhow::Result<()> {
+    if settings.database_url.is_none() {
+        let dir = std::path::Path::new(&settings.data_dir).join("pg");
+        let pg = tokio::task::spawn_blocking(move || dispatch::pg::start(&dir)).await??;
+        tracing::info!(port = pg.port, "embedded PostgreSQL started");
+        eprintln!("embedded PostgreSQL: {}", pg.url);
+        settings.database_url = Some(dispatch::config::Secret::new(pg.url));
+    }
+    let pool = connect(&settings).await?;
+    store::migrate(&pool).await.context("while migrating")?;
+    let mut conn = pool.acquire().await?;
+    if tenants::by_name(&mut conn, "demo").await?.is_none() {
+        let out = create_tenant(&mut conn, "demo").await?;
+        eprintln!("demo tenant created; keys (shown once):");
+        println!("{out}");
+    } else {
+        eprintln!("demo tenant exists (keys were printed when it was created; add one with `dispatch tenant add-key demo --role ops`)");
+    }
+    drop(conn);
+    run(&settings, pool, ProcessRole::All).await
+}
+
+async fn run(settings: &Settings, pool: sqlx::PgPool, role: ProcessRole) -> anyhow::Result<()> {
+    let running = dispatch::launch(settings, pool, role, None).await?;
+    if let Some(addr) = running.addr {
+        eprintln!("listening on http://{addr}");
+    }
+    let token = running.shutdown_token();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown requested; draining");
+        token.cancel();
+    });
+    running.wait().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

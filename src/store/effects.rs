@@ -1,0 +1,212 @@
+//! The effect outbox and the log channel's deliveries.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+/// An effect row.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct EffectRow {
+    /// Effect id.
+    pub id: Uuid,
+    /// Tenant.
+    #[serde(skip)]
+    pub tenant_id: Uuid,
+    /// Workflow.
+    pub workflow_id: Uuid,
+    /// Effect name.
+    pub name: String,
+    /// Idempotency key.
+    pub idempotency_key: String,
+    /// Payload (references only, no personal data).
+    pub payload: Value,
+    /// Signal the result comes back as.
+    pub reply: Option<String>,
+    /// `pending`, `running`, `delivered` or `dead`.
+    pub status: String,
+    /// Attempts so far (the fencing token of the current attempt).
+    pub attempts: i32,
+    /// Attempts before dead-lettering.
+    pub max_attempts: i32,
+    /// When the next attempt may run.
+    pub next_attempt_at: DateTime<Utc>,
+    /// Last error (classified, never personal data).
+    pub last_error: Option<String>,
+    /// Channel result.
+    pub result: Option<Value>,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// Updated.
+    pub updated_at: DateTime<Utc>,
+}
+
+const COLS: &str = "id, tenant_id, workflow_id, name, idempotency_key, payload, reply, status, attempts, max_attempts, next_attempt_at, last_error, result, created_at, updated_at";
+
+/// Insert an effect; `None` if its key exists for the workflow.
+#[allow(clippy::too_many_arguments)]
+pub async fn insert(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    workflow_id: Uuid,
+    name: &str,
+    key: &str,
+    payload: &Value,
+    reply: Option<&str>,
+    max_attempts: i32,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    let r: Option<(Uuid,)> = sqlx::query_as(
+        "insert into effects (tenant_id, id, workflow_id, name, idempotency_key, payload, reply, max_attempts)
+         values ($1, $2, $3, $4, $5, $6, $7, $8)
+         on conflict (tenant_id, workflow_id, idempotency_key) do nothing returning id",
+    )
+    .bind(tenant_id)
+    .bind(Uuid::now_v7())
+    .bind(workflow_id)
+    .bind(name)
+    .bind(key)
+    .bind(payload)
+    .bind(reply)
+    .bind(max_attempts)
+    .fetch_optional(conn)
+    .await?;
+    Ok(r.map(|r| r.0))
+}
+
+/// Claim a pending effect for one attempt: `running`, attempts + 1, leased.
+/// `None` when it is not pending (done, dead, or running elsewhere).
+pub async fn claim(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid, lease_ms: i64) -> Result<Option<EffectRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "update effects set status = 'running', attempts = attempts + 1,
+                lease_until = now() + make_interval(secs => $3 / 1000.0), updated_at = now()
+         where tenant_id = $1 and id = $2 and status = 'pending' returning {COLS}"
+    )))
+    .bind(tenant_id)
+    .bind(id)
+    .bind(lease_ms as f64)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Mark delivered, fenced on the attempt that was claimed.
+pub async fn delivered(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid, attempt: i32, result: &Value) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "update effects set status = 'delivered', result = $4, lease_until = null, last_error = null, updated_at = now()
+         where tenant_id = $1 and id = $2 and status = 'running' and attempts = $3",
+    )
+    .bind(tenant_id)
+    .bind(id)
+    .bind(attempt)
+    .bind(result)
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Put back for a retry at `next`, fenced on the attempt.
+pub async fn retry_at(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid, attempt: i32, next: DateTime<Utc>, error: &str) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "update effects set status = 'pending', next_attempt_at = $4, last_error = $5, lease_until = null, updated_at = now()
+         where tenant_id = $1 and id = $2 and status = 'running' and attempts = $3",
+    )
+    .bind(tenant_id)
+    .bind(id)
+    .bind(attempt)
+    .bind(next)
+    .bind(error)
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Dead-letter, fenced on the attempt.
+pub async fn dead(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid, attempt: i32, error: &str) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "update effects set status = 'dead', last_error = $4, lease_until = null, updated_at = now()
+         where tenant_id = $1 and id = $2 and status = 'running' and attempts = $3",
+    )
+    .bind(tenant_id)
+    .bind(id)
+    .bind(attempt)
+    .bind(error)
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Effects of a workflow.
+pub async fn of_workflow(conn: &mut PgConnection, tenant_id: Uuid, workflow_id: Uuid) -> Result<Vec<EffectRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {COLS} from effects where tenant_id = $1 and workflow_id = $2 order by created_at, id"
+    )))
+    .bind(tenant_id)
+    .bind(workflow_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// Sweep: effects whose lease expired (worker died mid-attempt) go back to
+/// pending; returns pending effects whose job looks lost (due for longer than
+/// `grace_ms`), with their attempt count for a fresh job key.
+pub async fn recover(conn: &mut PgConnection, grace_ms: i64, limit: i64) -> Result<Vec<(Uuid, Uuid, i32)>, sqlx::Error> {
+    sqlx::query(
+        "update effects set status = 'pending', lease_until = null, updated_at = now(),
+                last_error = coalesce(last_error, 'lease expired')
+         where status = 'running' and lease_until < now()",
+    )
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query_as(
+        "update effects e set next_attempt_at = now(), updated_at = now()
+         from (select tenant_id, id from effects
+               where status = 'pending' and next_attempt_at < now() - make_interval(secs => $1 / 1000.0)
+               order by next_attempt_at limit $2 for update skip locked) lost
+         where e.tenant_id = lost.tenant_id and e.id = lost.id
+         returning e.tenant_id, e.id, e.attempts",
+    )
+    .bind(grace_ms as f64)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// Record a log-channel delivery once per (channel, key); returns the delivery
+/// id (the existing one on a repeat).
+#[allow(clippy::too_many_arguments)]
+pub async fn record_delivery(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    effect_id: Uuid,
+    channel: &str,
+    key: &str,
+    recipient: &str,
+    payload: &Value,
+    body: &str,
+) -> Result<Uuid, sqlx::Error> {
+    let inserted: Option<(Uuid,)> = sqlx::query_as(
+        "insert into deliveries (tenant_id, id, effect_id, channel, idempotency_key, recipient, payload, body)
+         values ($1, $2, $3, $4, $5, $6, $7, $8)
+         on conflict (tenant_id, channel, idempotency_key) do nothing returning id",
+    )
+    .bind(tenant_id)
+    .bind(Uuid::now_v7())
+    .bind(effect_id)
+    .bind(channel)
+    .bind(key)
+    .bind(recipient)
+    .bind(payload)
+    .bind(body)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some((id,)) = inserted {
+        return Ok(id);
+    }
+    let (id,): (Uuid,) = sqlx::query_as("select id from deliveries where tenant_id = $1 and channel = $2 and idempotency_key = $3")
+        .bind(tenant_id)
+        .bind(channel)
+        .bind(key)
+        .fetch_one(conn)
+        .await?;
+    Ok(id)
+}

@@ -1,0 +1,135 @@
+//! Enqueueing apalis jobs inside our own transactions.
+//!
+//! apalis' `push_tasks` raises a unique violation on a duplicate idempotency
+//! key, which would abort the caller's transaction; we insert the row ourselves
+//! with `on conflict do nothing` (APALIS.md §2). Jobs run once
+//! (`max_attempts = 1`): attempts and backoff are ours.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+/// The queue that applies signals to workflows.
+pub const APPLY_QUEUE: &str = "dispatch.apply";
+/// The queue that runs effects.
+pub const EFFECT_QUEUE: &str = "dispatch.effect";
+
+/// Current envelope version.
+pub const ENVELOPE_V: u32 = 1;
+
+/// Job arguments: always decodable, versioned inside (APALIS.md §7).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Envelope version.
+    pub v: u32,
+    /// `apply` or `effect`.
+    pub kind: String,
+    /// Kind-specific body.
+    pub body: serde_json::Value,
+}
+
+/// Body of an `apply` job: apply the queued signals of one workflow.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplyJob {
+    /// Tenant.
+    pub tenant_id: Uuid,
+    /// Workflow.
+    pub workflow_id: Uuid,
+}
+
+/// Body of an `effect` job: run one outbox effect.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EffectJob {
+    /// Tenant.
+    pub tenant_id: Uuid,
+    /// Effect.
+    pub effect_id: Uuid,
+}
+
+async fn push(
+    conn: &mut PgConnection,
+    queue: &str,
+    kind: &str,
+    body: serde_json::Value,
+    run_at: Option<DateTime<Utc>>,
+    idempotency_key: Option<String>,
+) -> Result<(), sqlx::Error> {
+    let envelope = Envelope {
+        v: ENVELOPE_V,
+        kind: kind.to_string(),
+        body,
+    };
+    let bytes = serde_json::to_vec(&envelope).expect("envelope serializes");
+    let id = ulid::Ulid::from(Uuid::now_v7()).to_string();
+    // run_at is whole seconds in apalis' fetch (`run_at < now()`); a delayed job
+    // is rounded up so it never runs early.
+    sqlx::query(
+        "insert into apalis.jobs (id, job_type, job, status, attempts, max_attempts, run_at, priority, idempotency_key)
+         values ($1, $2, $3, 'Pending', 0, 1,
+                 coalesce(date_trunc('second', $4::timestamptz) + interval '1 second', now()), 0, $5)
+         on conflict (job_type, idempotency_key) do nothing",
+    )
+    .bind(id)
+    .bind(queue)
+    .bind(bytes)
+    .bind(run_at)
+    .bind(idempotency_key)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Enqueue an apply job for a workflow.
+pub async fn enqueue_apply(
+    conn: &mut PgConnection,
+    job: &ApplyJob,
+    idempotency_key: Option<String>,
+) -> Result<(), sqlx::Error> {
+    let body = serde_json::to_value(job).expect("serializes");
+    push(conn, APPLY_QUEUE, "apply", body, None, idempotency_key).await
+}
+
+/// Enqueue an effect job, optionally delayed.
+pub async fn enqueue_effect(
+    conn: &mut PgConnection,
+    job: &EffectJob,
+    run_at: Option<DateTime<Utc>>,
+    idempotency_key: Option<String>,
+) -> Result<(), sqlx::Error> {
+    let body = serde_json::to_value(job).expect("serializes");
+    push(conn, EFFECT_QUEUE, "effect", body, run_at, idempotency_key).await
+}
+
+/// Jobs waiting to run, per queue (for `/readyz`).
+pub async fn queue_depth(conn: &mut PgConnection) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "select job_type, count(*) from apalis.jobs
+         where status in ('Pending', 'Queued', 'Running') and job_type like 'dispatch.%'
+         group by job_type order by job_type",
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// Delete finished jobs older than `keep` (apalis never does, APALIS.md §10),
+/// then worker rows nobody heard from in as long.
+pub async fn purge_finished(conn: &mut PgConnection, keep_secs: i64) -> Result<u64, sqlx::Error> {
+    let jobs = sqlx::query(
+        "delete from apalis.jobs where job_type like 'dispatch.%'
+           and status in ('Done', 'Failed', 'Killed')
+           and coalesce(done_at, run_at) < now() - make_interval(secs => $1)",
+    )
+    .bind(keep_secs as f64)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    sqlx::query(
+        "delete from apalis.workers w where w.last_seen < now() - make_interval(secs => $1)
+           and not exists (select 1 from apalis.jobs j where j.lock_by = w.id)",
+    )
+    .bind(keep_secs as f64)
+    .execute(&mut *conn)
+    .await?;
+    Ok(jobs)
+}

@@ -1,0 +1,158 @@
+//! The signal inbox.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+/// A stored signal.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct SignalRow {
+    /// Signal id.
+    pub id: Uuid,
+    /// Workflow.
+    pub workflow_id: Uuid,
+    /// Signal name.
+    pub name: String,
+    /// Payload.
+    #[serde(skip)]
+    pub payload: Value,
+    /// Hash of (name, payload, actor) for idempotency checks.
+    #[serde(skip)]
+    pub request_hash: Vec<u8>,
+    /// Actor role.
+    pub actor_role: String,
+    /// Actor subject.
+    pub actor_subject: Option<String>,
+    /// `queued`, `applied` or `rejected`.
+    pub status: String,
+    /// Rejection reason.
+    pub reason: Option<String>,
+    /// State name after applying.
+    pub state_after: Option<String>,
+    /// When it arrived.
+    pub received_at: DateTime<Utc>,
+}
+
+const COLS: &str = "id, workflow_id, name, payload, request_hash, actor_role, actor_subject, status, reason, state_after, received_at";
+
+/// A signal to store.
+pub struct NewSignal<'a> {
+    /// Tenant.
+    pub tenant_id: Uuid,
+    /// Workflow.
+    pub workflow_id: Uuid,
+    /// Idempotency key.
+    pub idempotency_key: &'a str,
+    /// Name.
+    pub name: &'a str,
+    /// Payload.
+    pub payload: &'a Value,
+    /// Request hash.
+    pub request_hash: &'a [u8],
+    /// Actor role.
+    pub actor_role: &'a str,
+    /// Actor subject.
+    pub actor_subject: Option<&'a str>,
+    /// Arrival time override (timers arrive at their due time); `None` = now.
+    pub received_at: Option<DateTime<Utc>>,
+}
+
+/// Insert a signal unless its idempotency key was seen; `None` on a duplicate.
+pub async fn insert(conn: &mut PgConnection, s: &NewSignal<'_>) -> Result<Option<SignalRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "insert into signals (tenant_id, id, workflow_id, idempotency_key, name, payload, request_hash,
+                              actor_role, actor_subject, received_at)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, coalesce($10, clock_timestamp()))
+         on conflict (tenant_id, workflow_id, idempotency_key) do nothing returning {COLS}"
+    )))
+    .bind(s.tenant_id)
+    .bind(Uuid::now_v7())
+    .bind(s.workflow_id)
+    .bind(s.idempotency_key)
+    .bind(s.name)
+    .bind(s.payload)
+    .bind(s.request_hash)
+    .bind(s.actor_role)
+    .bind(s.actor_subject)
+    .bind(s.received_at)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Find by idempotency key.
+pub async fn by_key(conn: &mut PgConnection, tenant_id: Uuid, workflow_id: Uuid, key: &str) -> Result<Option<SignalRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {COLS} from signals where tenant_id = $1 and workflow_id = $2 and idempotency_key = $3"
+    )))
+    .bind(tenant_id)
+    .bind(workflow_id)
+    .bind(key)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Find by id.
+pub async fn by_id(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid) -> Result<Option<SignalRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!("select {COLS} from signals where tenant_id = $1 and id = $2")))
+        .bind(tenant_id)
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// The queued signals of a workflow, in arrival order. The caller holds the
+/// workflow row lock, so nobody else applies them concurrently.
+pub async fn queued(conn: &mut PgConnection, tenant_id: Uuid, workflow_id: Uuid, limit: i64) -> Result<Vec<SignalRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {COLS} from signals where tenant_id = $1 and workflow_id = $2 and status = 'queued'
+         order by received_at, seq limit $3"
+    )))
+    .bind(tenant_id)
+    .bind(workflow_id)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// Record a signal's outcome and wake waiters (delivered at commit).
+pub async fn finish(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    id: Uuid,
+    status: &str,
+    reason: Option<&str>,
+    state_after: &str,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "update signals set status = $3, reason = $4, state_after = $5, applied_at = now()
+         where tenant_id = $1 and id = $2 and status = 'queued'",
+    )
+    .bind(tenant_id)
+    .bind(id)
+    .bind(status)
+    .bind(reason)
+    .bind(state_after)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("select pg_notify($1, $2)")
+        .bind(crate::engine::SIGNAL_CHANNEL)
+        .bind(id.to_string())
+        .execute(conn)
+        .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Workflows with signals queued longer than `older_than_ms` (lost jobs).
+pub async fn stale_queued(conn: &mut PgConnection, older_than_ms: i64, limit: i64) -> Result<Vec<(Uuid, Uuid)>, sqlx::Error> {
+    sqlx::query_as(
+        "select distinct tenant_id, workflow_id from signals
+         where status = 'queued' and received_at < now() - make_interval(secs => $1 / 1000.0)
+         limit $2",
+    )
+    .bind(older_than_ms as f64)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}

@@ -1,0 +1,113 @@
+//! Durable timers: rows with millisecond due times on the server clock.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+/// A pending timer, as shown to ops.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct TimerRow {
+    /// Timer id.
+    pub id: Uuid,
+    /// Name.
+    pub name: String,
+    /// When it fires.
+    pub due_at: DateTime<Utc>,
+    /// Signal it delivers.
+    pub signal: String,
+    /// `pending`, `fired` or `cancelled`.
+    pub status: String,
+}
+
+/// Arm a timer, cancelling a pending one of the same name (re-arm).
+pub async fn arm(conn: &mut PgConnection, tenant_id: Uuid, workflow_id: Uuid, name: &str, at: DateTime<Utc>, signal: &str) -> Result<(), sqlx::Error> {
+    cancel(&mut *conn, tenant_id, workflow_id, name).await?;
+    sqlx::query(
+        "insert into timers (tenant_id, id, workflow_id, name, due_at, signal) values ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(tenant_id)
+    .bind(Uuid::now_v7())
+    .bind(workflow_id)
+    .bind(name)
+    .bind(at)
+    .bind(signal)
+    .execute(&mut *conn)
+    .await?;
+    // Wake timer loops so a due time sooner than their next wake-up is seen.
+    sqlx::query("select pg_notify($1, '')")
+        .bind(crate::engine::TIMER_CHANNEL)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Cancel the pending timer of that name, if any.
+pub async fn cancel(conn: &mut PgConnection, tenant_id: Uuid, workflow_id: Uuid, name: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "update timers set status = 'cancelled', closed_at = now()
+         where tenant_id = $1 and workflow_id = $2 and name = $3 and status = 'pending'",
+    )
+    .bind(tenant_id)
+    .bind(workflow_id)
+    .bind(name)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Mark the workflow's due timers fired and return them, earliest first. The
+/// caller holds the workflow lock and turns each into a signal in the same
+/// transaction, so a timer cancelled by an earlier transition never fires.
+pub async fn take_due(conn: &mut PgConnection, tenant_id: Uuid, workflow_id: Uuid) -> Result<Vec<TimerRow>, sqlx::Error> {
+    sqlx::query_as(
+        "update timers set status = 'fired', closed_at = now()
+         where tenant_id = $1 and workflow_id = $2 and status = 'pending' and due_at <= clock_timestamp()
+         returning id, name, due_at, signal, status",
+    )
+    .bind(tenant_id)
+    .bind(workflow_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// Claim due timers whose workflows need an apply job: marks them enqueued so
+/// other timer loops skip them; re-offers them after `retry_ms` if the job was lost.
+pub async fn claim_due(conn: &mut PgConnection, retry_ms: i64, limit: i64) -> Result<Vec<(Uuid, Uuid, Uuid)>, sqlx::Error> {
+    sqlx::query_as(
+        "update timers t set enqueued_at = now()
+         from (select tenant_id, id from timers
+               where status = 'pending' and due_at <= clock_timestamp()
+                 and (enqueued_at is null or enqueued_at < now() - make_interval(secs => $1 / 1000.0))
+               order by due_at limit $2 for update skip locked) due
+         where t.tenant_id = due.tenant_id and t.id = due.id
+         returning t.tenant_id, t.workflow_id, t.id",
+    )
+    .bind(retry_ms as f64)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// Milliseconds until the next pending, not yet enqueued timer (None if none).
+pub async fn next_due_in_ms(conn: &mut PgConnection) -> Result<Option<i64>, sqlx::Error> {
+    let r: (Option<f64>,) = sqlx::query_as(
+        "select extract(epoch from (min(due_at) - clock_timestamp())) * 1000 from timers
+         where status = 'pending' and enqueued_at is null",
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(r.0.map(|ms| ms.max(0.0) as i64))
+}
+
+/// Pending timers of a workflow.
+pub async fn pending(conn: &mut PgConnection, tenant_id: Uuid, workflow_id: Uuid) -> Result<Vec<TimerRow>, sqlx::Error> {
+    sqlx::query_as(
+        "select id, name, due_at, signal, status from timers
+         where tenant_id = $1 and workflow_id = $2 and status = 'pending' order by due_at",
+    )
+    .bind(tenant_id)
+    .bind(workflow_id)
+    .fetch_all(conn)
+    .await
+}

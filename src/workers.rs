@@ -1,0 +1,304 @@
+//! Background work: apalis workers that apply signals and run effects, the
+//! timer loop, and the sweep that recovers lost jobs and expired leases.
+//!
+//! apalis (apalis-postgres) carries jobs: its table, `SKIP LOCKED` batch claims,
+//! LISTEN/NOTIFY wake-ups and heartbeats. Around it (APALIS.md):
+//! - each worker is woken by pubsub **and** a fixed-interval poll of our own
+//!   ([`WakeStrategy`]), because either alone can fall asleep until a heartbeat;
+//! - jobs run once; attempts and backoff live in our tables;
+//! - a worker that stops on a backend error is restarted by a supervisor with
+//!   backoff and a fresh name;
+//! - every handler is idempotent (fenced on workflow version / effect attempt),
+//!   since a crash before the asynchronous ack re-runs a job.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use apalis::prelude::*;
+use apalis_postgres::{Config as QueueConfig, PostgresStorage, Pubsub};
+use futures::Stream;
+use serde_json::Value;
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::engine::{Engine, TIMER_CHANNEL};
+use crate::outbox::Outbox;
+use crate::store::jobs::{self, ApplyJob, EffectJob, Envelope, APPLY_QUEUE, EFFECT_QUEUE};
+use crate::store::{effects, signals, timers};
+
+/// Worker tuning.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Jobs handled at once per queue.
+    pub concurrency: usize,
+    /// Jobs claimed per fetch.
+    pub batch_size: usize,
+    /// Fallback poll interval (LISTEN/NOTIFY is the fast path).
+    pub poll_interval: Duration,
+    /// apalis heartbeat.
+    pub heartbeat: Duration,
+    /// How often the sweep runs.
+    pub sweep_interval: Duration,
+    /// How long something may look lost before the sweep re-enqueues it.
+    pub sweep_grace: Duration,
+    /// How long finished jobs are kept.
+    pub job_retention: Duration,
+    /// How long shutdown waits for in-flight jobs.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 8,
+            batch_size: 20,
+            poll_interval: Duration::from_millis(500),
+            heartbeat: Duration::from_secs(5),
+            sweep_interval: Duration::from_secs(5),
+            sweep_grace: Duration::from_secs(30),
+            job_retention: Duration::from_secs(24 * 3600),
+            shutdown_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Wakes a worker on a NOTIFY for its queue or on a fixed interval, whichever
+/// comes first. Unlike apalis' combinator it polls every source each time, so
+/// a waker is always registered with each (no lost wake-ups).
+struct WakeStrategy {
+    pubsub: Pubsub,
+    pool: PgPool,
+    queue: String,
+    interval: tokio::time::Interval,
+}
+
+impl WakeStrategy {
+    fn new(pool: PgPool, queue: &str, every: Duration) -> Self {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            pubsub: Pubsub::new(pool.clone(), queue.to_string()),
+            pool,
+            queue: queue.to_string(),
+            interval,
+        }
+    }
+}
+
+impl PollStrategy for WakeStrategy {
+    fn poll_drive(&mut self, cx: &mut Context<'_>, _: &PollSnapshot) -> Poll<Option<()>> {
+        let mut fired = false;
+        loop {
+            match Pin::new(&mut self.pubsub).poll_next(cx) {
+                Poll::Ready(Some(_)) => fired = true,
+                Poll::Ready(None) => {
+                    // The listener died; reconnect on the next poll (the interval keeps us awake).
+                    self.pubsub = Pubsub::new(self.pool.clone(), self.queue.clone());
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        while self.interval.poll_tick(cx).is_ready() {
+            fired = true;
+        }
+        if fired {
+            Poll::Ready(Some(()))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Handlers {
+    engine: Engine,
+    outbox: Outbox,
+}
+
+async fn handle(job: Value, h: Data<Arc<Handlers>>) -> Result<(), BoxDynError> {
+    // Always decodable at the transport; decode and version here (APALIS.md §7).
+    let env: Envelope = match serde_json::from_value(job) {
+        Ok(env) => env,
+        Err(e) => {
+            tracing::error!(error = %e, "job envelope does not decode; dropped");
+            return Ok(());
+        }
+    };
+    if env.v != jobs::ENVELOPE_V {
+        tracing::error!(v = env.v, "unknown job envelope version; dropped");
+        return Ok(());
+    }
+    match env.kind.as_str() {
+        "apply" => {
+            let job: ApplyJob = serde_json::from_value(env.body)?;
+            h.engine.apply_pending(job.tenant_id, job.workflow_id).await?;
+        }
+        "effect" => {
+            let job: EffectJob = serde_json::from_value(env.body)?;
+            h.outbox.run(job.tenant_id, job.effect_id).await?;
+        }
+        other => tracing::error!(kind = other, "unknown job kind; dropped"),
+    }
+    Ok(())
+}
+
+/// Run one queue's worker until shutdown, restarting it (fresh name, backoff)
+/// whenever it stops on an error.
+async fn supervise(queue: &'static str, pool: PgPool, h: Arc<Handlers>, cfg: WorkerConfig, shutdown: CancellationToken) {
+    let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "host".into());
+    let mut delay = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        let name = format!("{host}-{queue}-{}", Uuid::now_v7());
+        let qc = QueueConfig::default()
+            .queue(queue)
+            .batch_size(cfg.batch_size)
+            .heartbeat_interval(cfg.heartbeat)
+            .missed_heartbeats(3)
+            .persist_results(true);
+        let storage = PostgresStorage::<Value>::new(&pool).with_config(qc);
+        let backend = PollWith::new(storage, WakeStrategy::new(pool.clone(), queue, cfg.poll_interval));
+        let worker = WorkerBuilder::new(name.as_str())
+            .backend(backend)
+            .data(h.clone())
+            .concurrency(cfg.concurrency)
+            .build(handle);
+        let stop = shutdown.clone();
+        let run = worker.run_until(async move {
+            stop.cancelled().await;
+            Ok::<(), std::io::Error>(())
+        });
+        tokio::pin!(run);
+        let result = tokio::select! {
+            r = &mut run => r,
+            _ = shutdown.cancelled() => {
+                match tokio::time::timeout(cfg.shutdown_grace, &mut run).await {
+                    Ok(r) => r,
+                    Err(_) => { tracing::warn!(worker = %name, "shutdown grace elapsed; leaving in-flight jobs to recovery"); Ok(()) }
+                }
+            }
+        };
+        if shutdown.is_cancelled() {
+            break;
+        }
+        match result {
+            Ok(()) => tracing::warn!(worker = %name, "worker stopped; restarting"),
+            Err(e) => tracing::error!(worker = %name, error = %e, "worker failed; restarting"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => break,
+        }
+        delay = (delay * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Fires due timers: claims them (once across processes) and enqueues an
+/// apply job for their workflow. Sleeps until the next due time, a NOTIFY that
+/// a timer was armed, or the poll interval, whichever is first.
+async fn timer_loop(pool: PgPool, cfg: WorkerConfig, shutdown: CancellationToken) {
+    let mut listener: Option<PgListener> = None;
+    while !shutdown.is_cancelled() {
+        if listener.is_none() {
+            match PgListener::connect_with(&pool).await {
+                Ok(mut l) => {
+                    if l.listen(TIMER_CHANNEL).await.is_ok() {
+                        listener = Some(l);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "timer listener unavailable; polling"),
+            }
+        }
+        let wait = match fire_due_timers(&pool, &cfg).await {
+            Ok(next) => next.unwrap_or(cfg.poll_interval).min(cfg.poll_interval),
+            Err(e) => {
+                tracing::warn!(error = %e, "timer loop error");
+                cfg.poll_interval
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+            n = async { match listener.as_mut() { Some(l) => l.try_recv().await, None => std::future::pending().await } } => {
+                if !matches!(n, Ok(Some(_))) { listener = None; }
+            }
+        }
+    }
+}
+
+async fn fire_due_timers(pool: &PgPool, cfg: &WorkerConfig) -> Result<Option<Duration>, sqlx::Error> {
+    loop {
+        let mut tx = pool.begin().await?;
+        let due = timers::claim_due(&mut tx, cfg.sweep_grace.as_millis() as i64, 500).await?;
+        for (tenant_id, workflow_id, timer_id) in &due {
+            let job = ApplyJob { tenant_id: *tenant_id, workflow_id: *workflow_id };
+            jobs::enqueue_apply(&mut tx, &job, Some(format!("tmr:{timer_id}:{}", Uuid::now_v7()))).await?;
+        }
+        tx.commit().await?;
+        if due.len() < 500 {
+            break;
+        }
+    }
+    let mut conn = pool.acquire().await?;
+    Ok(timers::next_due_in_ms(&mut conn).await?.map(|ms| Duration::from_millis(ms as u64 + 1)))
+}
+
+/// One sweep pass: re-enqueue what looks lost. Returns how many jobs it made.
+pub async fn sweep_once(pool: &PgPool, cfg: &WorkerConfig) -> Result<usize, sqlx::Error> {
+    let grace = cfg.sweep_grace.as_millis() as i64;
+    let mut tx = pool.begin().await?;
+    let stale = signals::stale_queued(&mut tx, grace, 500).await?;
+    for (tenant_id, workflow_id) in &stale {
+        jobs::enqueue_apply(&mut tx, &ApplyJob { tenant_id: *tenant_id, workflow_id: *workflow_id }, None).await?;
+    }
+    let lost = effects::recover(&mut tx, grace, 500).await?;
+    for (tenant_id, effect_id, _attempts) in &lost {
+        jobs::enqueue_effect(&mut tx, &EffectJob { tenant_id: *tenant_id, effect_id: *effect_id }, None, None).await?;
+    }
+    tx.commit().await?;
+    let made = stale.len() + lost.len();
+    if made > 0 {
+        tracing::warn!(signals = stale.len(), effects = lost.len(), "sweep re-enqueued lost work");
+    }
+    Ok(made)
+}
+
+async fn sweep_loop(pool: PgPool, cfg: WorkerConfig, shutdown: CancellationToken) {
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(cfg.sweep_interval) => {}
+        }
+        if let Err(e) = sweep_once(&pool, &cfg).await {
+            tracing::warn!(error = %e, "sweep failed");
+        }
+        ticks += 1;
+        if ticks % 60 == 0 {
+            if let Ok(mut conn) = pool.acquire().await {
+                if let Err(e) = jobs::purge_finished(&mut conn, cfg.job_retention.as_secs() as i64).await {
+                    tracing::warn!(error = %e, "job purge failed");
+                }
+            }
+        }
+    }
+}
+
+/// Spawn every background task of the worker role; they stop when `shutdown`
+/// is cancelled, draining in-flight jobs for up to the shutdown grace.
+pub fn spawn(engine: Engine, outbox: Outbox, cfg: WorkerConfig, shutdown: CancellationToken) -> tokio::task::JoinSet<()> {
+    let pool = engine.pool().clone();
+    let h = Arc::new(Handlers { engine, outbox });
+    let mut set = tokio::task::JoinSet::new();
+    for queue in [APPLY_QUEUE, EFFECT_QUEUE] {
+        set.spawn(supervise(queue, pool.clone(), h.clone(), cfg.clone(), shutdown.clone()));
+    }
+    set.spawn(timer_loop(pool.clone(), cfg.clone(), shutdown.clone()));
+    set.spawn(sweep_loop(pool, cfg, shutdown));
+    set
+}
+

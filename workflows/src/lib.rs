@@ -1,0 +1,205 @@
+//! Pure state machines for Dispatch.
+//!
+//! Every lifecycle here is a value-level state machine: a state (serde), a
+//! signal enum and a transition function
+//! `on_signal(&state, signal, &ctx) -> Outcome`. Nothing in this crate does I/O,
+//! reads the clock or draws random numbers: the runtime hands in `now`, the
+//! tenant's configuration and the acting principal through [`Ctx`], and turns the
+//! returned [`Command`]s into durable rows (outbox effects, timers) inside the
+//! same PostgreSQL transaction that stores the new state.
+//!
+//! The runtime talks to workflows through the type-erased [`Registry`], which
+//! keeps the kind → workflow mapping explicit (no registration side effects).
+#![warn(missing_docs)]
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub mod dispatch;
+pub mod lead;
+mod registry;
+
+pub use registry::{DynWorkflow, Registry, Started, Transition};
+
+/// Who is acting. Roles mirror API key roles; `System` is the runtime itself
+/// (timers firing, effect results coming back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Operations staff: may do everything an operator may, plus administration.
+    Ops,
+    /// The business's operator/dispatcher.
+    Operator,
+    /// A crew member / sitter / driver acting for themselves.
+    Executor,
+    /// A machine caller such as Lead Core or a payment provider.
+    Integration,
+    /// The runtime: timers and effect results.
+    System,
+}
+
+impl Role {
+    /// Parse the wire name of a role (`ops`, `operator`, `executor`, `integration`).
+    /// `system` is never accepted from outside.
+    pub fn parse_api_role(s: &str) -> Option<Role> {
+        match s {
+            "ops" => Some(Role::Ops),
+            "operator" => Some(Role::Operator),
+            "executor" => Some(Role::Executor),
+            "integration" => Some(Role::Integration),
+            _ => None,
+        }
+    }
+
+    /// The wire name of the role.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Ops => "ops",
+            Role::Operator => "operator",
+            Role::Executor => "executor",
+            Role::Integration => "integration",
+            Role::System => "system",
+        }
+    }
+}
+
+/// The principal a signal comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Actor {
+    /// The role the caller's key carries.
+    pub role: Role,
+    /// Who exactly (an executor id for executor keys); `None` when the key has no subject.
+    pub subject: Option<String>,
+}
+
+impl Actor {
+    /// The runtime itself.
+    pub fn system() -> Self {
+        Actor {
+            role: Role::System,
+            subject: None,
+        }
+    }
+}
+
+/// Everything a transition may know about the outside world.
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx<'a> {
+    /// The transaction's clock reading, taken by the runtime.
+    pub now: DateTime<Utc>,
+    /// The tenant's configuration document (see DOMAIN.md "Tenant config").
+    pub tenant_config: &'a Value,
+    /// Who sent the signal.
+    pub actor: &'a Actor,
+}
+
+/// What a transition asks the runtime to do, as data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Command {
+    /// Run a side effect after commit, at most once per idempotency key.
+    Effect {
+        /// Effect name (e.g. `dispatch_publish`); selects the renderer/channel.
+        name: String,
+        /// Unique per workflow; the same key is never executed twice.
+        idempotency_key: String,
+        /// References only (ids, view names): never personal data.
+        payload: Value,
+        /// When set, the effect's result comes back as this signal.
+        reply: Option<String>,
+    },
+    /// Arm (or re-arm) the named timer; a previous timer of that name is cancelled.
+    SetTimer {
+        /// Timer name, unique per workflow among pending timers.
+        name: String,
+        /// When it fires.
+        at: DateTime<Utc>,
+        /// The signal it delivers.
+        signal: String,
+    },
+    /// Cancel the named timer if pending.
+    CancelTimer {
+        /// Timer name.
+        name: String,
+    },
+    /// Start another workflow (idempotent on kind + key).
+    Start {
+        /// Workflow kind.
+        kind: String,
+        /// Business key.
+        key: String,
+        /// Start input.
+        input: Value,
+    },
+    /// The lifecycle ended normally (including cancelled/expired ends).
+    Complete,
+    /// The lifecycle ended in failure.
+    Fail {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The result of a transition.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome<S> {
+    /// The signal applies: store `next` and carry out `commands`.
+    Accept {
+        /// The new state.
+        next: S,
+        /// Follow-up work.
+        commands: Vec<Command>,
+    },
+    /// The signal does not apply in this state; nothing changes.
+    Reject {
+        /// Machine-readable reason, e.g. `already_claimed`.
+        reason: String,
+    },
+}
+
+impl<S> Outcome<S> {
+    /// Shorthand for a rejection.
+    pub fn reject(reason: impl Into<String>) -> Self {
+        Outcome::Reject {
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Why a signal or start input could not be parsed (a 4xx at the edge).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// The workflow has no signal of this name.
+    #[error("unknown signal `{0}`")]
+    UnknownSignal(String),
+    /// The payload or input does not have the expected shape.
+    #[error("invalid payload: {0}")]
+    InvalidPayload(String),
+    /// The business key is not valid for this workflow.
+    #[error("invalid key: {0}")]
+    InvalidKey(String),
+}
+
+/// A lifecycle: the typed interface every workflow module implements.
+pub trait Workflow {
+    /// The kind name used on the wire and in the database.
+    const KIND: &'static str;
+    /// Persisted state.
+    type State: Serialize + for<'de> Deserialize<'de> + Clone + std::fmt::Debug;
+    /// Signals it accepts.
+    type Signal: std::fmt::Debug;
+
+    /// Validate the start input and produce the initial state and commands.
+    fn start(key: &str, input: &Value, ctx: &Ctx<'_>) -> Result<(Self::State, Vec<Command>), ParseError>;
+    /// Parse a signal from its wire form.
+    fn parse_signal(name: &str, payload: &Value) -> Result<Self::Signal, ParseError>;
+    /// Which roles may send the signal of this name (checked at the edge → 403).
+    fn allowed_roles(signal_name: &str) -> &'static [Role];
+    /// The pure transition.
+    fn on_signal(state: &Self::State, signal: Self::Signal, ctx: &Ctx<'_>) -> Outcome<Self::State>;
+    /// The state's upper-case name (`PUBLISHED`).
+    fn state_name(state: &Self::State) -> &'static str;
+    /// Whether the state is final (accepts nothing).
+    fn is_final(state: &Self::State) -> bool;
+}

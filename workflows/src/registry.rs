@@ -1,0 +1,133 @@
+//! Type erasure between the runtime (JSON rows) and typed workflows.
+
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+
+use serde_json::Value;
+
+use crate::{Command, Ctx, Outcome, ParseError, Role, Workflow};
+
+/// A freshly started workflow, serialized.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Started {
+    /// Serialized initial state.
+    pub state: Value,
+    /// Upper-case state name.
+    pub state_name: &'static str,
+    /// Commands to carry out.
+    pub commands: Vec<Command>,
+}
+
+/// A transition's result, serialized.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transition {
+    /// Store the state and carry out the commands.
+    Accept {
+        /// Serialized next state.
+        state: Value,
+        /// Upper-case state name.
+        state_name: &'static str,
+        /// Whether the next state is final.
+        is_final: bool,
+        /// Follow-up work.
+        commands: Vec<Command>,
+    },
+    /// Nothing changes.
+    Reject {
+        /// Machine-readable reason.
+        reason: String,
+    },
+}
+
+/// Object-safe view of a [`Workflow`], used by the runtime.
+pub trait DynWorkflow: Send + Sync {
+    /// Kind name.
+    fn kind(&self) -> &'static str;
+    /// See [`Workflow::start`].
+    fn start(&self, key: &str, input: &Value, ctx: &Ctx<'_>) -> Result<Started, ParseError>;
+    /// Check that a signal parses, without applying it.
+    fn check_signal(&self, name: &str, payload: &Value) -> Result<(), ParseError>;
+    /// See [`Workflow::allowed_roles`].
+    fn allowed_roles(&self, name: &str) -> &'static [Role];
+    /// Decode the state, apply the signal, encode the result.
+    fn apply(&self, state: &Value, name: &str, payload: &Value, ctx: &Ctx<'_>) -> Result<Transition, ParseError>;
+}
+
+struct Erased<W>(PhantomData<fn() -> W>);
+
+impl<W: Workflow> DynWorkflow for Erased<W> {
+    fn kind(&self) -> &'static str {
+        W::KIND
+    }
+
+    fn start(&self, key: &str, input: &Value, ctx: &Ctx<'_>) -> Result<Started, ParseError> {
+        let (state, commands) = W::start(key, input, ctx)?;
+        Ok(Started {
+            state_name: W::state_name(&state),
+            state: encode(&state),
+            commands,
+        })
+    }
+
+    fn check_signal(&self, name: &str, payload: &Value) -> Result<(), ParseError> {
+        W::parse_signal(name, payload).map(|_| ())
+    }
+
+    fn allowed_roles(&self, name: &str) -> &'static [Role] {
+        W::allowed_roles(name)
+    }
+
+    fn apply(&self, state: &Value, name: &str, payload: &Value, ctx: &Ctx<'_>) -> Result<Transition, ParseError> {
+        let state: W::State = serde_json::from_value(state.clone())
+            .map_err(|e| ParseError::InvalidPayload(format!("stored state does not decode: {e}")))?;
+        let signal = W::parse_signal(name, payload)?;
+        Ok(match W::on_signal(&state, signal, ctx) {
+            Outcome::Accept { next, commands } => Transition::Accept {
+                state_name: W::state_name(&next),
+                is_final: W::is_final(&next),
+                state: encode(&next),
+                commands,
+            },
+            Outcome::Reject { reason } => Transition::Reject { reason },
+        })
+    }
+}
+
+fn encode<S: serde::Serialize>(s: &S) -> Value {
+    serde_json::to_value(s).expect("workflow states serialize to JSON")
+}
+
+/// The set of workflows a process runs, by kind. Built explicitly: importing
+/// this crate registers nothing.
+#[derive(Default)]
+pub struct Registry {
+    map: BTreeMap<&'static str, Box<dyn DynWorkflow>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add a workflow type.
+    pub fn with<W: Workflow + 'static>(mut self) -> Self {
+        self.map.insert(W::KIND, Box::new(Erased::<W>(PhantomData)));
+        self
+    }
+
+    /// Every built-in workflow.
+    pub fn builtin() -> Self {
+        Self::new().with::<crate::dispatch::Dispatch>()
+    }
+
+    /// Look a kind up.
+    pub fn get(&self, kind: &str) -> Option<&dyn DynWorkflow> {
+        self.map.get(kind).map(|b| b.as_ref())
+    }
+
+    /// Kind names, sorted.
+    pub fn kinds(&self) -> Vec<&'static str> {
+        self.map.keys().copied().collect()
+    }
+}
