@@ -237,6 +237,9 @@ impl Engine {
         payload: &Value,
     ) -> Result<SignalAnswer, EngineError> {
         let wf = self.registry.get(kind).ok_or_else(|| EngineError::UnknownKind(kind.into()))?;
+        // An absent payload and an empty object are the same request.
+        let empty = json!({});
+        let payload = if payload.is_null() { &empty } else { payload };
         wf.check_signal(name, payload)?;
         if !wf.allowed_roles(name).contains(&actor.role) {
             return Err(EngineError::Forbidden(actor.role.as_str(), format!("send `{name}`")));

@@ -118,7 +118,7 @@ impl Outbox {
     }
 
     /// Run one attempt of an effect.
-    #[instrument(skip_all, fields(effect.id = %effect_id))]
+    #[instrument(skip_all, fields(effect.id = %effect_id, workflow.id = tracing::field::Empty))]
     pub async fn run(&self, tenant_id: Uuid, effect_id: Uuid) -> Result<EffectOutcome, EngineError> {
         fault("before_effect");
         let lease_ms = self.config.lease.as_millis() as i64;

@@ -92,7 +92,7 @@ pub async fn claim_due(conn: &mut PgConnection, retry_ms: i64, limit: i64) -> Re
 /// Milliseconds until the next pending, not yet enqueued timer (None if none).
 pub async fn next_due_in_ms(conn: &mut PgConnection) -> Result<Option<i64>, sqlx::Error> {
     let r: (Option<f64>,) = sqlx::query_as(
-        "select extract(epoch from (min(due_at) - clock_timestamp())) * 1000 from timers
+        "select (extract(epoch from (min(due_at) - clock_timestamp())) * 1000)::float8 from timers
          where status = 'pending' and enqueued_at is null",
     )
     .fetch_one(conn)
