@@ -72,7 +72,12 @@ impl Running {
 
 /// Start the parts of `role` over a migrated pool. With `listener` unset the
 /// API binds `settings.listen`.
-pub async fn launch(settings: &Settings, pool: PgPool, role: ProcessRole, listener: Option<TcpListener>) -> Result<Running, AppError> {
+pub async fn launch(
+    settings: &Settings,
+    pool: PgPool,
+    role: ProcessRole,
+    listener: Option<TcpListener>,
+) -> Result<Running, AppError> {
     let registry = Arc::new(registry(settings)?);
     let engine = Engine::new(pool.clone(), registry, settings.engine.clone());
     let shutdown = CancellationToken::new();
@@ -86,10 +91,14 @@ pub async fn launch(settings: &Settings, pool: PgPool, role: ProcessRole, listen
         addr = Some(listener.local_addr()?);
         let (applied, _) = broadcast::channel(4096);
         http::spawn_signal_listener(pool.clone(), applied.clone(), shutdown.clone());
-        let app = http::router(ApiState { engine: engine.clone(), applied });
+        let app = http::router(ApiState {
+            engine: engine.clone(),
+            applied,
+        });
         let stop = shutdown.clone();
         tasks.spawn(async move {
-            let server = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await });
+            let server = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await });
             if let Err(e) = server.await {
                 tracing::error!(error = %e, "http server failed");
             }
@@ -100,5 +109,9 @@ pub async fn launch(settings: &Settings, pool: PgPool, role: ProcessRole, listen
         let mut set = workers::spawn(engine, outbox, settings.workers.clone(), shutdown.clone());
         tasks.spawn(async move { while set.join_next().await.is_some() {} });
     }
-    Ok(Running { addr, shutdown, tasks })
+    Ok(Running {
+        addr,
+        shutdown,
+        tasks,
+    })
 }

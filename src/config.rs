@@ -91,7 +91,12 @@ fn var(name: &str) -> Option<String> {
 
 fn num<T: std::str::FromStr>(name: &'static str) -> Result<Option<T>, ConfigError> {
     var(name)
-        .map(|v| v.trim().parse::<T>().map_err(|_| ConfigError { name, message: format!("`{v}` is not a number") }))
+        .map(|v| {
+            v.trim().parse::<T>().map_err(|_| ConfigError {
+                name,
+                message: format!("`{v}` is not a number"),
+            })
+        })
         .transpose()
 }
 
@@ -105,8 +110,10 @@ fn ms(name: &'static str, into: &mut Duration) -> Result<(), ConfigError> {
 impl Settings {
     /// Defaults overlaid with the environment.
     pub fn from_env() -> Result<Self, ConfigError> {
-        let mut s = Settings::default();
-        s.database_url = var("DATABASE_URL").map(Secret::new);
+        let mut s = Settings {
+            database_url: var("DATABASE_URL").map(Secret::new),
+            ..Settings::default()
+        };
         if let Some(v) = var("DISPATCH_LISTEN") {
             s.listen = v;
         }
@@ -116,7 +123,12 @@ impl Settings {
         if let Some(v) = num("DISPATCH_DB_POOL")? {
             s.db_pool = v;
         }
-        s.enabled_workflows = var("ENABLED_WORKFLOWS").map(|v| v.split(',').map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect());
+        s.enabled_workflows = var("ENABLED_WORKFLOWS").map(|v| {
+            v.split(',')
+                .map(|k| k.trim().to_string())
+                .filter(|k| !k.is_empty())
+                .collect()
+        });
         if let Some(v) = num("DISPATCH_EFFECT_MAX_ATTEMPTS")? {
             s.engine.effect_max_attempts = v;
         }
@@ -133,7 +145,10 @@ impl Settings {
         if s.db_pool < s.workers.concurrency as u32 * 2 + 4 {
             return Err(ConfigError {
                 name: "DISPATCH_DB_POOL",
-                message: format!("must be at least 2 × DISPATCH_WORKER_CONCURRENCY + 4 = {}", s.workers.concurrency * 2 + 4),
+                message: format!(
+                    "must be at least 2 × DISPATCH_WORKER_CONCURRENCY + 4 = {}",
+                    s.workers.concurrency * 2 + 4
+                ),
             });
         }
         Ok(s)

@@ -131,7 +131,11 @@ pub struct Engine {
 impl Engine {
     /// Build an engine over a pool and the workflows this process runs.
     pub fn new(pool: PgPool, registry: Arc<Registry>, config: EngineConfig) -> Self {
-        Self { pool, registry, config }
+        Self {
+            pool,
+            registry,
+            config,
+        }
     }
 
     /// The pool.
@@ -148,9 +152,19 @@ impl Engine {
     /// returns the existing workflow (`created = false`), a different one is
     /// [`EngineError::WorkflowExists`].
     #[instrument(skip_all, fields(workflow.kind = kind))]
-    pub async fn start(&self, actor: &Actor, tenant_id: Uuid, kind: &str, key: &str, input: &Value) -> Result<(WorkflowRow, bool), EngineError> {
+    pub async fn start(
+        &self,
+        actor: &Actor,
+        tenant_id: Uuid,
+        kind: &str,
+        key: &str,
+        input: &Value,
+    ) -> Result<(WorkflowRow, bool), EngineError> {
         if !matches!(actor.role, Role::Integration | Role::Operator | Role::Ops) {
-            return Err(EngineError::Forbidden(actor.role.as_str(), "start workflows".into()));
+            return Err(EngineError::Forbidden(
+                actor.role.as_str(),
+                "start workflows".into(),
+            ));
         }
         let mut tx = self.pool.begin().await?;
         let out = self.start_in(&mut tx, tenant_id, kind, key, input).await?;
@@ -167,11 +181,18 @@ impl Engine {
         input: &'a Value,
     ) -> futures::future::BoxFuture<'a, Result<(WorkflowRow, bool), EngineError>> {
         Box::pin(async move {
-            let wf = self.registry.get(kind).ok_or_else(|| EngineError::UnknownKind(kind.into()))?;
+            let wf = self
+                .registry
+                .get(kind)
+                .ok_or_else(|| EngineError::UnknownKind(kind.into()))?;
             let config = tenants::config(&mut *conn, tenant_id).await?;
             let now: DateTime<Utc> = db_now(&mut *conn).await?;
             let system = Actor::system();
-            let ctx = Ctx { now, tenant_config: &config, actor: &system };
+            let ctx = Ctx {
+                now,
+                tenant_config: &config,
+                actor: &system,
+            };
             let started = wf.start(key, input, &ctx)?;
             let input_hash = hash_json(input);
             let new = NewWorkflow {
@@ -236,13 +257,19 @@ impl Engine {
         name: &str,
         payload: &Value,
     ) -> Result<SignalAnswer, EngineError> {
-        let wf = self.registry.get(kind).ok_or_else(|| EngineError::UnknownKind(kind.into()))?;
+        let wf = self
+            .registry
+            .get(kind)
+            .ok_or_else(|| EngineError::UnknownKind(kind.into()))?;
         // An absent payload and an empty object are the same request.
         let empty = json!({});
         let payload = if payload.is_null() { &empty } else { payload };
         wf.check_signal(name, payload)?;
         if !wf.allowed_roles(name).contains(&actor.role) {
-            return Err(EngineError::Forbidden(actor.role.as_str(), format!("send `{name}`")));
+            return Err(EngineError::Forbidden(
+                actor.role.as_str(),
+                format!("send `{name}`"),
+            ));
         }
         let request_hash = hash_json(&json!({
             "name": name, "payload": payload, "role": actor.role, "subject": actor.subject,
@@ -264,7 +291,10 @@ impl Engine {
         };
         let answer = match signals::insert(&mut tx, &new).await? {
             Some(sig) => {
-                let job = ApplyJob { tenant_id, workflow_id: row.id };
+                let job = ApplyJob {
+                    tenant_id,
+                    workflow_id: row.id,
+                };
                 jobs::enqueue_apply(&mut tx, &job, Some(format!("sig:{}", sig.id))).await?;
                 SignalAnswer::from(&sig)
             }
@@ -283,15 +313,25 @@ impl Engine {
     }
 
     /// The current answer for a signal.
-    pub async fn signal_answer(&self, tenant_id: Uuid, signal_id: Uuid) -> Result<SignalAnswer, EngineError> {
+    pub async fn signal_answer(
+        &self,
+        tenant_id: Uuid,
+        signal_id: Uuid,
+    ) -> Result<SignalAnswer, EngineError> {
         let mut conn = self.pool.acquire().await?;
-        let s = signals::by_id(&mut conn, tenant_id, signal_id).await?.ok_or(EngineError::NotFound)?;
+        let s = signals::by_id(&mut conn, tenant_id, signal_id)
+            .await?
+            .ok_or(EngineError::NotFound)?;
         Ok(SignalAnswer::from(&s))
     }
 
     /// Apply the queued signals (and due timers) of one workflow, in one transaction.
     #[instrument(skip_all, fields(workflow.id = %workflow_id))]
-    pub async fn apply_pending(&self, tenant_id: Uuid, workflow_id: Uuid) -> Result<ApplyReport, EngineError> {
+    pub async fn apply_pending(
+        &self,
+        tenant_id: Uuid,
+        workflow_id: Uuid,
+    ) -> Result<ApplyReport, EngineError> {
         let mut tx = self.pool.begin().await?;
         let Some(mut row) = store::workflows::lock(&mut tx, tenant_id, workflow_id).await? else {
             return Ok(ApplyReport::default());
@@ -312,26 +352,36 @@ impl Engine {
             };
             signals::insert(&mut tx, &new).await?;
         }
-        let queued = signals::queued(&mut tx, tenant_id, workflow_id, self.config.apply_batch + 1).await?;
+        let queued =
+            signals::queued(&mut tx, tenant_id, workflow_id, self.config.apply_batch + 1).await?;
         let more = queued.len() as i64 > self.config.apply_batch;
         let config = tenants::config(&mut tx, tenant_id).await?;
         let wf = self
             .registry
             .get(&row.kind)
             .ok_or_else(|| EngineError::UnknownKind(row.kind.clone()))?;
-        let mut report = ApplyReport { more, ..Default::default() };
+        let mut report = ApplyReport {
+            more,
+            ..Default::default()
+        };
         for sig in queued.iter().take(self.config.apply_batch as usize) {
             let actor = Actor {
                 role: role_from_db(&sig.actor_role),
                 subject: sig.actor_subject.clone(),
             };
             let now = db_now(&mut tx).await?;
-            let ctx = Ctx { now, tenant_config: &config, actor: &actor };
+            let ctx = Ctx {
+                now,
+                tenant_config: &config,
+                actor: &actor,
+            };
             let from_state = row.state_name.clone();
             let transition = match wf.apply(&row.state, &sig.name, &sig.payload, &ctx) {
                 Ok(t) => t,
                 // A stored signal that no longer parses is rejected, never retried forever.
-                Err(e) => Transition::Reject { reason: format!("invalid_signal: {e}") },
+                Err(e) => Transition::Reject {
+                    reason: format!("invalid_signal: {e}"),
+                },
             };
             let mut event = NewEvent {
                 version: row.version,
@@ -346,7 +396,12 @@ impl Engine {
                 commands: json!([]),
             };
             match transition {
-                Transition::Accept { state, state_name, is_final, commands } => {
+                Transition::Accept {
+                    state,
+                    state_name,
+                    is_final,
+                    commands,
+                } => {
                     row.state = state;
                     row.state_name = state_name.to_string();
                     row.version += 1;
@@ -359,36 +414,67 @@ impl Engine {
                     event.version = row.version;
                     event.to_state = Some(state_name);
                     event.commands = json!(commands);
-                    store::workflows::append_history(&mut tx, tenant_id, workflow_id, &event).await?;
-                    signals::finish(&mut tx, tenant_id, sig.id, "applied", None, state_name).await?;
+                    store::workflows::append_history(&mut tx, tenant_id, workflow_id, &event)
+                        .await?;
+                    signals::finish(&mut tx, tenant_id, sig.id, "applied", None, state_name)
+                        .await?;
                     report.applied += 1;
                     tracing::info!(signal.name = %sig.name, from = %from_state, to = state_name, "signal applied");
                 }
                 Transition::Reject { reason } => {
                     event.reason = Some(&reason);
-                    store::workflows::append_history(&mut tx, tenant_id, workflow_id, &event).await?;
-                    signals::finish(&mut tx, tenant_id, sig.id, "rejected", Some(&reason), &from_state).await?;
+                    store::workflows::append_history(&mut tx, tenant_id, workflow_id, &event)
+                        .await?;
+                    signals::finish(
+                        &mut tx,
+                        tenant_id,
+                        sig.id,
+                        "rejected",
+                        Some(&reason),
+                        &from_state,
+                    )
+                    .await?;
                     report.rejected += 1;
                     tracing::info!(signal.name = %sig.name, state = %from_state, reason = %reason, "signal rejected");
                 }
             }
         }
-        if row.version != read_version && !store::workflows::update_state(&mut tx, &row, read_version).await? {
+        if row.version != read_version
+            && !store::workflows::update_state(&mut tx, &row, read_version).await?
+        {
             return Err(EngineError::Fenced(workflow_id));
         }
         if more {
-            jobs::enqueue_apply(&mut tx, &ApplyJob { tenant_id, workflow_id }, None).await?;
+            jobs::enqueue_apply(
+                &mut tx,
+                &ApplyJob {
+                    tenant_id,
+                    workflow_id,
+                },
+                None,
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(report)
     }
 
     /// Turn commands into rows. Returns the terminal status a command set, if any.
-    async fn carry_out(&self, conn: &mut PgConnection, row: &WorkflowRow, commands: &[Command]) -> Result<Option<&'static str>, EngineError> {
+    async fn carry_out(
+        &self,
+        conn: &mut PgConnection,
+        row: &WorkflowRow,
+        commands: &[Command],
+    ) -> Result<Option<&'static str>, EngineError> {
         let mut status = None;
         for c in commands {
             match c {
-                Command::Effect { name, idempotency_key, payload, reply } => {
+                Command::Effect {
+                    name,
+                    idempotency_key,
+                    payload,
+                    reply,
+                } => {
                     let inserted = effects::insert(
                         &mut *conn,
                         row.tenant_id,
@@ -401,20 +487,38 @@ impl Engine {
                     )
                     .await?;
                     if let Some(effect_id) = inserted {
-                        let job = EffectJob { tenant_id: row.tenant_id, effect_id };
-                        jobs::enqueue_effect(&mut *conn, &job, None, Some(format!("eff:{effect_id}:1"))).await?;
+                        let job = EffectJob {
+                            tenant_id: row.tenant_id,
+                            effect_id,
+                        };
+                        jobs::enqueue_effect(
+                            &mut *conn,
+                            &job,
+                            None,
+                            Some(format!("eff:{effect_id}:1")),
+                        )
+                        .await?;
                     }
                 }
                 Command::SetTimer { name, at, signal } => {
                     timers::arm(&mut *conn, row.tenant_id, row.id, name, *at, signal).await?;
                 }
-                Command::CancelTimer { name } => timers::cancel(&mut *conn, row.tenant_id, row.id, name).await?,
+                Command::CancelTimer { name } => {
+                    timers::cancel(&mut *conn, row.tenant_id, row.id, name).await?
+                }
                 Command::Start { kind, key, input } => {
                     // A child that exists with other input, or whose input does not
                     // parse, must not wedge the parent's transition: record and go on.
-                    match self.start_in(&mut *conn, row.tenant_id, kind, key, input).await {
+                    match self
+                        .start_in(&mut *conn, row.tenant_id, kind, key, input)
+                        .await
+                    {
                         Ok(_) => {}
-                        Err(e @ (EngineError::WorkflowExists | EngineError::Parse(_) | EngineError::UnknownKind(_))) => {
+                        Err(
+                            e @ (EngineError::WorkflowExists
+                            | EngineError::Parse(_)
+                            | EngineError::UnknownKind(_)),
+                        ) => {
                             tracing::warn!(workflow.id = %row.id, child.kind = %kind, error = %e, "child workflow not started");
                         }
                         Err(e) => return Err(e),
@@ -430,7 +534,9 @@ impl Engine {
 
 /// The transaction's clock: one clock (the database's) for every process.
 async fn db_now(conn: &mut PgConnection) -> Result<DateTime<Utc>, sqlx::Error> {
-    let (now,): (DateTime<Utc>,) = sqlx::query_as("select clock_timestamp()").fetch_one(conn).await?;
+    let (now,): (DateTime<Utc>,) = sqlx::query_as("select clock_timestamp()")
+        .fetch_one(conn)
+        .await?;
     Ok(now)
 }
 

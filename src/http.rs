@@ -1,7 +1,6 @@
 //! The HTTP API (axum): JSON in and out, errors as
 //! `{"error": {"code": "...", "message": "..."}}`, mapped in one place.
 
-
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -43,7 +42,11 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -55,7 +58,11 @@ impl IntoResponse for ApiError {
             let body = json!({"error": {"code": "internal", "message": "internal error"}});
             return (self.status, Json(body)).into_response();
         }
-        (self.status, Json(json!({"error": {"code": self.code, "message": self.message}}))).into_response()
+        (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response()
     }
 }
 
@@ -63,17 +70,33 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         use StatusCode as S;
         match &e {
-            EngineError::UnknownKind(_) => ApiError::new(S::NOT_FOUND, "unknown_kind", e.to_string()),
+            EngineError::UnknownKind(_) => {
+                ApiError::new(S::NOT_FOUND, "unknown_kind", e.to_string())
+            }
             EngineError::NotFound => ApiError::new(S::NOT_FOUND, "not_found", e.to_string()),
-            EngineError::WorkflowExists => ApiError::new(S::CONFLICT, "workflow_exists", e.to_string()),
-            EngineError::IdempotencyKeyReused => ApiError::new(S::UNPROCESSABLE_ENTITY, "idempotency_key_reused", e.to_string()),
+            EngineError::WorkflowExists => {
+                ApiError::new(S::CONFLICT, "workflow_exists", e.to_string())
+            }
+            EngineError::IdempotencyKeyReused => ApiError::new(
+                S::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                e.to_string(),
+            ),
             EngineError::Forbidden(..) => ApiError::new(S::FORBIDDEN, "forbidden", e.to_string()),
-            EngineError::Parse(ParseError::UnknownSignal(_)) => ApiError::new(S::UNPROCESSABLE_ENTITY, "unknown_signal", e.to_string()),
-            EngineError::Parse(ParseError::InvalidKey(_)) => ApiError::new(S::UNPROCESSABLE_ENTITY, "invalid_key", e.to_string()),
-            EngineError::Parse(ParseError::InvalidPayload(_)) => ApiError::new(S::UNPROCESSABLE_ENTITY, "invalid_payload", e.to_string()),
+            EngineError::Parse(ParseError::UnknownSignal(_)) => {
+                ApiError::new(S::UNPROCESSABLE_ENTITY, "unknown_signal", e.to_string())
+            }
+            EngineError::Parse(ParseError::InvalidKey(_)) => {
+                ApiError::new(S::UNPROCESSABLE_ENTITY, "invalid_key", e.to_string())
+            }
+            EngineError::Parse(ParseError::InvalidPayload(_)) => {
+                ApiError::new(S::UNPROCESSABLE_ENTITY, "invalid_payload", e.to_string())
+            }
             EngineError::Fenced(_) => ApiError::new(S::CONFLICT, "conflict", e.to_string()),
             EngineError::Db(err) => match err.as_database_error().and_then(|d| d.code()) {
-                Some(c) if c == "23505" => ApiError::new(S::CONFLICT, "conflict", "conflicting write"),
+                Some(c) if c == "23505" => {
+                    ApiError::new(S::CONFLICT, "conflict", "conflicting write")
+                }
                 _ => ApiError::new(S::INTERNAL_SERVER_ERROR, "internal", format!("{e}: {err}")),
             },
         }
@@ -91,16 +114,31 @@ pub struct Caller(pub Principal);
 
 impl Caller {
     fn actor(&self) -> Actor {
-        Actor { role: self.0.role, subject: self.0.subject.clone() }
+        Actor {
+            role: self.0.role,
+            subject: self.0.subject.clone(),
+        }
     }
 }
 
 impl FromRequestParts<ApiState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, Self::Rejection> {
-        let unauthorized = || ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid `Authorization: Bearer <key>` is required");
-        let header = parts.headers.get(axum::http::header::AUTHORIZATION).ok_or_else(unauthorized)?;
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &ApiState,
+    ) -> Result<Self, Self::Rejection> {
+        let unauthorized = || {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid `Authorization: Bearer <key>` is required",
+            )
+        };
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(unauthorized)?;
         let key = header
             .to_str()
             .ok()
@@ -109,15 +147,28 @@ impl FromRequestParts<ApiState> for Caller {
             .filter(|k| !k.is_empty() && k.len() <= 256)
             .ok_or_else(unauthorized)?;
         let mut conn = state.engine.pool().acquire().await?;
-        let principal = tenants::authenticate(&mut conn, key).await?.ok_or_else(unauthorized)?;
+        let principal = tenants::authenticate(&mut conn, key)
+            .await?
+            .ok_or_else(unauthorized)?;
         Ok(Caller(principal))
     }
 }
 
 fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", format!("body is not valid JSON: {e}")))?;
-    serde_json::from_value(value).map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", e.to_string()))
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("body is not valid JSON: {e}"),
+        )
+    })?;
+    serde_json::from_value(value).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            e.to_string(),
+        )
+    })
 }
 
 #[derive(Deserialize)]
@@ -144,28 +195,59 @@ struct WaitQuery {
 
 fn check_key(key: &str) -> Result<(), ApiError> {
     if key.is_empty() || key.len() > 200 || key.chars().any(char::is_control) {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_key", "key must be 1..=200 printable characters"));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_key",
+            "key must be 1..=200 printable characters",
+        ));
     }
     Ok(())
 }
 
-async fn start_workflow(State(st): State<ApiState>, caller: Caller, body: Bytes) -> Result<Response, ApiError> {
+async fn start_workflow(
+    State(st): State<ApiState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let req: StartRequest = parse_body(&body)?;
     check_key(&req.key)?;
-    let (row, created) = st.engine.start(&caller.actor(), caller.0.tenant_id, &req.kind, &req.key, &req.input).await?;
+    let (row, created) = st
+        .engine
+        .start(
+            &caller.actor(),
+            caller.0.tenant_id,
+            &req.kind,
+            &req.key,
+            &req.input,
+        )
+        .await?;
     let view = workflow_view(&st, &caller, row).await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(view)).into_response())
 }
 
-async fn get_workflow(State(st): State<ApiState>, caller: Caller, Path((kind, key)): Path<(String, String)>) -> Result<Json<Value>, ApiError> {
+async fn get_workflow(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path((kind, key)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
     let mut conn = st.engine.pool().acquire().await?;
-    let row = wf_store::find(&mut conn, caller.0.tenant_id, &kind, &key).await?.ok_or(EngineError::NotFound)?;
+    let row = wf_store::find(&mut conn, caller.0.tenant_id, &kind, &key)
+        .await?
+        .ok_or(EngineError::NotFound)?;
     drop(conn);
     Ok(Json(workflow_view(&st, &caller, row).await?))
 }
 
-async fn workflow_view(st: &ApiState, caller: &Caller, row: wf_store::WorkflowRow) -> Result<Value, ApiError> {
+async fn workflow_view(
+    st: &ApiState,
+    caller: &Caller,
+    row: wf_store::WorkflowRow,
+) -> Result<Value, ApiError> {
     let mut conn = st.engine.pool().acquire().await?;
     let history = wf_store::history(&mut conn, row.tenant_id, row.id).await?;
     let timers = timers::pending(&mut conn, row.tenant_id, row.id).await?;
@@ -176,7 +258,9 @@ async fn workflow_view(st: &ApiState, caller: &Caller, row: wf_store::WorkflowRo
     view["history"] = json!(history);
     // The start input may carry personal data: operators (and ops) only.
     if matches!(caller.0.role, Role::Operator | Role::Ops) {
-        view["input"] = wf_store::input(&mut conn, row.tenant_id, row.id).await?.unwrap_or(Value::Null);
+        view["input"] = wf_store::input(&mut conn, row.tenant_id, row.id)
+            .await?
+            .unwrap_or(Value::Null);
     }
     Ok(view)
 }
@@ -194,29 +278,66 @@ async fn send_signal(
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
         .filter(|k| !k.is_empty() && k.len() <= 255)
-        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "idempotency_key_required", "an `Idempotency-Key` header (1..=255 chars) is required"))?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "idempotency_key_required",
+                "an `Idempotency-Key` header (1..=255 chars) is required",
+            )
+        })?
         .to_string();
     if q.wait_ms.is_some_and(|w| w > MAX_WAIT_MS) {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_wait", format!("wait_ms must be at most {MAX_WAIT_MS}")));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_wait",
+            format!("wait_ms must be at most {MAX_WAIT_MS}"),
+        ));
     }
     let req: SignalRequest = parse_body(&body)?;
     // Subscribe before queueing so the applied notification cannot slip past.
     let rx = st.applied.subscribe();
     let answer = st
         .engine
-        .signal(&caller.actor(), caller.0.tenant_id, &kind, &key, &idem, &req.name, &req.payload)
+        .signal(
+            &caller.actor(),
+            caller.0.tenant_id,
+            &kind,
+            &key,
+            &idem,
+            &req.name,
+            &req.payload,
+        )
         .await?;
     let answer = match q.wait_ms {
-        Some(ms) if answer.status == "queued" && ms > 0 => wait_for(&st, rx, caller.0.tenant_id, answer, Duration::from_millis(ms)).await?,
+        Some(ms) if answer.status == "queued" && ms > 0 => {
+            wait_for(
+                &st,
+                rx,
+                caller.0.tenant_id,
+                answer,
+                Duration::from_millis(ms),
+            )
+            .await?
+        }
         _ => answer,
     };
-    let status = if answer.status == "queued" { StatusCode::ACCEPTED } else { StatusCode::OK };
+    let status = if answer.status == "queued" {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(answer)).into_response())
 }
 
 /// Wait for a signal's outcome, woken by LISTEN/NOTIFY (with a slow re-check
 /// in case the listener reconnected and missed one).
-async fn wait_for(st: &ApiState, mut rx: broadcast::Receiver<Uuid>, tenant_id: Uuid, first: SignalAnswer, wait: Duration) -> Result<SignalAnswer, ApiError> {
+async fn wait_for(
+    st: &ApiState,
+    mut rx: broadcast::Receiver<Uuid>,
+    tenant_id: Uuid,
+    first: SignalAnswer,
+    wait: Duration,
+) -> Result<SignalAnswer, ApiError> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut current = st.engine.signal_answer(tenant_id, first.signal_id).await?;
     while current.status == "queued" {
@@ -226,7 +347,11 @@ async fn wait_for(st: &ApiState, mut rx: broadcast::Receiver<Uuid>, tenant_id: U
             Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
             Ok(Err(broadcast::error::RecvError::Closed)) => return Ok(current),
             Err(_) if tokio::time::Instant::now() >= deadline => {
-                return st.engine.signal_answer(tenant_id, first.signal_id).await.map_err(Into::into);
+                return st
+                    .engine
+                    .signal_answer(tenant_id, first.signal_id)
+                    .await
+                    .map_err(Into::into);
             }
             Err(_) => {}
         }
@@ -246,10 +371,16 @@ async fn readyz(State(st): State<ApiState>) -> Response {
     };
     match tokio::time::timeout(Duration::from_secs(3), depth).await {
         Ok(Ok(rows)) => {
-            let queues: serde_json::Map<String, Value> = rows.into_iter().map(|(q, n)| (q, json!(n))).collect();
-            Json(json!({"status": "ready", "database": "ok", "queue_depth": queues})).into_response()
+            let queues: serde_json::Map<String, Value> =
+                rows.into_iter().map(|(q, n)| (q, json!(n))).collect();
+            Json(json!({"status": "ready", "database": "ok", "queue_depth": queues}))
+                .into_response()
         }
-        _ => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unavailable", "database": "unreachable"}))).into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unavailable", "database": "unreachable"})),
+        )
+            .into_response(),
     }
 }
 
@@ -259,7 +390,11 @@ async fn not_found() -> ApiError {
 
 /// Forward signal-applied notifications to waiting requests. Reconnects with
 /// backoff; `PgListener` re-listens by itself after a dropped connection.
-pub fn spawn_signal_listener(pool: sqlx::PgPool, tx: broadcast::Sender<Uuid>, shutdown: tokio_util::sync::CancellationToken) {
+pub fn spawn_signal_listener(
+    pool: sqlx::PgPool,
+    tx: broadcast::Sender<Uuid>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     tokio::spawn(async move {
         let mut delay = Duration::from_millis(100);
         while !shutdown.is_cancelled() {
@@ -300,4 +435,3 @@ pub fn router(state: ApiState) -> Router {
         .fallback(not_found)
         .with_state(state)
 }
-

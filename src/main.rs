@@ -76,12 +76,19 @@ async fn main() -> anyhow::Result<()> {
             let mut conn = pool.acquire().await?;
             let out = match command {
                 TenantCmd::Create { name } => create_tenant(&mut conn, &name).await?,
-                TenantCmd::AddKey { name, role, subject } => {
+                TenantCmd::AddKey {
+                    name,
+                    role,
+                    subject,
+                } => {
                     let Some(role) = Role::parse_api_role(&role) else {
                         bail!("unknown role `{role}` (ops, operator, executor, integration)");
                     };
-                    let tenant = tenants::by_name(&mut conn, &name).await?.with_context(|| format!("no tenant `{name}`"))?;
-                    let key = tenants::add_key(&mut conn, tenant.id, role, subject.as_deref()).await?;
+                    let tenant = tenants::by_name(&mut conn, &name)
+                        .await?
+                        .with_context(|| format!("no tenant `{name}`"))?;
+                    let key =
+                        tenants::add_key(&mut conn, tenant.id, role, subject.as_deref()).await?;
                     json!({ "key": key })
                 }
             };
@@ -95,15 +102,26 @@ async fn connect(settings: &Settings) -> anyhow::Result<sqlx::PgPool> {
     let Some(url) = &settings.database_url else {
         bail!("DATABASE_URL is not set (use `dispatch dev` for the embedded database)");
     };
-    store::connect(url.expose(), settings.db_pool).await.context("while connecting to DATABASE_URL")
+    store::connect(url.expose(), settings.db_pool)
+        .await
+        .context("while connecting to DATABASE_URL")
 }
 
-async fn create_tenant(conn: &mut sqlx::PgConnection, name: &str) -> anyhow::Result<serde_json::Value> {
-    let tenant = tenants::create(conn, name).await.context("while creating the tenant")?.with_context(|| format!("tenant `{name}` exists"))?;
+async fn create_tenant(
+    conn: &mut sqlx::PgConnection,
+    name: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let tenant = tenants::create(conn, name)
+        .await
+        .context("while creating the tenant")?
+        .with_context(|| format!("tenant `{name}` exists"))?;
     let mut keys = serde_json::Map::new();
     for role in [Role::Ops, Role::Operator, Role::Executor, Role::Integration] {
         let subject = (role == Role::Executor).then_some("executor-1");
-        keys.insert(role.as_str().into(), json!(tenants::add_key(conn, tenant.id, role, subject).await?));
+        keys.insert(
+            role.as_str().into(),
+            json!(tenants::add_key(conn, tenant.id, role, subject).await?),
+        );
     }
     Ok(json!({ "tenant": tenant.name, "keys": keys }))
 }
@@ -149,7 +167,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
     }
     #[cfg(not(unix))]

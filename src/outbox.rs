@@ -119,7 +119,11 @@ impl Outbox {
 
     /// Run one attempt of an effect.
     #[instrument(skip_all, fields(effect.id = %effect_id, workflow.id = tracing::field::Empty))]
-    pub async fn run(&self, tenant_id: Uuid, effect_id: Uuid) -> Result<EffectOutcome, EngineError> {
+    pub async fn run(
+        &self,
+        tenant_id: Uuid,
+        effect_id: Uuid,
+    ) -> Result<EffectOutcome, EngineError> {
         fault("before_effect");
         let lease_ms = self.config.lease.as_millis() as i64;
         let mut conn = self.pool.acquire().await?;
@@ -133,7 +137,9 @@ impl Outbox {
         let mut tx = self.pool.begin().await?;
         let outcome = match result {
             Ok(result) => {
-                if !effects::delivered(&mut tx, tenant_id, effect.id, effect.attempts, &result).await? {
+                if !effects::delivered(&mut tx, tenant_id, effect.id, effect.attempts, &result)
+                    .await?
+                {
                     return Ok(EffectOutcome::Fenced);
                 }
                 if let Some(reply) = &effect.reply {
@@ -142,13 +148,28 @@ impl Outbox {
                 tracing::info!(effect.name = %effect.name, attempt = effect.attempts, "effect delivered");
                 EffectOutcome::Delivered
             }
-            Err(ChannelError::Transient { message, retry_after }) if effect.attempts < effect.max_attempts => {
+            Err(ChannelError::Transient {
+                message,
+                retry_after,
+            }) if effect.attempts < effect.max_attempts => {
                 let delay = self.backoff(effect.attempts, retry_after);
                 let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-                if !effects::retry_at(&mut tx, tenant_id, effect.id, effect.attempts, next, &message).await? {
+                if !effects::retry_at(
+                    &mut tx,
+                    tenant_id,
+                    effect.id,
+                    effect.attempts,
+                    next,
+                    &message,
+                )
+                .await?
+                {
                     return Ok(EffectOutcome::Fenced);
                 }
-                let job = EffectJob { tenant_id, effect_id: effect.id };
+                let job = EffectJob {
+                    tenant_id,
+                    effect_id: effect.id,
+                };
                 let key = format!("eff:{}:{}", effect.id, effect.attempts + 1);
                 jobs::enqueue_effect(&mut tx, &job, Some(next), Some(key)).await?;
                 tracing::warn!(effect.name = %effect.name, attempt = effect.attempts, delay_ms = delay.as_millis() as u64, error = %message, "effect failed, retrying");
@@ -161,12 +182,13 @@ impl Outbox {
                 }
                 let why = format!("effect `{}` dead-lettered", effect.name);
                 wf_store::set_attention(&mut tx, tenant_id, effect.workflow_id, &why).await?;
-                let (version, state): (i64, String) =
-                    sqlx::query_as("select version, state_name from workflows where tenant_id = $1 and id = $2")
-                        .bind(tenant_id)
-                        .bind(effect.workflow_id)
-                        .fetch_one(&mut *tx)
-                        .await?;
+                let (version, state): (i64, String) = sqlx::query_as(
+                    "select version, state_name from workflows where tenant_id = $1 and id = $2",
+                )
+                .bind(tenant_id)
+                .bind(effect.workflow_id)
+                .fetch_one(&mut *tx)
+                .await?;
                 wf_store::append_history(
                     &mut tx,
                     tenant_id,
@@ -194,7 +216,12 @@ impl Outbox {
     }
 }
 
-async fn reply_signal(conn: &mut PgConnection, effect: &EffectRow, reply: &str, result: &Value) -> Result<(), EngineError> {
+async fn reply_signal(
+    conn: &mut PgConnection,
+    effect: &EffectRow,
+    reply: &str,
+    result: &Value,
+) -> Result<(), EngineError> {
     let key = format!("effect:{}", effect.id);
     let new = NewSignal {
         tenant_id: effect.tenant_id,
@@ -208,7 +235,10 @@ async fn reply_signal(conn: &mut PgConnection, effect: &EffectRow, reply: &str, 
         received_at: None,
     };
     if signals::insert(&mut *conn, &new).await?.is_some() {
-        let job = ApplyJob { tenant_id: effect.tenant_id, workflow_id: effect.workflow_id };
+        let job = ApplyJob {
+            tenant_id: effect.tenant_id,
+            workflow_id: effect.workflow_id,
+        };
         jobs::enqueue_apply(&mut *conn, &job, Some(key)).await?;
     }
     Ok(())
@@ -224,14 +254,30 @@ async fn deliver(conn: &mut PgConnection, effect: &EffectRow) -> Result<Value, C
         message: format!("database: {e}"),
         retry_after: None,
     };
-    let config = tenants::config(&mut *conn, effect.tenant_id).await.map_err(transient)?;
-    if let Some(n) = config.pointer("/log_channel/fail_first").and_then(Value::as_i64) {
+    let config = tenants::config(&mut *conn, effect.tenant_id)
+        .await
+        .map_err(transient)?;
+    if let Some(n) = config
+        .pointer("/log_channel/fail_first")
+        .and_then(Value::as_i64)
+    {
         if i64::from(effect.attempts) <= n {
-            let message = format!("log channel: injected failure on attempt {}", effect.attempts);
-            return Err(match config.pointer("/log_channel/failure").and_then(Value::as_str) {
-                Some("permanent") => ChannelError::Permanent { message },
-                _ => ChannelError::Transient { message, retry_after: None },
-            });
+            let message = format!(
+                "log channel: injected failure on attempt {}",
+                effect.attempts
+            );
+            return Err(
+                match config
+                    .pointer("/log_channel/failure")
+                    .and_then(Value::as_str)
+                {
+                    Some("permanent") => ChannelError::Permanent { message },
+                    _ => ChannelError::Transient {
+                        message,
+                        retry_after: None,
+                    },
+                },
+            );
         }
     }
     let (recipient, body) = render(conn, effect).await?;
@@ -250,8 +296,13 @@ async fn deliver(conn: &mut PgConnection, effect: &EffectRow) -> Result<Value, C
     Ok(json!({ "message_id": id.to_string(), "provider": "log", "chat_id": recipient }))
 }
 
-async fn render(conn: &mut PgConnection, effect: &EffectRow) -> Result<(String, String), ChannelError> {
-    let permanent = |m: &str| ChannelError::Permanent { message: m.to_string() };
+async fn render(
+    conn: &mut PgConnection,
+    effect: &EffectRow,
+) -> Result<(String, String), ChannelError> {
+    let permanent = |m: &str| ChannelError::Permanent {
+        message: m.to_string(),
+    };
     let p = &effect.payload;
     let lead_id: Uuid = p
         .get("lead_id")
@@ -259,15 +310,39 @@ async fn render(conn: &mut PgConnection, effect: &EffectRow) -> Result<(String, 
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| permanent("effect payload has no lead_id"))?;
     let short = short_id(lead_id);
-    let executor = p.get("executor").or(p.get("to")).and_then(Value::as_str).unwrap_or("");
+    let executor = p
+        .get("executor")
+        .or(p.get("to"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
     Ok(match effect.name.as_str() {
-        dispatch_effects::PUBLISH => ("crew".into(), CrewLeadView::from_lead(lead_id, &load_lead(conn, effect).await?).render()),
-        dispatch_effects::NOTIFY_OPERATOR_CLAIMED => ("operator".into(), format!("Job #{short} was claimed by @{executor}. Confirm or reject the claim.")),
-        dispatch_effects::CREW_POST_RESERVED => ("crew".into(), format!("Job #{short} — Reserved by @{executor}")),
-        dispatch_effects::CREW_POST_RESTORED => ("crew".into(), CrewLeadView::from_lead(lead_id, &load_lead(conn, effect).await?).render()),
-        dispatch_effects::CREW_POST_CANCELLED => ("crew".into(), format!("Job #{short} — Cancelled")),
-        dispatch_effects::CREW_POST_EXPIRED => ("crew".into(), format!("Job #{short} — Expired (not claimed in time)")),
-        dispatch_effects::RELEASE_DETAILS => (format!("executor:{executor}"), load_lead(conn, effect).await?.render_full(lead_id)),
+        dispatch_effects::PUBLISH => (
+            "crew".into(),
+            CrewLeadView::from_lead(lead_id, &load_lead(conn, effect).await?).render(),
+        ),
+        dispatch_effects::NOTIFY_OPERATOR_CLAIMED => (
+            "operator".into(),
+            format!("Job #{short} was claimed by @{executor}. Confirm or reject the claim."),
+        ),
+        dispatch_effects::CREW_POST_RESERVED => (
+            "crew".into(),
+            format!("Job #{short} — Reserved by @{executor}"),
+        ),
+        dispatch_effects::CREW_POST_RESTORED => (
+            "crew".into(),
+            CrewLeadView::from_lead(lead_id, &load_lead(conn, effect).await?).render(),
+        ),
+        dispatch_effects::CREW_POST_CANCELLED => {
+            ("crew".into(), format!("Job #{short} — Cancelled"))
+        }
+        dispatch_effects::CREW_POST_EXPIRED => (
+            "crew".into(),
+            format!("Job #{short} — Expired (not claimed in time)"),
+        ),
+        dispatch_effects::RELEASE_DETAILS => (
+            format!("executor:{executor}"),
+            load_lead(conn, effect).await?.render_full(lead_id),
+        ),
         _ => return Err(permanent("no renderer for this effect")),
     })
 }
@@ -275,8 +350,16 @@ async fn render(conn: &mut PgConnection, effect: &EffectRow) -> Result<(String, 
 async fn load_lead(conn: &mut PgConnection, effect: &EffectRow) -> Result<FullLead, ChannelError> {
     let input = wf_store::input(&mut *conn, effect.tenant_id, effect.workflow_id)
         .await
-        .map_err(|e| ChannelError::Transient { message: format!("database: {e}"), retry_after: None })?
-        .ok_or_else(|| ChannelError::Permanent { message: "workflow input missing".into() })?;
-    serde_json::from_value::<FullLead>(input.get("lead").cloned().unwrap_or_default())
-        .map_err(|_| ChannelError::Permanent { message: "stored lead does not decode".into() })
+        .map_err(|e| ChannelError::Transient {
+            message: format!("database: {e}"),
+            retry_after: None,
+        })?
+        .ok_or_else(|| ChannelError::Permanent {
+            message: "workflow input missing".into(),
+        })?;
+    serde_json::from_value::<FullLead>(input.get("lead").cloned().unwrap_or_default()).map_err(
+        |_| ChannelError::Permanent {
+            message: "stored lead does not decode".into(),
+        },
+    )
 }

@@ -55,7 +55,10 @@ pub fn find_bin_dir() -> Option<PathBuf> {
     if let Some(dir) = versions.pop() {
         return Some(dir);
     }
-    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).find(|p| p.join("initdb").exists() && p.join("postgres").exists()))
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .find(|p| p.join("initdb").exists() && p.join("postgres").exists())
+    })
 }
 
 fn is_root() -> bool {
@@ -69,7 +72,17 @@ const PG_USER: &str = "postgres";
 fn server_cmd(bin: &Path) -> Command {
     if is_root() {
         let mut c = Command::new("setpriv");
-        c.args(["--reuid", PG_USER, "--regid", PG_USER, "--clear-groups", "--pdeathsig", "TERM", "--"]).arg(bin);
+        c.args([
+            "--reuid",
+            PG_USER,
+            "--regid",
+            PG_USER,
+            "--clear-groups",
+            "--pdeathsig",
+            "TERM",
+            "--",
+        ])
+        .arg(bin);
         c
     } else {
         Command::new(bin)
@@ -78,9 +91,17 @@ fn server_cmd(bin: &Path) -> Command {
 
 fn chown_to_pg(path: &Path) -> Result<(), PgError> {
     if is_root() {
-        let ok = Command::new("chown").arg("-R").arg(format!("{PG_USER}:{PG_USER}")).arg(path).status()?.success();
+        let ok = Command::new("chown")
+            .arg("-R")
+            .arg(format!("{PG_USER}:{PG_USER}"))
+            .arg(path)
+            .status()?
+            .success();
         if !ok {
-            return Err(PgError::Failed(format!("chown of {} to {PG_USER} failed", path.display())));
+            return Err(PgError::Failed(format!(
+                "chown of {} to {PG_USER} failed",
+                path.display()
+            )));
         }
     }
     Ok(())
@@ -105,11 +126,21 @@ pub fn start(data_dir: &Path) -> Result<EmbeddedPg, PgError> {
         let out = server_cmd(&bin.join("initdb"))
             .args(["-D"])
             .arg(&pgdata)
-            .args(["-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
             .stdout(Stdio::null())
             .output()?;
         if !out.status.success() {
-            return Err(PgError::Failed(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr))));
+            return Err(PgError::Failed(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
         }
     } else {
         chown_to_pg(&data_dir)?;
@@ -124,9 +155,22 @@ pub fn start(data_dir: &Path) -> Result<EmbeddedPg, PgError> {
         let mut cmd = server_cmd(&bin_postgres);
         cmd.arg("-D")
             .arg(&pgdata)
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c"])
+            .args([
+                "-p",
+                &port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+            ])
             .arg(format!("unix_socket_directories={}", sockets.display()))
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
+            .args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ])
             .args(["-c", "max_connections=400", "-c", "shared_buffers=128MB"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -134,30 +178,39 @@ pub fn start(data_dir: &Path) -> Result<EmbeddedPg, PgError> {
         // Spawn from a thread that lives as long as the process: the
         // parent-death signal fires when the spawning *thread* exits.
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new().name("embedded-pg".into()).spawn(move || match cmd.spawn() {
-            Ok(mut child) => {
-                let _ = tx.send(Ok(child.id()));
-                let _ = child.wait();
-                loop {
-                    std::thread::park();
+        std::thread::Builder::new()
+            .name("embedded-pg".into())
+            .spawn(move || match cmd.spawn() {
+                Ok(mut child) => {
+                    let _ = tx.send(Ok(child.id()));
+                    let _ = child.wait();
+                    loop {
+                        std::thread::park();
+                    }
                 }
-            }
-            Err(e) => {
-                let _ = tx.send(Err(e));
-            }
-        })?;
-        let pid = rx.recv().map_err(|_| PgError::Failed("postgres spawn thread died".into()))??;
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            })?;
+        let pid = rx
+            .recv()
+            .map_err(|_| PgError::Failed("postgres spawn thread died".into()))??;
         let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
         match wait_ready(&bin, port, pid, Duration::from_secs(30)) {
             Ok(()) => return Ok(EmbeddedPg { url, port, pid }),
             Err(e) => {
-                last_err = format!("{e}; log: {}", std::fs::read_to_string(data_dir.join("postgres.log")).unwrap_or_default());
+                last_err = format!(
+                    "{e}; log: {}",
+                    std::fs::read_to_string(data_dir.join("postgres.log")).unwrap_or_default()
+                );
                 // SAFETY: sending a signal to a pid we started.
                 unsafe { libc::kill(pid as i32, libc::SIGTERM) };
             }
         }
     }
-    Err(PgError::Failed(format!("postgres did not start: {last_err}")))
+    Err(PgError::Failed(format!(
+        "postgres did not start: {last_err}"
+    )))
 }
 
 fn wait_ready(bin: &Path, port: u16, pid: u32, timeout: Duration) -> Result<(), PgError> {
@@ -168,7 +221,15 @@ fn wait_ready(bin: &Path, port: u16, pid: u32, timeout: Duration) -> Result<(), 
             return Err(PgError::Failed("postgres exited during start-up".into()));
         }
         let ready = Command::new(bin.join("pg_isready"))
-            .args(["-q", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+            .args([
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+            ])
             .status()
             .is_ok_and(|s| s.success());
         if ready {

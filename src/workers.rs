@@ -136,7 +136,9 @@ async fn handle(job: Value, h: Data<Arc<Handlers>>) -> Result<(), BoxDynError> {
     match env.kind.as_str() {
         "apply" => {
             let job: ApplyJob = serde_json::from_value(env.body)?;
-            h.engine.apply_pending(job.tenant_id, job.workflow_id).await?;
+            h.engine
+                .apply_pending(job.tenant_id, job.workflow_id)
+                .await?;
         }
         "effect" => {
             let job: EffectJob = serde_json::from_value(env.body)?;
@@ -149,8 +151,16 @@ async fn handle(job: Value, h: Data<Arc<Handlers>>) -> Result<(), BoxDynError> {
 
 /// Run one queue's worker until shutdown, restarting it (fresh name, backoff)
 /// whenever it stops on an error.
-async fn supervise(queue: &'static str, pool: PgPool, h: Arc<Handlers>, cfg: WorkerConfig, shutdown: CancellationToken) {
-    let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "host".into());
+async fn supervise(
+    queue: &'static str,
+    pool: PgPool,
+    h: Arc<Handlers>,
+    cfg: WorkerConfig,
+    shutdown: CancellationToken,
+) {
+    let host = hostname::get()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "host".into());
     let mut delay = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
         let name = format!("{host}-{queue}-{}", Uuid::now_v7());
@@ -161,7 +171,10 @@ async fn supervise(queue: &'static str, pool: PgPool, h: Arc<Handlers>, cfg: Wor
             .missed_heartbeats(3)
             .persist_results(true);
         let storage = PostgresStorage::<Value>::new(&pool).with_config(qc);
-        let backend = PollWith::new(storage, WakeStrategy::new(pool.clone(), queue, cfg.poll_interval));
+        let backend = PollWith::new(
+            storage,
+            WakeStrategy::new(pool.clone(), queue, cfg.poll_interval),
+        );
         let worker = WorkerBuilder::new(name.as_str())
             .backend(backend)
             .data(h.clone())
@@ -230,13 +243,24 @@ async fn timer_loop(pool: PgPool, cfg: WorkerConfig, shutdown: CancellationToken
     }
 }
 
-async fn fire_due_timers(pool: &PgPool, cfg: &WorkerConfig) -> Result<Option<Duration>, sqlx::Error> {
+async fn fire_due_timers(
+    pool: &PgPool,
+    cfg: &WorkerConfig,
+) -> Result<Option<Duration>, sqlx::Error> {
     loop {
         let mut tx = pool.begin().await?;
         let due = timers::claim_due(&mut tx, cfg.sweep_grace.as_millis() as i64, 500).await?;
         for (tenant_id, workflow_id, timer_id) in &due {
-            let job = ApplyJob { tenant_id: *tenant_id, workflow_id: *workflow_id };
-            jobs::enqueue_apply(&mut tx, &job, Some(format!("tmr:{timer_id}:{}", Uuid::now_v7()))).await?;
+            let job = ApplyJob {
+                tenant_id: *tenant_id,
+                workflow_id: *workflow_id,
+            };
+            jobs::enqueue_apply(
+                &mut tx,
+                &job,
+                Some(format!("tmr:{timer_id}:{}", Uuid::now_v7())),
+            )
+            .await?;
         }
         tx.commit().await?;
         if due.len() < 500 {
@@ -244,7 +268,9 @@ async fn fire_due_timers(pool: &PgPool, cfg: &WorkerConfig) -> Result<Option<Dur
         }
     }
     let mut conn = pool.acquire().await?;
-    Ok(timers::next_due_in_ms(&mut conn).await?.map(|ms| Duration::from_millis(ms as u64 + 1)))
+    Ok(timers::next_due_in_ms(&mut conn)
+        .await?
+        .map(|ms| Duration::from_millis(ms as u64 + 1)))
 }
 
 /// One sweep pass: re-enqueue what looks lost. Returns how many jobs it made.
@@ -253,16 +279,37 @@ pub async fn sweep_once(pool: &PgPool, cfg: &WorkerConfig) -> Result<usize, sqlx
     let mut tx = pool.begin().await?;
     let stale = signals::stale_queued(&mut tx, grace, 500).await?;
     for (tenant_id, workflow_id) in &stale {
-        jobs::enqueue_apply(&mut tx, &ApplyJob { tenant_id: *tenant_id, workflow_id: *workflow_id }, None).await?;
+        jobs::enqueue_apply(
+            &mut tx,
+            &ApplyJob {
+                tenant_id: *tenant_id,
+                workflow_id: *workflow_id,
+            },
+            None,
+        )
+        .await?;
     }
     let lost = effects::recover(&mut tx, grace, 500).await?;
     for (tenant_id, effect_id, _attempts) in &lost {
-        jobs::enqueue_effect(&mut tx, &EffectJob { tenant_id: *tenant_id, effect_id: *effect_id }, None, None).await?;
+        jobs::enqueue_effect(
+            &mut tx,
+            &EffectJob {
+                tenant_id: *tenant_id,
+                effect_id: *effect_id,
+            },
+            None,
+            None,
+        )
+        .await?;
     }
     tx.commit().await?;
     let made = stale.len() + lost.len();
     if made > 0 {
-        tracing::warn!(signals = stale.len(), effects = lost.len(), "sweep re-enqueued lost work");
+        tracing::warn!(
+            signals = stale.len(),
+            effects = lost.len(),
+            "sweep re-enqueued lost work"
+        );
     }
     Ok(made)
 }
@@ -278,9 +325,11 @@ async fn sweep_loop(pool: PgPool, cfg: WorkerConfig, shutdown: CancellationToken
             tracing::warn!(error = %e, "sweep failed");
         }
         ticks += 1;
-        if ticks % 60 == 0 {
+        if ticks.is_multiple_of(60) {
             if let Ok(mut conn) = pool.acquire().await {
-                if let Err(e) = jobs::purge_finished(&mut conn, cfg.job_retention.as_secs() as i64).await {
+                if let Err(e) =
+                    jobs::purge_finished(&mut conn, cfg.job_retention.as_secs() as i64).await
+                {
                     tracing::warn!(error = %e, "job purge failed");
                 }
             }
@@ -290,15 +339,25 @@ async fn sweep_loop(pool: PgPool, cfg: WorkerConfig, shutdown: CancellationToken
 
 /// Spawn every background task of the worker role; they stop when `shutdown`
 /// is cancelled, draining in-flight jobs for up to the shutdown grace.
-pub fn spawn(engine: Engine, outbox: Outbox, cfg: WorkerConfig, shutdown: CancellationToken) -> tokio::task::JoinSet<()> {
+pub fn spawn(
+    engine: Engine,
+    outbox: Outbox,
+    cfg: WorkerConfig,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinSet<()> {
     let pool = engine.pool().clone();
     let h = Arc::new(Handlers { engine, outbox });
     let mut set = tokio::task::JoinSet::new();
     for queue in [APPLY_QUEUE, EFFECT_QUEUE] {
-        set.spawn(supervise(queue, pool.clone(), h.clone(), cfg.clone(), shutdown.clone()));
+        set.spawn(supervise(
+            queue,
+            pool.clone(),
+            h.clone(),
+            cfg.clone(),
+            shutdown.clone(),
+        ));
     }
     set.spawn(timer_loop(pool.clone(), cfg.clone(), shutdown.clone()));
     set.spawn(sweep_loop(pool, cfg, shutdown));
     set
 }
-

@@ -76,7 +76,12 @@ pub async fn insert(
 
 /// Claim a pending effect for one attempt: `running`, attempts + 1, leased.
 /// `None` when it is not pending (done, dead, or running elsewhere).
-pub async fn claim(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid, lease_ms: i64) -> Result<Option<EffectRow>, sqlx::Error> {
+pub async fn claim(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    id: Uuid,
+    lease_ms: i64,
+) -> Result<Option<EffectRow>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "update effects set status = 'running', attempts = attempts + 1,
                 lease_until = now() + make_interval(secs => $3 / 1000.0), updated_at = now()
@@ -90,7 +95,13 @@ pub async fn claim(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid, lease_ms:
 }
 
 /// Mark delivered, fenced on the attempt that was claimed.
-pub async fn delivered(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid, attempt: i32, result: &Value) -> Result<bool, sqlx::Error> {
+pub async fn delivered(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    id: Uuid,
+    attempt: i32,
+    result: &Value,
+) -> Result<bool, sqlx::Error> {
     let r = sqlx::query(
         "update effects set status = 'delivered', result = $4, lease_until = null, last_error = null, updated_at = now()
          where tenant_id = $1 and id = $2 and status = 'running' and attempts = $3",
@@ -105,7 +116,14 @@ pub async fn delivered(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid, attem
 }
 
 /// Put back for a retry at `next`, fenced on the attempt.
-pub async fn retry_at(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid, attempt: i32, next: DateTime<Utc>, error: &str) -> Result<bool, sqlx::Error> {
+pub async fn retry_at(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    id: Uuid,
+    attempt: i32,
+    next: DateTime<Utc>,
+    error: &str,
+) -> Result<bool, sqlx::Error> {
     let r = sqlx::query(
         "update effects set status = 'pending', next_attempt_at = $4, last_error = $5, lease_until = null, updated_at = now()
          where tenant_id = $1 and id = $2 and status = 'running' and attempts = $3",
@@ -121,7 +139,13 @@ pub async fn retry_at(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid, attemp
 }
 
 /// Dead-letter, fenced on the attempt.
-pub async fn dead(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid, attempt: i32, error: &str) -> Result<bool, sqlx::Error> {
+pub async fn dead(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    id: Uuid,
+    attempt: i32,
+    error: &str,
+) -> Result<bool, sqlx::Error> {
     let r = sqlx::query(
         "update effects set status = 'dead', last_error = $4, lease_until = null, updated_at = now()
          where tenant_id = $1 and id = $2 and status = 'running' and attempts = $3",
@@ -136,7 +160,11 @@ pub async fn dead(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid, attempt: i
 }
 
 /// Effects of a workflow.
-pub async fn of_workflow(conn: &mut PgConnection, tenant_id: Uuid, workflow_id: Uuid) -> Result<Vec<EffectRow>, sqlx::Error> {
+pub async fn of_workflow(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    workflow_id: Uuid,
+) -> Result<Vec<EffectRow>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select {COLS} from effects where tenant_id = $1 and workflow_id = $2 order by created_at, id"
     )))
@@ -149,7 +177,11 @@ pub async fn of_workflow(conn: &mut PgConnection, tenant_id: Uuid, workflow_id: 
 /// Sweep: effects whose lease expired (worker died mid-attempt) go back to
 /// pending; returns pending effects whose job looks lost (due for longer than
 /// `grace_ms`), with their attempt count for a fresh job key.
-pub async fn recover(conn: &mut PgConnection, grace_ms: i64, limit: i64) -> Result<Vec<(Uuid, Uuid, i32)>, sqlx::Error> {
+pub async fn recover(
+    conn: &mut PgConnection,
+    grace_ms: i64,
+    limit: i64,
+) -> Result<Vec<(Uuid, Uuid, i32)>, sqlx::Error> {
     sqlx::query(
         "update effects set status = 'pending', lease_until = null, updated_at = now(),
                 last_error = coalesce(last_error, 'lease expired')
@@ -202,11 +234,13 @@ pub async fn record_delivery(
     if let Some((id,)) = inserted {
         return Ok(id);
     }
-    let (id,): (Uuid,) = sqlx::query_as("select id from deliveries where tenant_id = $1 and channel = $2 and idempotency_key = $3")
-        .bind(tenant_id)
-        .bind(channel)
-        .bind(key)
-        .fetch_one(conn)
-        .await?;
+    let (id,): (Uuid,) = sqlx::query_as(
+        "select id from deliveries where tenant_id = $1 and channel = $2 and idempotency_key = $3",
+    )
+    .bind(tenant_id)
+    .bind(channel)
+    .bind(key)
+    .fetch_one(conn)
+    .await?;
     Ok(id)
 }

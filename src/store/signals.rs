@@ -60,7 +60,10 @@ pub struct NewSignal<'a> {
 }
 
 /// Insert a signal unless its idempotency key was seen; `None` on a duplicate.
-pub async fn insert(conn: &mut PgConnection, s: &NewSignal<'_>) -> Result<Option<SignalRow>, sqlx::Error> {
+pub async fn insert(
+    conn: &mut PgConnection,
+    s: &NewSignal<'_>,
+) -> Result<Option<SignalRow>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "insert into signals (tenant_id, id, workflow_id, idempotency_key, name, payload, request_hash,
                               actor_role, actor_subject, received_at)
@@ -82,7 +85,12 @@ pub async fn insert(conn: &mut PgConnection, s: &NewSignal<'_>) -> Result<Option
 }
 
 /// Find by idempotency key.
-pub async fn by_key(conn: &mut PgConnection, tenant_id: Uuid, workflow_id: Uuid, key: &str) -> Result<Option<SignalRow>, sqlx::Error> {
+pub async fn by_key(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    workflow_id: Uuid,
+    key: &str,
+) -> Result<Option<SignalRow>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select {COLS} from signals where tenant_id = $1 and workflow_id = $2 and idempotency_key = $3"
     )))
@@ -94,17 +102,28 @@ pub async fn by_key(conn: &mut PgConnection, tenant_id: Uuid, workflow_id: Uuid,
 }
 
 /// Find by id.
-pub async fn by_id(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid) -> Result<Option<SignalRow>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!("select {COLS} from signals where tenant_id = $1 and id = $2")))
-        .bind(tenant_id)
-        .bind(id)
-        .fetch_optional(conn)
-        .await
+pub async fn by_id(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    id: Uuid,
+) -> Result<Option<SignalRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {COLS} from signals where tenant_id = $1 and id = $2"
+    )))
+    .bind(tenant_id)
+    .bind(id)
+    .fetch_optional(conn)
+    .await
 }
 
 /// The queued signals of a workflow, in arrival order. The caller holds the
 /// workflow row lock, so nobody else applies them concurrently.
-pub async fn queued(conn: &mut PgConnection, tenant_id: Uuid, workflow_id: Uuid, limit: i64) -> Result<Vec<SignalRow>, sqlx::Error> {
+pub async fn queued(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    workflow_id: Uuid,
+    limit: i64,
+) -> Result<Vec<SignalRow>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select {COLS} from signals where tenant_id = $1 and workflow_id = $2 and status = 'queued'
          order by received_at, seq limit $3"
@@ -145,7 +164,11 @@ pub async fn finish(
 }
 
 /// Workflows with signals queued longer than `older_than_ms` (lost jobs).
-pub async fn stale_queued(conn: &mut PgConnection, older_than_ms: i64, limit: i64) -> Result<Vec<(Uuid, Uuid)>, sqlx::Error> {
+pub async fn stale_queued(
+    conn: &mut PgConnection,
+    older_than_ms: i64,
+    limit: i64,
+) -> Result<Vec<(Uuid, Uuid)>, sqlx::Error> {
     sqlx::query_as(
         "select distinct tenant_id, workflow_id from signals
          where status = 'queued' and received_at < now() - make_interval(secs => $1 / 1000.0)

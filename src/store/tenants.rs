@@ -66,11 +66,17 @@ pub async fn config(conn: &mut PgConnection, tenant_id: Uuid) -> Result<Value, s
         .bind(tenant_id)
         .fetch_optional(conn)
         .await?;
-    Ok(row.map(|r| r.0).unwrap_or_else(|| Value::Object(Default::default())))
+    Ok(row
+        .map(|r| r.0)
+        .unwrap_or_else(|| Value::Object(Default::default())))
 }
 
 /// Replace a tenant's configuration.
-pub async fn set_config(conn: &mut PgConnection, tenant_id: Uuid, config: &Value) -> Result<bool, sqlx::Error> {
+pub async fn set_config(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    config: &Value,
+) -> Result<bool, sqlx::Error> {
     let r = sqlx::query("update tenants set config = $2 where id = $1")
         .bind(tenant_id)
         .bind(config)
@@ -87,20 +93,25 @@ pub async fn add_key(
     subject: Option<&str>,
 ) -> Result<String, sqlx::Error> {
     let key = generate_key();
-    sqlx::query("insert into api_keys (tenant_id, id, role, subject, key_hash) values ($1, $2, $3, $4, $5)")
-        .bind(tenant_id)
-        .bind(Uuid::now_v7())
-        .bind(role.as_str())
-        .bind(subject)
-        .bind(hash_key(&key))
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "insert into api_keys (tenant_id, id, role, subject, key_hash) values ($1, $2, $3, $4, $5)",
+    )
+    .bind(tenant_id)
+    .bind(Uuid::now_v7())
+    .bind(role.as_str())
+    .bind(subject)
+    .bind(hash_key(&key))
+    .execute(conn)
+    .await?;
     Ok(key)
 }
 
 /// Resolve a presented key. The lookup is by hash (an index probe), so the
 /// comparison leaks nothing about the stored value.
-pub async fn authenticate(conn: &mut PgConnection, key: &str) -> Result<Option<Principal>, sqlx::Error> {
+pub async fn authenticate(
+    conn: &mut PgConnection,
+    key: &str,
+) -> Result<Option<Principal>, sqlx::Error> {
     let row: Option<(Uuid, String, Option<String>)> = sqlx::query_as(
         "select tenant_id, role, subject from api_keys where key_hash = $1 and revoked_at is null",
     )

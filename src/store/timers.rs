@@ -21,7 +21,14 @@ pub struct TimerRow {
 }
 
 /// Arm a timer, cancelling a pending one of the same name (re-arm).
-pub async fn arm(conn: &mut PgConnection, tenant_id: Uuid, workflow_id: Uuid, name: &str, at: DateTime<Utc>, signal: &str) -> Result<(), sqlx::Error> {
+pub async fn arm(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    workflow_id: Uuid,
+    name: &str,
+    at: DateTime<Utc>,
+    signal: &str,
+) -> Result<(), sqlx::Error> {
     cancel(&mut *conn, tenant_id, workflow_id, name).await?;
     sqlx::query(
         "insert into timers (tenant_id, id, workflow_id, name, due_at, signal) values ($1, $2, $3, $4, $5, $6)",
@@ -43,7 +50,12 @@ pub async fn arm(conn: &mut PgConnection, tenant_id: Uuid, workflow_id: Uuid, na
 }
 
 /// Cancel the pending timer of that name, if any.
-pub async fn cancel(conn: &mut PgConnection, tenant_id: Uuid, workflow_id: Uuid, name: &str) -> Result<(), sqlx::Error> {
+pub async fn cancel(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    workflow_id: Uuid,
+    name: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "update timers set status = 'cancelled', closed_at = now()
          where tenant_id = $1 and workflow_id = $2 and name = $3 and status = 'pending'",
@@ -59,7 +71,11 @@ pub async fn cancel(conn: &mut PgConnection, tenant_id: Uuid, workflow_id: Uuid,
 /// Mark the workflow's due timers fired and return them, earliest first. The
 /// caller holds the workflow lock and turns each into a signal in the same
 /// transaction, so a timer cancelled by an earlier transition never fires.
-pub async fn take_due(conn: &mut PgConnection, tenant_id: Uuid, workflow_id: Uuid) -> Result<Vec<TimerRow>, sqlx::Error> {
+pub async fn take_due(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    workflow_id: Uuid,
+) -> Result<Vec<TimerRow>, sqlx::Error> {
     sqlx::query_as(
         "update timers set status = 'fired', closed_at = now()
          where tenant_id = $1 and workflow_id = $2 and status = 'pending' and due_at <= clock_timestamp()
@@ -73,7 +89,11 @@ pub async fn take_due(conn: &mut PgConnection, tenant_id: Uuid, workflow_id: Uui
 
 /// Claim due timers whose workflows need an apply job: marks them enqueued so
 /// other timer loops skip them; re-offers them after `retry_ms` if the job was lost.
-pub async fn claim_due(conn: &mut PgConnection, retry_ms: i64, limit: i64) -> Result<Vec<(Uuid, Uuid, Uuid)>, sqlx::Error> {
+pub async fn claim_due(
+    conn: &mut PgConnection,
+    retry_ms: i64,
+    limit: i64,
+) -> Result<Vec<(Uuid, Uuid, Uuid)>, sqlx::Error> {
     sqlx::query_as(
         "update timers t set enqueued_at = now()
          from (select tenant_id, id from timers
@@ -101,7 +121,11 @@ pub async fn next_due_in_ms(conn: &mut PgConnection) -> Result<Option<i64>, sqlx
 }
 
 /// Pending timers of a workflow.
-pub async fn pending(conn: &mut PgConnection, tenant_id: Uuid, workflow_id: Uuid) -> Result<Vec<TimerRow>, sqlx::Error> {
+pub async fn pending(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    workflow_id: Uuid,
+) -> Result<Vec<TimerRow>, sqlx::Error> {
     sqlx::query_as(
         "select id, name, due_at, signal, status from timers
          where tenant_id = $1 and workflow_id = $2 and status = 'pending' order by due_at",

@@ -59,7 +59,10 @@ pub struct NewWorkflow<'a> {
 }
 
 /// Insert a workflow; `None` if (tenant, kind, key) exists.
-pub async fn insert(conn: &mut PgConnection, w: &NewWorkflow<'_>) -> Result<Option<WorkflowRow>, sqlx::Error> {
+pub async fn insert(
+    conn: &mut PgConnection,
+    w: &NewWorkflow<'_>,
+) -> Result<Option<WorkflowRow>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "insert into workflows (tenant_id, id, kind, key, input_hash, state_name, state)
          values ($1, $2, $3, $4, $5, $6, $7)
@@ -77,22 +80,35 @@ pub async fn insert(conn: &mut PgConnection, w: &NewWorkflow<'_>) -> Result<Opti
 }
 
 /// Find by business key.
-pub async fn find(conn: &mut PgConnection, tenant_id: Uuid, kind: &str, key: &str) -> Result<Option<WorkflowRow>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!("select {COLS} from workflows where tenant_id = $1 and kind = $2 and key = $3")))
-        .bind(tenant_id)
-        .bind(kind)
-        .bind(key)
-        .fetch_optional(conn)
-        .await
+pub async fn find(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    kind: &str,
+    key: &str,
+) -> Result<Option<WorkflowRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {COLS} from workflows where tenant_id = $1 and kind = $2 and key = $3"
+    )))
+    .bind(tenant_id)
+    .bind(kind)
+    .bind(key)
+    .fetch_optional(conn)
+    .await
 }
 
 /// Lock a workflow row for a transition.
-pub async fn lock(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid) -> Result<Option<WorkflowRow>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!("select {COLS} from workflows where tenant_id = $1 and id = $2 for update")))
-        .bind(tenant_id)
-        .bind(id)
-        .fetch_optional(conn)
-        .await
+pub async fn lock(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    id: Uuid,
+) -> Result<Option<WorkflowRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {COLS} from workflows where tenant_id = $1 and id = $2 for update"
+    )))
+    .bind(tenant_id)
+    .bind(id)
+    .fetch_optional(conn)
+    .await
 }
 
 /// Store a new state, fenced on the version that was read. Returns false if
@@ -119,18 +135,30 @@ pub async fn update_state(
 }
 
 /// Flag a workflow for ops.
-pub async fn set_attention(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid, why: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("update workflows set attention = $3, updated_at = now() where tenant_id = $1 and id = $2")
-        .bind(tenant_id)
-        .bind(id)
-        .bind(why)
-        .execute(conn)
-        .await?;
+pub async fn set_attention(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    id: Uuid,
+    why: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "update workflows set attention = $3, updated_at = now() where tenant_id = $1 and id = $2",
+    )
+    .bind(tenant_id)
+    .bind(id)
+    .bind(why)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
 /// Keep the start input apart from state.
-pub async fn insert_input(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid, input: &Value) -> Result<(), sqlx::Error> {
+pub async fn insert_input(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    id: Uuid,
+    input: &Value,
+) -> Result<(), sqlx::Error> {
     sqlx::query("insert into workflow_inputs (tenant_id, workflow_id, input) values ($1, $2, $3)")
         .bind(tenant_id)
         .bind(id)
@@ -141,12 +169,18 @@ pub async fn insert_input(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid, in
 }
 
 /// Read the start input (for renderers that need it, e.g. the release message).
-pub async fn input(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid) -> Result<Option<Value>, sqlx::Error> {
-    let r: Option<(Value,)> = sqlx::query_as("select input from workflow_inputs where tenant_id = $1 and workflow_id = $2")
-        .bind(tenant_id)
-        .bind(id)
-        .fetch_optional(conn)
-        .await?;
+pub async fn input(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    id: Uuid,
+) -> Result<Option<Value>, sqlx::Error> {
+    let r: Option<(Value,)> = sqlx::query_as(
+        "select input from workflow_inputs where tenant_id = $1 and workflow_id = $2",
+    )
+    .bind(tenant_id)
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
     Ok(r.map(|r| r.0))
 }
 
@@ -204,7 +238,12 @@ pub struct NewEvent<'a> {
 }
 
 /// Append to the history.
-pub async fn append_history(conn: &mut PgConnection, tenant_id: Uuid, workflow_id: Uuid, e: &NewEvent<'_>) -> Result<(), sqlx::Error> {
+pub async fn append_history(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    workflow_id: Uuid,
+    e: &NewEvent<'_>,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "insert into history (tenant_id, workflow_id, version, event, signal_id, signal_name, actor_role,
                               actor_subject, from_state, to_state, reason, commands)
@@ -228,7 +267,11 @@ pub async fn append_history(conn: &mut PgConnection, tenant_id: Uuid, workflow_i
 }
 
 /// The whole history, oldest first.
-pub async fn history(conn: &mut PgConnection, tenant_id: Uuid, workflow_id: Uuid) -> Result<Vec<HistoryEvent>, sqlx::Error> {
+pub async fn history(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    workflow_id: Uuid,
+) -> Result<Vec<HistoryEvent>, sqlx::Error> {
     sqlx::query_as(
         "select seq, version, at, event, signal_id, signal_name, actor_role, actor_subject, from_state,
                 to_state, reason, commands

@@ -41,7 +41,9 @@ fn server_url() -> String {
                 }
             }
             let dir = root.join(std::process::id().to_string());
-            dispatch::pg::start(&dir).expect("start embedded PostgreSQL").url
+            dispatch::pg::start(&dir)
+                .expect("start embedded PostgreSQL")
+                .url
         })
         .clone()
 }
@@ -56,30 +58,51 @@ async fn template() -> String {
         .get_or_init(|| async {
             let url = server_url();
             // One migrated template per schema version, shared by concurrent test processes.
-            let migrations: String = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
-                .unwrap()
-                .flatten()
-                .map(|e| std::fs::read_to_string(e.path()).unwrap())
-                .collect();
+            let migrations: String =
+                std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+                    .unwrap()
+                    .flatten()
+                    .map(|e| std::fs::read_to_string(e.path()).unwrap())
+                    .collect();
             let digest = format!("{:x}", sha2_digest(migrations.as_bytes()));
             let name = format!("dispatch_tmpl_{}", &digest[..16]);
             let mut admin = connect_retry(&url).await;
-            sqlx::query("select pg_advisory_lock(4242)").execute(&mut admin).await.unwrap();
-            let exists: Option<(i32,)> = sqlx::query_as("select 1 from pg_database where datname = $1")
-                .bind(&name)
-                .fetch_optional(&mut admin)
+            sqlx::query("select pg_advisory_lock(4242)")
+                .execute(&mut admin)
                 .await
                 .unwrap();
+            let exists: Option<(i32,)> =
+                sqlx::query_as("select 1 from pg_database where datname = $1")
+                    .bind(&name)
+                    .fetch_optional(&mut admin)
+                    .await
+                    .unwrap();
             if exists.is_none() {
                 let building = format!("{name}_building");
-                sqlx::query(sqlx::AssertSqlSafe(format!("drop database if exists {building}"))).execute(&mut admin).await.unwrap();
-                sqlx::query(sqlx::AssertSqlSafe(format!("create database {building}"))).execute(&mut admin).await.unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "drop database if exists {building}"
+                )))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(format!("create database {building}")))
+                    .execute(&mut admin)
+                    .await
+                    .unwrap();
                 let pool = PgPool::connect(&with_db(&url, &building)).await.unwrap();
                 store::migrate(&pool).await.expect("migrate template");
                 pool.close().await;
-                sqlx::query(sqlx::AssertSqlSafe(format!("alter database {building} rename to {name}"))).execute(&mut admin).await.unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "alter database {building} rename to {name}"
+                )))
+                .execute(&mut admin)
+                .await
+                .unwrap();
             }
-            sqlx::query("select pg_advisory_unlock(4242)").execute(&mut admin).await.unwrap();
+            sqlx::query("select pg_advisory_unlock(4242)")
+                .execute(&mut admin)
+                .await
+                .unwrap();
             name
         })
         .await
@@ -113,18 +136,22 @@ pub async fn fresh_database() -> String {
     let url = server_url();
     let name = format!("t_{}", Uuid::now_v7().simple());
     let mut admin = connect_retry(&url).await;
-    sqlx::query(sqlx::AssertSqlSafe(format!("create database {name} template {tmpl}")))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "create database {name} template {tmpl}"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
     with_db(&url, &name)
 }
 
 /// Settings tuned for tests: fast polls, sweeps and retries.
 pub fn test_settings(url: &str) -> Settings {
-    let mut s = Settings::default();
-    s.database_url = Some(Secret::new(url));
-    s.db_pool = 40;
+    let mut s = Settings {
+        database_url: Some(Secret::new(url)),
+        db_pool: 40,
+        ..Settings::default()
+    };
     s.workers.poll_interval = Duration::from_millis(100);
     s.workers.sweep_interval = Duration::from_millis(200);
     s.workers.sweep_grace = Duration::from_millis(1500);
@@ -168,7 +195,9 @@ impl TestApp {
         let settings = test_settings(&db_url);
         let pool = store::connect(&db_url, settings.db_pool).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let running = dispatch::launch(&settings, pool.clone(), role, Some(listener)).await.unwrap();
+        let running = dispatch::launch(&settings, pool.clone(), role, Some(listener))
+            .await
+            .unwrap();
         let url = format!("http://{}", running.addr.expect("api address"));
         let keys = make_tenant(&pool, "acme").await;
         TestApp {
@@ -191,13 +220,17 @@ impl TestApp {
     /// Add a key.
     pub async fn key(&self, tenant_id: Uuid, role: Role, subject: Option<&str>) -> String {
         let mut conn = self.pool.acquire().await.unwrap();
-        tenants::add_key(&mut conn, tenant_id, role, subject).await.unwrap()
+        tenants::add_key(&mut conn, tenant_id, role, subject)
+            .await
+            .unwrap()
     }
 
     /// Set the tenant's config.
     pub async fn set_config(&self, config: Value) {
         let mut conn = self.pool.acquire().await.unwrap();
-        assert!(tenants::set_config(&mut conn, self.keys.tenant_id, &config).await.unwrap());
+        assert!(tenants::set_config(&mut conn, self.keys.tenant_id, &config)
+            .await
+            .unwrap());
     }
 
     /// POST /v1/workflows.
@@ -214,7 +247,15 @@ impl TestApp {
     }
 
     /// POST a signal, optionally waiting for its outcome.
-    pub async fn signal(&self, key: &str, wf_key: &str, idem: &str, name: &str, payload: Value, wait_ms: Option<u64>) -> (u16, Value) {
+    pub async fn signal(
+        &self,
+        key: &str,
+        wf_key: &str,
+        idem: &str,
+        name: &str,
+        payload: Value,
+        wait_ms: Option<u64>,
+    ) -> (u16, Value) {
         let mut url = format!("{}/v1/workflows/dispatch/{wf_key}/signals", self.url);
         if let Some(ms) = wait_ms {
             url.push_str(&format!("?wait_ms={ms}"));
@@ -246,28 +287,36 @@ impl TestApp {
     /// Wait until the workflow is in `state` (operator view).
     pub async fn wait_state(&self, wf_key: &str, state: &str) -> Value {
         let key = self.keys.operator.clone();
-        wait_for(Duration::from_secs(20), &format!("{wf_key} to reach {state}"), || async {
-            let (code, body) = self.get(&key, wf_key).await;
-            (code == 200 && body["state"] == state).then_some(body)
-        })
+        wait_for(
+            Duration::from_secs(20),
+            &format!("{wf_key} to reach {state}"),
+            || async {
+                let (code, body) = self.get(&key, wf_key).await;
+                (code == 200 && body["state"] == state).then_some(body)
+            },
+        )
         .await
     }
 
     /// Deliveries recorded by the log channel, oldest first: (key, recipient, body).
     pub async fn deliveries(&self) -> Vec<(String, String, String)> {
-        sqlx::query_as("select idempotency_key, recipient, body from deliveries order by delivered_at, id")
-            .fetch_all(&self.pool)
-            .await
-            .unwrap()
+        sqlx::query_as(
+            "select idempotency_key, recipient, body from deliveries order by delivered_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
     }
 
     /// Wait until every effect of the tenant is settled (delivered or dead).
     pub async fn wait_effects_settled(&self) {
         wait_for(Duration::from_secs(20), "effects to settle", || async {
-            let (n,): (i64,) = sqlx::query_as("select count(*) from effects where status in ('pending', 'running')")
-                .fetch_one(&self.pool)
-                .await
-                .unwrap();
+            let (n,): (i64,) = sqlx::query_as(
+                "select count(*) from effects where status in ('pending', 'running')",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
             (n == 0).then_some(())
         })
         .await
@@ -277,12 +326,30 @@ impl TestApp {
 /// Create a tenant with one key per role (executor subject `executor-1`).
 pub async fn make_tenant(pool: &PgPool, name: &str) -> Keys {
     let mut conn = pool.acquire().await.unwrap();
-    let t = tenants::create(&mut conn, name).await.unwrap().expect("new tenant");
-    let ops = tenants::add_key(&mut conn, t.id, Role::Ops, None).await.unwrap();
-    let operator = tenants::add_key(&mut conn, t.id, Role::Operator, Some("op-1")).await.unwrap();
-    let executor = tenants::add_key(&mut conn, t.id, Role::Executor, Some("executor-1")).await.unwrap();
-    let integration = tenants::add_key(&mut conn, t.id, Role::Integration, None).await.unwrap();
-    Keys { tenant: name.into(), tenant_id: t.id, ops, operator, executor, integration }
+    let t = tenants::create(&mut conn, name)
+        .await
+        .unwrap()
+        .expect("new tenant");
+    let ops = tenants::add_key(&mut conn, t.id, Role::Ops, None)
+        .await
+        .unwrap();
+    let operator = tenants::add_key(&mut conn, t.id, Role::Operator, Some("op-1"))
+        .await
+        .unwrap();
+    let executor = tenants::add_key(&mut conn, t.id, Role::Executor, Some("executor-1"))
+        .await
+        .unwrap();
+    let integration = tenants::add_key(&mut conn, t.id, Role::Integration, None)
+        .await
+        .unwrap();
+    Keys {
+        tenant: name.into(),
+        tenant_id: t.id,
+        ops,
+        operator,
+        executor,
+        integration,
+    }
 }
 
 /// Poll `check` until it yields a value or the deadline passes (then panic).
@@ -296,7 +363,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -322,4 +392,11 @@ pub fn lead_input(deadline_s: Option<u64>) -> Value {
 }
 
 /// The personal canaries of [`lead_input`].
-pub const CANARIES: &[&str] = &["Canary Clientname", "555-0199", "Canary Street", "Hidden Road", "canary note", "canary.example"];
+pub const CANARIES: &[&str] = &[
+    "Canary Clientname",
+    "555-0199",
+    "Canary Street",
+    "Hidden Road",
+    "canary note",
+    "canary.example",
+];

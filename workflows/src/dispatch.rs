@@ -403,17 +403,26 @@ impl Workflow for Dispatch {
     type State = DispatchState;
     type Signal = DispatchSignal;
 
-    fn start(key: &str, input: &Value, ctx: &Ctx<'_>) -> Result<(DispatchState, Vec<Command>), ParseError> {
-        let lead_id = Uuid::parse_str(key)
-            .map_err(|_| ParseError::InvalidKey("the dispatch key must be the lead id (a UUID)".into()))?;
-        let input: StartInput =
-            serde_json::from_value(input.clone()).map_err(|e| ParseError::InvalidPayload(e.to_string()))?;
+    fn start(
+        key: &str,
+        input: &Value,
+        ctx: &Ctx<'_>,
+    ) -> Result<(DispatchState, Vec<Command>), ParseError> {
+        let lead_id = Uuid::parse_str(key).map_err(|_| {
+            ParseError::InvalidKey("the dispatch key must be the lead id (a UUID)".into())
+        })?;
+        let input: StartInput = serde_json::from_value(input.clone())
+            .map_err(|e| ParseError::InvalidPayload(e.to_string()))?;
         if input.lead.id.is_some_and(|id| id != lead_id) {
-            return Err(ParseError::InvalidPayload("lead.id differs from the workflow key".into()));
+            return Err(ParseError::InvalidPayload(
+                "lead.id differs from the workflow key".into(),
+            ));
         }
         if let Some(s) = input.claim_deadline_s {
             if !(1..=MAX_CLAIM_DEADLINE_S).contains(&s) {
-                return Err(ParseError::InvalidPayload("claim_deadline_s must be 1..=7776000".into()));
+                return Err(ParseError::InvalidPayload(
+                    "claim_deadline_s must be 1..=7776000".into(),
+                ));
             }
         }
         let job = Job {
@@ -423,7 +432,13 @@ impl Workflow for Dispatch {
             created_at: ctx.now,
             claims: 0,
         };
-        let publish = effect(&job, effects::PUBLISH, "publish_v1", json!({ "view": "crew" }), Some("published"));
+        let publish = effect(
+            &job,
+            effects::PUBLISH,
+            "publish_v1",
+            json!({ "view": "crew" }),
+            Some("published"),
+        );
         Ok((DispatchState::New { job }, vec![publish]))
     }
 
@@ -438,12 +453,18 @@ impl Workflow for Dispatch {
                 }
             }
             "claim" => payload::<Empty>(p).map(|_| DispatchSignal::Claim)?,
-            "reject_claim" => DispatchSignal::RejectClaim { reason: reason_of(p)? },
+            "reject_claim" => DispatchSignal::RejectClaim {
+                reason: reason_of(p)?,
+            },
             "confirm" => payload::<Empty>(p).map(|_| DispatchSignal::Confirm)?,
             "invoice_sent" => payload::<Empty>(p).map(|_| DispatchSignal::InvoiceSent)?,
             "paid" => payload::<Empty>(p).map(|_| DispatchSignal::Paid)?,
-            "release" => DispatchSignal::Release { reason: reason_of(p)? },
-            "cancel" => DispatchSignal::Cancel { reason: reason_of(p)? },
+            "release" => DispatchSignal::Release {
+                reason: reason_of(p)?,
+            },
+            "cancel" => DispatchSignal::Cancel {
+                reason: reason_of(p)?,
+            },
             "expire" => payload::<Empty>(p).map(|_| DispatchSignal::Expire)?,
             other => return Err(ParseError::UnknownSignal(other.to_string())),
         })
@@ -452,22 +473,39 @@ impl Workflow for Dispatch {
     fn allowed_roles(signal_name: &str) -> &'static [Role] {
         match signal_name {
             "claim" => &[Role::Executor],
-            "reject_claim" | "confirm" | "invoice_sent" | "release" | "cancel" => &[Role::Operator, Role::Ops],
+            "reject_claim" | "confirm" | "invoice_sent" | "release" | "cancel" => {
+                &[Role::Operator, Role::Ops]
+            }
             "paid" => &[Role::Operator, Role::Ops, Role::Integration],
             "published" | "expire" => &[Role::System],
             _ => &[],
         }
     }
 
-    fn on_signal(state: &DispatchState, signal: DispatchSignal, ctx: &Ctx<'_>) -> Outcome<DispatchState> {
+    fn on_signal(
+        state: &DispatchState,
+        signal: DispatchSignal,
+        ctx: &Ctx<'_>,
+    ) -> Outcome<DispatchState> {
         use DispatchSignal as S;
         use DispatchState as St;
         let now = ctx.now;
         if Self::is_final(state) {
-            return Outcome::reject(if signal == S::Expire { "stale_timer" } else { "final_state" });
+            return Outcome::reject(if signal == S::Expire {
+                "stale_timer"
+            } else {
+                "final_state"
+            });
         }
         match (state, signal) {
-            (St::New { job }, S::Published { message_id, provider, chat_id }) => {
+            (
+                St::New { job },
+                S::Published {
+                    message_id,
+                    provider,
+                    chat_id,
+                },
+            ) => {
                 let (deadline, timer) = arm(job, now);
                 Outcome::Accept {
                     next: St::Published {
@@ -576,7 +614,9 @@ impl Workflow for Dispatch {
                 },
                 commands: vec![],
             },
-            (St::InvoiceSent { .. } | St::Paid { .. }, S::InvoiceSent) => Outcome::reject("invoice_already_sent"),
+            (St::InvoiceSent { .. } | St::Paid { .. }, S::InvoiceSent) => {
+                Outcome::reject("invoice_already_sent")
+            }
             (_, S::InvoiceSent) => Outcome::reject("not_confirmed"),
 
             (
@@ -643,8 +683,12 @@ impl Workflow for Dispatch {
             }
             (
                 st @ (St::Claimed { job, post, claim }
-                | St::OperatorConfirmed { job, post, claim, .. }
-                | St::InvoiceSent { job, post, claim, .. }),
+                | St::OperatorConfirmed {
+                    job, post, claim, ..
+                }
+                | St::InvoiceSent {
+                    job, post, claim, ..
+                }),
                 S::Release { reason },
             ) => {
                 let Some(reason) = reason else {
@@ -652,10 +696,12 @@ impl Workflow for Dispatch {
                 };
                 let confirmed = match st {
                     St::OperatorConfirmed {
-                        operator_confirmed_at, ..
+                        operator_confirmed_at,
+                        ..
                     }
                     | St::InvoiceSent {
-                        operator_confirmed_at, ..
+                        operator_confirmed_at,
+                        ..
                     } => Some(*operator_confirmed_at),
                     _ => None,
                 };
@@ -734,7 +780,9 @@ impl Workflow for Dispatch {
     fn is_final(state: &DispatchState) -> bool {
         matches!(
             state,
-            DispatchState::DetailsReleased { .. } | DispatchState::Cancelled { .. } | DispatchState::Expired { .. }
+            DispatchState::DetailsReleased { .. }
+                | DispatchState::Cancelled { .. }
+                | DispatchState::Expired { .. }
         )
     }
 }

@@ -139,7 +139,11 @@ impl CrewLeadView {
             volume: label(&lead.volume),
             floors: (lead.from.floor, lead.to.floor),
             elevators: (lead.from.elevator, lead.to.elevator),
-            extras: lead.extras.iter().filter_map(|e| label(&Some(e.clone()))).collect(),
+            extras: lead
+                .extras
+                .iter()
+                .filter_map(|e| label(&Some(e.clone())))
+                .collect(),
             estimate: lead.estimate,
         }
     }
@@ -154,7 +158,11 @@ impl CrewLeadView {
             self.to_locality.clone().unwrap_or_else(dash)
         ));
         if let Some(date) = self.date {
-            let window = self.time_window.as_ref().map(|w| format!(" ({w})")).unwrap_or_default();
+            let window = self
+                .time_window
+                .as_ref()
+                .map(|w| format!(" ({w})"))
+                .unwrap_or_default();
             out.push_str(&format!("Date: {}{}\n", date.format("%-d %b"), window));
         }
         if let Some(v) = &self.volume {
@@ -167,7 +175,12 @@ impl CrewLeadView {
                 (Some(true), Some(true)) => " (Elevator)",
                 _ => "",
             };
-            out.push_str(&format!("Floors: {} → {}{}\n", f(self.floors.0), f(self.floors.1), elevator));
+            out.push_str(&format!(
+                "Floors: {} → {}{}\n",
+                f(self.floors.0),
+                f(self.floors.1),
+                elevator
+            ));
         }
         if !self.extras.is_empty() {
             out.push_str(&format!("Extras: {}\n", self.extras.join(", ")));
@@ -191,7 +204,11 @@ impl FullLead {
             opt(&self.from.street),
             opt(&self.from.locality)
         ));
-        out.push_str(&format!("To: {}, {}\n", opt(&self.to.street), opt(&self.to.locality)));
+        out.push_str(&format!(
+            "To: {}, {}\n",
+            opt(&self.to.street),
+            opt(&self.to.locality)
+        ));
         if let Some(n) = &self.notes {
             out.push_str(&format!("Notes: {n}\n"));
         }

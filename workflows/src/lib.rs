@@ -191,7 +191,11 @@ pub trait Workflow {
     type Signal: std::fmt::Debug;
 
     /// Validate the start input and produce the initial state and commands.
-    fn start(key: &str, input: &Value, ctx: &Ctx<'_>) -> Result<(Self::State, Vec<Command>), ParseError>;
+    fn start(
+        key: &str,
+        input: &Value,
+        ctx: &Ctx<'_>,
+    ) -> Result<(Self::State, Vec<Command>), ParseError>;
     /// Parse a signal from its wire form.
     fn parse_signal(name: &str, payload: &Value) -> Result<Self::Signal, ParseError>;
     /// Which roles may send the signal of this name (checked at the edge → 403).

@@ -50,7 +50,13 @@ pub trait DynWorkflow: Send + Sync {
     /// See [`Workflow::allowed_roles`].
     fn allowed_roles(&self, name: &str) -> &'static [Role];
     /// Decode the state, apply the signal, encode the result.
-    fn apply(&self, state: &Value, name: &str, payload: &Value, ctx: &Ctx<'_>) -> Result<Transition, ParseError>;
+    fn apply(
+        &self,
+        state: &Value,
+        name: &str,
+        payload: &Value,
+        ctx: &Ctx<'_>,
+    ) -> Result<Transition, ParseError>;
 }
 
 struct Erased<W>(PhantomData<fn() -> W>);
@@ -77,9 +83,16 @@ impl<W: Workflow> DynWorkflow for Erased<W> {
         W::allowed_roles(name)
     }
 
-    fn apply(&self, state: &Value, name: &str, payload: &Value, ctx: &Ctx<'_>) -> Result<Transition, ParseError> {
-        let state: W::State = serde_json::from_value(state.clone())
-            .map_err(|e| ParseError::InvalidPayload(format!("stored state does not decode: {e}")))?;
+    fn apply(
+        &self,
+        state: &Value,
+        name: &str,
+        payload: &Value,
+        ctx: &Ctx<'_>,
+    ) -> Result<Transition, ParseError> {
+        let state: W::State = serde_json::from_value(state.clone()).map_err(|e| {
+            ParseError::InvalidPayload(format!("stored state does not decode: {e}"))
+        })?;
         let signal = W::parse_signal(name, payload)?;
         Ok(match W::on_signal(&state, signal, ctx) {
             Outcome::Accept { next, commands } => Transition::Accept {

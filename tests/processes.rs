@@ -1,0 +1,273 @@
+//! The real binary as separate processes: workers killed mid-flight, the
+//! tenant CLI, graceful shutdown.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use dispatch::ProcessRole;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+fn dispatch_cmd(db_url: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dispatch"));
+    c.env("DATABASE_URL", db_url)
+        .env("DISPATCH_POLL_MS", "100")
+        .env("DISPATCH_SWEEP_MS", "200")
+        .env("DISPATCH_SWEEP_GRACE_MS", "1500")
+        .env("DISPATCH_EFFECT_LEASE_MS", "1500")
+        .env(
+            "RUST_LOG",
+            if std::env::var("TEST_LOG").is_ok() {
+                "info"
+            } else {
+                "off"
+            },
+        )
+        .env_remove("DISPATCH_FAULT")
+        .stdin(Stdio::null());
+    c
+}
+
+fn worker(db_url: &str, fault: Option<&str>) -> Child {
+    let mut c = dispatch_cmd(db_url);
+    c.args(["serve", "--role", "worker"]);
+    if let Some(f) = fault {
+        c.env("DISPATCH_FAULT", f);
+    }
+    c.spawn().expect("spawn worker")
+}
+
+async fn wait_exit(child: &mut Child, what: &str) -> std::process::ExitStatus {
+    wait_for(Duration::from_secs(30), what, || {
+        let status = child.try_wait().unwrap();
+        async move { status }
+    })
+    .await
+}
+
+async fn effect_row(app: &TestApp, key: &str) -> (String, i32) {
+    sqlx::query_as("select status, attempts from effects where idempotency_key = $1")
+        .bind(key)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+async fn deliveries_of(app: &TestApp, key: &str) -> i64 {
+    let (n,): (i64,) = sqlx::query_as("select count(*) from deliveries where idempotency_key = $1")
+        .bind(key)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    n
+}
+
+#[tokio::test]
+async fn a_worker_killed_after_the_transition_committed_delivers_the_effect_once_after_restart() {
+    let app = TestApp::spawn_role(ProcessRole::Api).await;
+    let mut doomed = worker(&app.db_url, Some("before_effect"));
+    let lead = Uuid::new_v4().to_string();
+    let (code, _) = app
+        .start(&app.keys.integration, "dispatch", &lead, lead_input(None))
+        .await;
+    assert_eq!(code, 201);
+    let status = wait_exit(&mut doomed, "the worker to die at the fault point").await;
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGABRT),
+        "killed at the fault point: {status:?}"
+    );
+
+    let publish = format!("{lead}:publish_v1");
+    assert_eq!(
+        effect_row(&app, &publish).await,
+        ("pending".to_string(), 0),
+        "the transition committed, the effect did not run"
+    );
+    assert_eq!(deliveries_of(&app, &publish).await, 0);
+
+    let mut healthy = worker(&app.db_url, None);
+    app.wait_state(&lead, "PUBLISHED").await;
+    assert_eq!(
+        deliveries_of(&app, &publish).await,
+        1,
+        "delivered exactly once"
+    );
+    assert_eq!(
+        effect_row(&app, &publish).await,
+        ("delivered".to_string(), 1)
+    );
+    healthy.kill().unwrap();
+    healthy.wait().unwrap();
+}
+
+#[tokio::test]
+async fn a_worker_killed_after_delivering_but_before_recording_it_does_not_deliver_twice() {
+    let app = TestApp::spawn_role(ProcessRole::Api).await;
+    let mut doomed = worker(&app.db_url, Some("after_delivery"));
+    let lead = Uuid::new_v4().to_string();
+    let (code, _) = app
+        .start(&app.keys.integration, "dispatch", &lead, lead_input(None))
+        .await;
+    assert_eq!(code, 201);
+    let status = wait_exit(&mut doomed, "the worker to die after delivering").await;
+    assert_eq!(status.signal(), Some(libc::SIGABRT));
+    let publish = format!("{lead}:publish_v1");
+    assert_eq!(
+        effect_row(&app, &publish).await,
+        ("running".to_string(), 1),
+        "delivered, not recorded"
+    );
+    assert_eq!(deliveries_of(&app, &publish).await, 1);
+
+    let mut healthy = worker(&app.db_url, None);
+    let wf = app.wait_state(&lead, "PUBLISHED").await;
+    assert_eq!(
+        deliveries_of(&app, &publish).await,
+        1,
+        "the retry found the delivery by its idempotency key"
+    );
+    assert_eq!(
+        effect_row(&app, &publish).await,
+        ("delivered".to_string(), 2),
+        "second attempt after the lease expired"
+    );
+    let (delivery_id,): (Uuid,) =
+        sqlx::query_as("select id from deliveries where idempotency_key = $1")
+            .bind(&publish)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        wf["data"]["post"]["message_id"],
+        delivery_id.to_string(),
+        "the post refers to the one message"
+    );
+    healthy.kill().unwrap();
+    healthy.wait().unwrap();
+}
+
+#[tokio::test]
+async fn the_tenant_cli_prints_keys_that_authenticate() {
+    let db = fresh_database().await;
+    let out = dispatch_cmd(&db)
+        .args(["tenant", "create", "shop"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let created: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(created["tenant"], "shop");
+    for role in ["ops", "operator", "executor", "integration"] {
+        assert!(
+            created["keys"][role].as_str().unwrap().starts_with("dsp_"),
+            "{created}"
+        );
+    }
+    let again = dispatch_cmd(&db)
+        .args(["tenant", "create", "shop"])
+        .output()
+        .unwrap();
+    assert!(
+        !again.status.success(),
+        "a second create of the same tenant fails"
+    );
+
+    let out = dispatch_cmd(&db)
+        .args([
+            "tenant",
+            "add-key",
+            "shop",
+            "--role",
+            "executor",
+            "--subject",
+            "crew-7",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let added: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let exec_key = added["key"].as_str().unwrap().to_string();
+    let bad = dispatch_cmd(&db)
+        .args(["tenant", "add-key", "shop", "--role", "king"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+
+    // The printed keys work against a server on the same database.
+    let mut server = dispatch_cmd(&db)
+        .args(["serve", "--role", "all"])
+        .env("DISPATCH_LISTEN", "127.0.0.1:0")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = read_listen_addr(&mut server).await;
+    let http = reqwest::Client::new();
+    let lead = Uuid::new_v4().to_string();
+    let r = http
+        .post(format!("http://{addr}/v1/workflows"))
+        .bearer_auth(created["keys"]["integration"].as_str().unwrap())
+        .json(&json!({"kind": "dispatch", "key": lead, "input": lead_input(None)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let claimed = wait_for(Duration::from_secs(20), "the claim to apply", || {
+        let http = http.clone();
+        let (lead, key, addr) = (lead.clone(), exec_key.clone(), addr.clone());
+        async move {
+            let r: Value = http
+                .post(format!(
+                    "http://{addr}/v1/workflows/dispatch/{lead}/signals?wait_ms=2000"
+                ))
+                .bearer_auth(&key)
+                .header("Idempotency-Key", format!("claim-{}", Uuid::new_v4()))
+                .json(&json!({"name": "claim"}))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (r["status"] == "applied").then_some(r)
+        }
+    })
+    .await;
+    assert_eq!(claimed["state"], "CLAIMED");
+
+    // SIGTERM drains and exits cleanly.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    let status = wait_exit(&mut server, "the server to shut down").await;
+    assert!(status.success(), "{status:?}");
+}
+
+/// Read stderr until the "listening on http://ADDR" line.
+async fn read_listen_addr(child: &mut Child) -> String {
+    use std::io::{BufRead, BufReader};
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("listening on http://").nth(1) {
+                let _ = tx.send(addr.trim().to_string());
+            }
+        }
+    });
+    wait_for(Duration::from_secs(30), "the server to listen", || {
+        let got = rx.try_recv().ok();
+        async move { got }
+    })
+    .await
+}
