@@ -261,6 +261,7 @@ async fn workflow_view(
         view["input"] = wf_store::input(&mut conn, row.tenant_id, row.id)
             .await?
             .unwrap_or(Value::Null);
+        view["deliveries"] = json!(effects::deliveries_of(&mut conn, row.tenant_id, row.id).await?);
     }
     Ok(view)
 }

@@ -137,15 +137,39 @@ async fn dev(mut settings: Settings) -> anyhow::Result<()> {
     let pool = connect(&settings).await?;
     store::migrate(&pool).await.context("while migrating")?;
     let mut conn = pool.acquire().await?;
+    let keys_file = std::path::Path::new(&settings.data_dir).join("demo-keys.json");
     if tenants::by_name(&mut conn, "demo").await?.is_none() {
         let out = create_tenant(&mut conn, "demo").await?;
-        eprintln!("demo tenant created; keys (shown once):");
+        // Dev convenience: the demo keys also go to a private file in the data folder.
+        write_private(&keys_file, &out.to_string()).context("while saving the demo keys")?;
+        eprintln!(
+            "demo tenant created; keys (also in {}):",
+            keys_file.display()
+        );
         println!("{out}");
     } else {
-        eprintln!("demo tenant exists (keys were printed when it was created; add one with `dispatch tenant add-key demo --role ops`)");
+        eprintln!(
+            "demo tenant exists; its keys are in {}",
+            keys_file.display()
+        );
     }
     drop(conn);
     run(&settings, pool, ProcessRole::All).await
+}
+
+fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    writeln!(f, "{contents}")
 }
 
 async fn run(settings: &Settings, pool: sqlx::PgPool, role: ProcessRole) -> anyhow::Result<()> {

@@ -244,3 +244,33 @@ pub async fn record_delivery(
     .await?;
     Ok(id)
 }
+
+/// A message the log channel recorded.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct DeliveryRow {
+    /// Idempotency key of the effect.
+    pub idempotency_key: String,
+    /// Who it went to (`crew`, `operator`, `executor:<id>`).
+    pub recipient: String,
+    /// The rendered message.
+    pub body: String,
+    /// When.
+    pub delivered_at: DateTime<Utc>,
+}
+
+/// The log channel's deliveries for a workflow's effects, oldest first.
+pub async fn deliveries_of(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    workflow_id: Uuid,
+) -> Result<Vec<DeliveryRow>, sqlx::Error> {
+    sqlx::query_as(
+        "select d.idempotency_key, d.recipient, d.body, d.delivered_at
+         from deliveries d join effects e on e.tenant_id = d.tenant_id and e.id = d.effect_id
+         where d.tenant_id = $1 and e.workflow_id = $2 order by d.delivered_at, d.id",
+    )
+    .bind(tenant_id)
+    .bind(workflow_id)
+    .fetch_all(conn)
+    .await
+}
