@@ -779,3 +779,73 @@ async fn health_and_readiness() {
     assert!(r["queue_depth"].is_object());
     let _ = Duration::ZERO;
 }
+
+#[tokio::test]
+async fn a_stale_attempt_or_version_is_fenced_off() {
+    use dispatch::store::{effects, workflows};
+    // API only: no worker touches the effect while we play two racing workers.
+    let app = TestApp::spawn_role(dispatch::ProcessRole::Api).await;
+    let lead = Uuid::new_v4().to_string();
+    let (code, _) = app
+        .start(&app.keys.integration, "dispatch", &lead, lead_input(None))
+        .await;
+    assert_eq!(code, 201);
+    let tenant = app.keys.tenant_id;
+    let (effect_id,): (Uuid,) = sqlx::query_as("select id from effects where idempotency_key = $1")
+        .bind(format!("{lead}:publish_v1"))
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let mut conn = app.pool.acquire().await.unwrap();
+    let first = effects::claim(&mut conn, tenant, effect_id, 1)
+        .await
+        .unwrap()
+        .expect("claimable");
+    assert_eq!(first.attempts, 1);
+    assert!(
+        effects::claim(&mut conn, tenant, effect_id, 60_000)
+            .await
+            .unwrap()
+            .is_none(),
+        "held by the first attempt"
+    );
+    // The first worker stalls past its lease; the sweep hands the effect to a second one.
+    wait_for(Duration::from_secs(10), "the lease to expire", || {
+        let pool = app.pool.clone();
+        async move {
+            let mut c = pool.acquire().await.unwrap();
+            let back = effects::recover(&mut c, 0, 10).await.unwrap();
+            back.iter().any(|(_, id, _)| *id == effect_id).then_some(())
+        }
+    })
+    .await;
+    let second = effects::claim(&mut conn, tenant, effect_id, 60_000)
+        .await
+        .unwrap()
+        .expect("reclaimable");
+    assert_eq!(second.attempts, 2);
+    assert!(
+        !effects::delivered(&mut conn, tenant, effect_id, 1, &json!({}))
+            .await
+            .unwrap(),
+        "the stale attempt is fenced off"
+    );
+    assert!(
+        effects::delivered(&mut conn, tenant, effect_id, 2, &json!({"message_id": "m"}))
+            .await
+            .unwrap()
+    );
+
+    // A state write that read an old version changes nothing.
+    let mut row = workflows::find(&mut conn, tenant, "dispatch", &lead)
+        .await
+        .unwrap()
+        .unwrap();
+    row.state_name = "EXPIRED".into();
+    row.version += 1;
+    assert!(!workflows::update_state(&mut conn, &row, row.version + 5)
+        .await
+        .unwrap());
+    let (_, wf) = app.get(&app.keys.operator, &lead).await;
+    assert_eq!(wf["state"], "NEW");
+}

@@ -66,21 +66,28 @@ async fn deliveries_of(app: &TestApp, key: &str) -> i64 {
     n
 }
 
-#[tokio::test]
-async fn a_worker_killed_after_the_transition_committed_delivers_the_effect_once_after_restart() {
-    let app = TestApp::spawn_role(ProcessRole::Api).await;
-    let mut doomed = worker(&app.db_url, Some("before_effect"));
+/// Start a dispatch workflow with only a worker that aborts at `fault`; wait
+/// until it died there. Returns the lead id.
+async fn start_with_doomed_worker(app: &TestApp, fault: &str) -> String {
+    let mut doomed = worker(&app.db_url, Some(fault));
     let lead = Uuid::new_v4().to_string();
     let (code, _) = app
         .start(&app.keys.integration, "dispatch", &lead, lead_input(None))
         .await;
     assert_eq!(code, 201);
-    let status = wait_exit(&mut doomed, "the worker to die at the fault point").await;
+    let status = wait_exit(&mut doomed, &format!("the worker to die at {fault}")).await;
     assert_eq!(
         status.signal(),
         Some(libc::SIGABRT),
-        "killed at the fault point: {status:?}"
+        "killed at {fault}: {status:?}"
     );
+    lead
+}
+
+#[tokio::test]
+async fn a_worker_killed_after_the_transition_committed_delivers_the_effect_once_after_restart() {
+    let app = TestApp::spawn_role(ProcessRole::Api).await;
+    let lead = start_with_doomed_worker(&app, "before_effect").await;
 
     let publish = format!("{lead}:publish_v1");
     assert_eq!(
@@ -108,14 +115,7 @@ async fn a_worker_killed_after_the_transition_committed_delivers_the_effect_once
 #[tokio::test]
 async fn a_worker_killed_after_delivering_but_before_recording_it_does_not_deliver_twice() {
     let app = TestApp::spawn_role(ProcessRole::Api).await;
-    let mut doomed = worker(&app.db_url, Some("after_delivery"));
-    let lead = Uuid::new_v4().to_string();
-    let (code, _) = app
-        .start(&app.keys.integration, "dispatch", &lead, lead_input(None))
-        .await;
-    assert_eq!(code, 201);
-    let status = wait_exit(&mut doomed, "the worker to die after delivering").await;
-    assert_eq!(status.signal(), Some(libc::SIGABRT));
+    let lead = start_with_doomed_worker(&app, "after_delivery").await;
     let publish = format!("{lead}:publish_v1");
     assert_eq!(
         effect_row(&app, &publish).await,

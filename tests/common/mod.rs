@@ -99,6 +99,7 @@ async fn template() -> String {
                 .await
                 .unwrap();
             }
+            drop_old_test_databases(&mut admin).await;
             sqlx::query("select pg_advisory_unlock(4242)")
                 .execute(&mut admin)
                 .await
@@ -107,6 +108,33 @@ async fn template() -> String {
         })
         .await
         .clone()
+}
+
+/// Test databases of earlier runs (older than an hour, by their UUIDv7 name)
+/// are dropped, so a shared `DATABASE_URL` server does not fill up.
+async fn drop_old_test_databases(admin: &mut sqlx::PgConnection) {
+    let names: Vec<(String,)> =
+        sqlx::query_as("select datname from pg_database where datname like 't\\_%'")
+            .fetch_all(&mut *admin)
+            .await
+            .unwrap();
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    for (name,) in names {
+        let created = Uuid::parse_str(&name[2..])
+            .ok()
+            .and_then(|u| u.get_timestamp())
+            .map(|ts| {
+                let (secs, nanos) = ts.to_unix();
+                std::time::UNIX_EPOCH + Duration::new(secs, nanos)
+            });
+        if created.is_some_and(|c| c < hour_ago) {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "drop database if exists {name} with (force)"
+            )))
+            .execute(&mut *admin)
+            .await;
+        }
+    }
 }
 
 fn sha2_digest(bytes: &[u8]) -> u128 {

@@ -135,57 +135,98 @@ pub struct Release {
 /// Dispatch lifecycle. Each variant carries only what is true in that state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "SCREAMING_SNAKE_CASE")]
-#[allow(missing_docs)]
 pub enum DispatchState {
     /// Started; the publish effect is on its way.
-    New { job: Job },
+    New {
+        /// Facts fixed at start.
+        job: Job,
+    },
     /// Posted to the crew, open for claims until `post.deadline`.
-    Published { job: Job, post: Post },
+    Published {
+        /// Facts fixed at start.
+        job: Job,
+        /// The crew chat post.
+        post: Post,
+    },
     /// An executor holds the claim; the operator decides.
-    Claimed { job: Job, post: Post, claim: Claim },
+    Claimed {
+        /// Facts fixed at start.
+        job: Job,
+        /// The crew chat post.
+        post: Post,
+        /// The accepted claim.
+        claim: Claim,
+    },
     /// The operator confirmed the executor.
     OperatorConfirmed {
+        /// Facts fixed at start.
         job: Job,
+        /// The crew chat post.
         post: Post,
+        /// The accepted claim.
         claim: Claim,
+        /// When the operator confirmed the executor.
         operator_confirmed_at: DateTime<Utc>,
     },
     /// The invoice went out.
     InvoiceSent {
+        /// Facts fixed at start.
         job: Job,
+        /// The crew chat post.
         post: Post,
+        /// The accepted claim.
         claim: Claim,
+        /// When the operator confirmed the executor.
         operator_confirmed_at: DateTime<Utc>,
+        /// When the invoice went out.
         invoice_sent_at: DateTime<Utc>,
     },
     /// Payment received.
     Paid {
+        /// Facts fixed at start.
         job: Job,
+        /// The crew chat post.
         post: Post,
+        /// The accepted claim.
         claim: Claim,
+        /// When the operator confirmed the executor.
         operator_confirmed_at: DateTime<Utc>,
+        /// When the invoice went out.
         invoice_sent_at: DateTime<Utc>,
+        /// When payment arrived.
         paid_at: DateTime<Utc>,
     },
     /// The full lead was sent to the executor (final).
     DetailsReleased {
+        /// Facts fixed at start.
         job: Job,
+        /// The crew chat post.
         post: Post,
+        /// The accepted claim.
         claim: Claim,
+        /// How and when the details left.
         release: Release,
     },
     /// Cancelled by the operator (final).
     Cancelled {
+        /// Facts fixed at start.
         job: Job,
+        /// The crew chat post.
         post: Option<Post>,
+        /// The accepted claim.
         claim: Option<Claim>,
+        /// When it was cancelled.
         cancelled_at: DateTime<Utc>,
+        /// Why (audited).
         reason: Option<String>,
     },
     /// Nobody claimed in time (final).
     Expired {
+        /// Facts fixed at start.
         job: Job,
+        /// The crew chat post.
         post: Post,
+        /// When the claim window closed unclaimed.
         expired_at: DateTime<Utc>,
     },
 }
