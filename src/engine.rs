@@ -229,7 +229,7 @@ impl Engine {
                     from_state: None,
                     to_state: Some(started.state_name),
                     reason: None,
-                    commands: json!(started.commands),
+                    commands: history_commands(&started.commands),
                 },
             )
             .await?;
@@ -245,7 +245,6 @@ impl Engine {
     /// Queue a signal for a workflow. Validates it first (nothing is stored for
     /// a bad one); the same idempotency key returns the first signal's answer;
     /// the same key with a different request is [`EngineError::IdempotencyKeyReused`].
-    #[instrument(skip_all, fields(workflow.kind = kind, signal.name = name))]
     #[allow(clippy::too_many_arguments)]
     pub async fn signal(
         &self,
@@ -256,6 +255,25 @@ impl Engine {
         idempotency_key: &str,
         name: &str,
         payload: &Value,
+    ) -> Result<SignalAnswer, EngineError> {
+        self.signal_from(actor, tenant_id, kind, key, idempotency_key, name, payload, None).await
+    }
+
+    /// [`Engine::signal`] for a signal that came from a chat: once applied or
+    /// rejected, the sender is answered at `origin` (a `signal_reply` effect
+    /// written in the same transaction as the outcome).
+    #[instrument(skip_all, fields(workflow.kind = kind, signal.name = name))]
+    #[allow(clippy::too_many_arguments)]
+    pub async fn signal_from(
+        &self,
+        actor: &Actor,
+        tenant_id: Uuid,
+        kind: &str,
+        key: &str,
+        idempotency_key: &str,
+        name: &str,
+        payload: &Value,
+        origin: Option<&Value>,
     ) -> Result<SignalAnswer, EngineError> {
         let wf = self
             .registry
@@ -288,6 +306,7 @@ impl Engine {
             actor_role: actor.role.as_str(),
             actor_subject: actor.subject.as_deref(),
             received_at: None,
+            origin,
         };
         let answer = match signals::insert(&mut tx, &new).await? {
             Some(sig) => {
@@ -349,6 +368,7 @@ impl Engine {
                 actor_role: Role::System.as_str(),
                 actor_subject: None,
                 received_at: Some(timer.due_at),
+                origin: None,
             };
             signals::insert(&mut tx, &new).await?;
         }
@@ -413,10 +433,12 @@ impl Engine {
                     event.event = "applied";
                     event.version = row.version;
                     event.to_state = Some(state_name);
-                    event.commands = json!(commands);
+                    event.commands = history_commands(&commands);
                     store::workflows::append_history(&mut tx, tenant_id, workflow_id, &event)
                         .await?;
                     signals::finish(&mut tx, tenant_id, sig.id, "applied", None, state_name)
+                        .await?;
+                    self.answer_origin(&mut tx, &row, sig, "applied", None, state_name)
                         .await?;
                     report.applied += 1;
                     tracing::info!(signal.name = %sig.name, from = %from_state, to = state_name, "signal applied");
@@ -434,6 +456,8 @@ impl Engine {
                         &from_state,
                     )
                     .await?;
+                    self.answer_origin(&mut tx, &row, sig, "rejected", Some(&reason), &from_state)
+                        .await?;
                     report.rejected += 1;
                     tracing::info!(signal.name = %sig.name, state = %from_state, reason = %reason, "signal rejected");
                 }
@@ -457,6 +481,32 @@ impl Engine {
         }
         tx.commit().await?;
         Ok(report)
+    }
+
+    /// Answer a chat-originated signal's sender with its outcome.
+    async fn answer_origin(
+        &self,
+        conn: &mut PgConnection,
+        row: &WorkflowRow,
+        sig: &SignalRow,
+        status: &str,
+        reason: Option<&str>,
+        state: &str,
+    ) -> Result<(), EngineError> {
+        let Some(origin) = &sig.origin else {
+            return Ok(());
+        };
+        let reply = Command::Effect {
+            name: crate::channels::route::SIGNAL_REPLY.into(),
+            idempotency_key: format!("{}:reply_v1", sig.id),
+            payload: json!({
+                "origin": origin, "signal": sig.name, "status": status, "reason": reason,
+                "state": state, "key": row.key,
+            }),
+            reply: None,
+        };
+        self.carry_out(conn, row, std::slice::from_ref(&reply)).await?;
+        Ok(())
     }
 
     /// Turn commands into rows. Returns the terminal status a command set, if any.
@@ -538,6 +588,20 @@ async fn db_now(conn: &mut PgConnection) -> Result<DateTime<Utc>, sqlx::Error> {
         .fetch_one(conn)
         .await?;
     Ok(now)
+}
+
+/// Commands as recorded in history: a child's start input may carry personal
+/// data (a FullLead), so only its kind and key are kept.
+fn history_commands(commands: &[Command]) -> Value {
+    Value::Array(
+        commands
+            .iter()
+            .map(|c| match c {
+                Command::Start { kind, key, .. } => json!({"type": "start", "kind": kind, "key": key}),
+                other => json!(other),
+            })
+            .collect(),
+    )
 }
 
 fn role_from_db(s: &str) -> Role {

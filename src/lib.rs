@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod app;
+pub mod channels;
 pub mod config;
 pub mod engine;
 pub mod http;

@@ -16,33 +16,14 @@ use serde_json::{json, Value};
 use sqlx::{PgConnection, PgPool};
 use tracing::instrument;
 use uuid::Uuid;
-use workflows::dispatch::effects as dispatch_effects;
-use workflows::lead::{short_id, CrewLeadView, FullLead};
 
+use crate::channels::route::Router;
+pub use crate::channels::ChannelError;
 use crate::engine::EngineError;
 use crate::store::effects::{self, EffectRow};
 use crate::store::jobs::{self, ApplyJob, EffectJob};
 use crate::store::signals::{self, NewSignal};
-use crate::store::{hash_json, tenants, workflows as wf_store};
-
-/// How a delivery failed.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ChannelError {
-    /// Worth retrying (timeouts, 5xx, 429).
-    #[error("transient: {message}")]
-    Transient {
-        /// Classified description (never personal data).
-        message: String,
-        /// The provider's `Retry-After`, if it gave one.
-        retry_after: Option<Duration>,
-    },
-    /// Will never succeed (4xx, unknown effect).
-    #[error("permanent: {message}")]
-    Permanent {
-        /// Classified description.
-        message: String,
-    },
-}
+use crate::store::{hash_json, workflows as wf_store};
 
 /// What happened to one effect job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +38,8 @@ pub enum EffectOutcome {
     Dead,
     /// Another worker took the attempt over meanwhile; our result was dropped.
     Fenced,
+    /// Waiting for a rate-limit slot; rescheduled without counting an attempt.
+    Deferred,
 }
 
 /// Retry policy and lease for effects.
@@ -94,12 +77,17 @@ fn fault(point: &str) {
 pub struct Outbox {
     pool: PgPool,
     config: OutboxConfig,
+    router: Router,
 }
 
 impl Outbox {
     /// Build over a pool.
     pub fn new(pool: PgPool, config: OutboxConfig) -> Self {
-        Self { pool, config }
+        Self {
+            pool,
+            config,
+            router: Router::new(),
+        }
     }
 
     fn backoff(&self, attempt: i32, retry_after: Option<Duration>) -> Duration {
@@ -131,7 +119,7 @@ impl Outbox {
             return Ok(EffectOutcome::Skipped);
         };
         tracing::Span::current().record("workflow.id", tracing::field::display(effect.workflow_id));
-        let result = deliver(&mut conn, &effect).await;
+        let result = self.router.deliver(&mut conn, &effect, effect.send_after).await;
         drop(conn);
         fault("after_delivery");
         let mut tx = self.pool.begin().await?;
@@ -233,6 +221,7 @@ async fn reply_signal(
         actor_role: "system",
         actor_subject: None,
         received_at: None,
+        origin: None,
     };
     if signals::insert(&mut *conn, &new).await?.is_some() {
         let job = ApplyJob {
@@ -244,122 +233,3 @@ async fn reply_signal(
     Ok(())
 }
 
-/// The built-in `log` channel: renders the message and records it in
-/// `deliveries`, once per idempotency key (a repeat returns the first delivery).
-///
-/// Testing aid: tenant config `{"log_channel": {"fail_first": N, "failure":
-/// "transient"|"permanent"}}` makes the first N attempts of every effect fail.
-async fn deliver(conn: &mut PgConnection, effect: &EffectRow) -> Result<Value, ChannelError> {
-    let transient = |e: sqlx::Error| ChannelError::Transient {
-        message: format!("database: {e}"),
-        retry_after: None,
-    };
-    let config = tenants::config(&mut *conn, effect.tenant_id)
-        .await
-        .map_err(transient)?;
-    if let Some(n) = config
-        .pointer("/log_channel/fail_first")
-        .and_then(Value::as_i64)
-    {
-        if i64::from(effect.attempts) <= n {
-            let message = format!(
-                "log channel: injected failure on attempt {}",
-                effect.attempts
-            );
-            return Err(
-                match config
-                    .pointer("/log_channel/failure")
-                    .and_then(Value::as_str)
-                {
-                    Some("permanent") => ChannelError::Permanent { message },
-                    _ => ChannelError::Transient {
-                        message,
-                        retry_after: None,
-                    },
-                },
-            );
-        }
-    }
-    let (recipient, body) = render(conn, effect).await?;
-    let id = effects::record_delivery(
-        &mut *conn,
-        effect.tenant_id,
-        effect.id,
-        "log",
-        &effect.idempotency_key,
-        &recipient,
-        &effect.payload,
-        &body,
-    )
-    .await
-    .map_err(transient)?;
-    Ok(json!({ "message_id": id.to_string(), "provider": "log", "chat_id": recipient }))
-}
-
-async fn render(
-    conn: &mut PgConnection,
-    effect: &EffectRow,
-) -> Result<(String, String), ChannelError> {
-    let permanent = |m: &str| ChannelError::Permanent {
-        message: m.to_string(),
-    };
-    let p = &effect.payload;
-    let lead_id: Uuid = p
-        .get("lead_id")
-        .and_then(Value::as_str)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| permanent("effect payload has no lead_id"))?;
-    let short = short_id(lead_id);
-    let executor = p
-        .get("executor")
-        .or(p.get("to"))
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    Ok(match effect.name.as_str() {
-        dispatch_effects::PUBLISH => (
-            "crew".into(),
-            CrewLeadView::from_lead(lead_id, &load_lead(conn, effect).await?).render(),
-        ),
-        dispatch_effects::NOTIFY_OPERATOR_CLAIMED => (
-            "operator".into(),
-            format!("Job #{short} was claimed by @{executor}. Confirm or reject the claim."),
-        ),
-        dispatch_effects::CREW_POST_RESERVED => (
-            "crew".into(),
-            format!("Job #{short} — Reserved by @{executor}"),
-        ),
-        dispatch_effects::CREW_POST_RESTORED => (
-            "crew".into(),
-            CrewLeadView::from_lead(lead_id, &load_lead(conn, effect).await?).render(),
-        ),
-        dispatch_effects::CREW_POST_CANCELLED => {
-            ("crew".into(), format!("Job #{short} — Cancelled"))
-        }
-        dispatch_effects::CREW_POST_EXPIRED => (
-            "crew".into(),
-            format!("Job #{short} — Expired (not claimed in time)"),
-        ),
-        dispatch_effects::RELEASE_DETAILS => (
-            format!("executor:{executor}"),
-            load_lead(conn, effect).await?.render_full(lead_id),
-        ),
-        _ => return Err(permanent("no renderer for this effect")),
-    })
-}
-
-async fn load_lead(conn: &mut PgConnection, effect: &EffectRow) -> Result<FullLead, ChannelError> {
-    let input = wf_store::input(&mut *conn, effect.tenant_id, effect.workflow_id)
-        .await
-        .map_err(|e| ChannelError::Transient {
-            message: format!("database: {e}"),
-            retry_after: None,
-        })?
-        .ok_or_else(|| ChannelError::Permanent {
-            message: "workflow input missing".into(),
-        })?;
-    serde_json::from_value::<FullLead>(input.get("lead").cloned().unwrap_or_default()).map_err(
-        |_| ChannelError::Permanent {
-            message: "stored lead does not decode".into(),
-        },
-    )
-}

@@ -40,9 +40,37 @@ pub struct EffectRow {
     pub created_at: DateTime<Utc>,
     /// Updated.
     pub updated_at: DateTime<Utc>,
+    /// A rate-limit slot reserved by a deferred attempt.
+    pub send_after: Option<DateTime<Utc>>,
 }
 
-const COLS: &str = "id, tenant_id, workflow_id, name, idempotency_key, payload, reply, status, attempts, max_attempts, next_attempt_at, last_error, result, created_at, updated_at";
+impl EffectRow {
+    /// A stand-in for a one-off send outside any workflow (e.g. a reply to an
+    /// unknown chat sender): only the tenant and idempotency key matter.
+    pub fn direct(tenant_id: Uuid, key: &str) -> Self {
+        let epoch = DateTime::<Utc>::UNIX_EPOCH;
+        EffectRow {
+            id: Uuid::nil(),
+            tenant_id,
+            workflow_id: Uuid::nil(),
+            name: "direct_reply".into(),
+            idempotency_key: key.to_string(),
+            payload: Value::Object(Default::default()),
+            reply: None,
+            status: "running".into(),
+            attempts: 1,
+            max_attempts: 1,
+            next_attempt_at: epoch,
+            last_error: None,
+            result: None,
+            created_at: epoch,
+            updated_at: epoch,
+            send_after: None,
+        }
+    }
+}
+
+const COLS: &str = "id, tenant_id, workflow_id, name, idempotency_key, payload, reply, status, attempts, max_attempts, next_attempt_at, last_error, result, created_at, updated_at, send_after";
 
 /// Insert an effect; `None` if its key exists for the workflow.
 #[allow(clippy::too_many_arguments)]
@@ -138,6 +166,22 @@ pub async fn retry_at(
     Ok(r.rows_affected() == 1)
 }
 
+/// Put back untried until a reserved rate-limit slot: the attempt does not count.
+pub async fn defer(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid, attempt: i32, until: DateTime<Utc>) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "update effects set status = 'pending', attempts = attempts - 1, next_attempt_at = $4, send_after = $4,
+                lease_until = null, updated_at = now()
+         where tenant_id = $1 and id = $2 and status = 'running' and attempts = $3",
+    )
+    .bind(tenant_id)
+    .bind(id)
+    .bind(attempt)
+    .bind(until)
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
 /// Dead-letter, fenced on the attempt.
 pub async fn dead(
     conn: &mut PgConnection,
@@ -201,48 +245,6 @@ pub async fn recover(
     .bind(limit)
     .fetch_all(conn)
     .await
-}
-
-/// Record a log-channel delivery once per (channel, key); returns the delivery
-/// id (the existing one on a repeat).
-#[allow(clippy::too_many_arguments)]
-pub async fn record_delivery(
-    conn: &mut PgConnection,
-    tenant_id: Uuid,
-    effect_id: Uuid,
-    channel: &str,
-    key: &str,
-    recipient: &str,
-    payload: &Value,
-    body: &str,
-) -> Result<Uuid, sqlx::Error> {
-    let inserted: Option<(Uuid,)> = sqlx::query_as(
-        "insert into deliveries (tenant_id, id, effect_id, channel, idempotency_key, recipient, payload, body)
-         values ($1, $2, $3, $4, $5, $6, $7, $8)
-         on conflict (tenant_id, channel, idempotency_key) do nothing returning id",
-    )
-    .bind(tenant_id)
-    .bind(Uuid::now_v7())
-    .bind(effect_id)
-    .bind(channel)
-    .bind(key)
-    .bind(recipient)
-    .bind(payload)
-    .bind(body)
-    .fetch_optional(&mut *conn)
-    .await?;
-    if let Some((id,)) = inserted {
-        return Ok(id);
-    }
-    let (id,): (Uuid,) = sqlx::query_as(
-        "select id from deliveries where tenant_id = $1 and channel = $2 and idempotency_key = $3",
-    )
-    .bind(tenant_id)
-    .bind(channel)
-    .bind(key)
-    .fetch_one(conn)
-    .await?;
-    Ok(id)
 }
 
 /// A message the log channel recorded.

@@ -7,6 +7,7 @@
 
 pub mod effects;
 pub mod jobs;
+pub mod providers;
 pub mod signals;
 pub mod tenants;
 pub mod timers;

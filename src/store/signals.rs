@@ -33,9 +33,12 @@ pub struct SignalRow {
     pub state_after: Option<String>,
     /// When it arrived.
     pub received_at: DateTime<Utc>,
+    /// The chat it came from (answered after applying), if any.
+    #[serde(skip)]
+    pub origin: Option<Value>,
 }
 
-const COLS: &str = "id, workflow_id, name, payload, request_hash, actor_role, actor_subject, status, reason, state_after, received_at";
+const COLS: &str = "id, workflow_id, name, payload, request_hash, actor_role, actor_subject, status, reason, state_after, received_at, origin";
 
 /// A signal to store.
 pub struct NewSignal<'a> {
@@ -57,6 +60,8 @@ pub struct NewSignal<'a> {
     pub actor_subject: Option<&'a str>,
     /// Arrival time override (timers arrive at their due time); `None` = now.
     pub received_at: Option<DateTime<Utc>>,
+    /// The chat it came from, to answer the sender.
+    pub origin: Option<&'a Value>,
 }
 
 /// Insert a signal unless its idempotency key was seen; `None` on a duplicate.
@@ -66,8 +71,8 @@ pub async fn insert(
 ) -> Result<Option<SignalRow>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "insert into signals (tenant_id, id, workflow_id, idempotency_key, name, payload, request_hash,
-                              actor_role, actor_subject, received_at)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, coalesce($10, clock_timestamp()))
+                              actor_role, actor_subject, received_at, origin)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, coalesce($10, clock_timestamp()), $11)
          on conflict (tenant_id, workflow_id, idempotency_key) do nothing returning {COLS}"
     )))
     .bind(s.tenant_id)
@@ -80,6 +85,7 @@ pub async fn insert(
     .bind(s.actor_role)
     .bind(s.actor_subject)
     .bind(s.received_at)
+    .bind(s.origin)
     .fetch_optional(conn)
     .await
 }

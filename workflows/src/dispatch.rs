@@ -584,7 +584,7 @@ impl Workflow for Dispatch {
                         &job,
                         effects::CREW_POST_RESERVED,
                         &format!("group_edit_v1:c{n}"),
-                        json!({ "executor": executor, "message_id": post.message_id }),
+                        json!({ "executor": executor, "message_id": post.message_id, "provider": post.provider, "chat_id": post.chat_id }),
                         None,
                     ),
                 ];
@@ -609,7 +609,7 @@ impl Workflow for Dispatch {
                     job,
                     effects::CREW_POST_RESTORED,
                     &format!("group_restore_v1:c{}", job.claims),
-                    json!({ "message_id": post.message_id, "reason": reason }),
+                    json!({ "message_id": post.message_id, "provider": post.provider, "chat_id": post.chat_id, "reason": reason }),
                     None,
                 );
                 Outcome::Accept {
@@ -766,7 +766,7 @@ impl Workflow for Dispatch {
                         &job,
                         effects::CREW_POST_CANCELLED,
                         "group_cancel_v1",
-                        json!({ "message_id": post.message_id }),
+                        json!({ "message_id": post.message_id, "provider": post.provider, "chat_id": post.chat_id }),
                         None,
                     ));
                 }
@@ -794,7 +794,7 @@ impl Workflow for Dispatch {
                         job,
                         effects::CREW_POST_EXPIRED,
                         "group_expire_v1",
-                        json!({ "message_id": post.message_id }),
+                        json!({ "message_id": post.message_id, "provider": post.provider, "chat_id": post.chat_id }),
                         None,
                     ),
                     Command::Complete,

@@ -18,6 +18,7 @@ use serde_json::Value;
 
 pub mod dispatch;
 pub mod lead;
+pub mod lead_finalization;
 mod registry;
 
 pub use registry::{DynWorkflow, Registry, Started, Transition};

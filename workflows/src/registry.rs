@@ -131,7 +131,9 @@ impl Registry {
 
     /// Every built-in workflow.
     pub fn builtin() -> Self {
-        Self::new().with::<crate::dispatch::Dispatch>()
+        Self::new()
+            .with::<crate::dispatch::Dispatch>()
+            .with::<crate::lead_finalization::LeadFinalization>()
     }
 
     /// Look a kind up.

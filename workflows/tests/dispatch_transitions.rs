@@ -550,7 +550,7 @@ fn claim_records_the_executor_notifies_the_operator_and_reserves_the_post() {
     let (_, reserved) = effect_named(&commands, effects::CREW_POST_RESERVED);
     assert_eq!(
         reserved,
-        &json!({ "lead_id": LEAD, "short_id": SHORT_ID, "executor": "e7", "message_id": "m-1" })
+        &json!({ "lead_id": LEAD, "short_id": SHORT_ID, "executor": "e7", "message_id": "m-1", "provider": "telegram", "chat_id": "crew-1" })
     );
 }
 

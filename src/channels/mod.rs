@@ -1,0 +1,249 @@
+//! Outbound channels: real HTTP clients for Telegram, WhatsApp Cloud, Twilio
+//! SMS and email (Resend, SendGrid), each with a base URL configurable per
+//! tenant, plus the built-in `log` channel used when a tenant has no provider.
+//!
+//! Failures are classified in the type ([`ChannelError`]): 429 (honouring
+//! `Retry-After`), 5xx and transport errors are transient; other 4xx are
+//! permanent. Sends are paced by shared rate limits ([`pace`]) so a burst
+//! queues instead of failing. Every send goes through the `deliveries` ledger
+//! keyed by the effect's idempotency key (and recipient), so a retried effect
+//! never re-sends what already went out.
+
+pub mod email;
+pub mod route;
+pub mod telegram;
+pub mod twilio;
+pub mod whatsapp;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use reqwest::StatusCode;
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::store::providers::{self, ProviderRow};
+
+/// How a delivery failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ChannelError {
+    /// Worth retrying (timeouts, 5xx, 429).
+    #[error("transient: {message}")]
+    Transient {
+        /// Classified description (never personal data).
+        message: String,
+        /// The provider's `Retry-After`, if it gave one.
+        retry_after: Option<Duration>,
+    },
+    /// Will never succeed (4xx, missing configuration, unknown effect).
+    #[error("permanent: {message}")]
+    Permanent {
+        /// Classified description.
+        message: String,
+    },
+    /// Not yet: the rate limit reserved a slot at this time.
+    #[error("deferred until {until}")]
+    Deferred {
+        /// The reserved slot.
+        until: DateTime<Utc>,
+    },
+}
+
+impl ChannelError {
+    pub(crate) fn permanent(message: impl Into<String>) -> Self {
+        ChannelError::Permanent { message: message.into() }
+    }
+
+    pub(crate) fn transient(message: impl Into<String>) -> Self {
+        ChannelError::Transient {
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+impl From<sqlx::Error> for ChannelError {
+    fn from(e: sqlx::Error) -> Self {
+        ChannelError::transient(format!("database: {e}"))
+    }
+}
+
+/// Classify a provider's HTTP answer. `description` must be the provider's
+/// error text (it never contains our message body).
+pub(crate) fn classify(provider: &str, status: StatusCode, retry_after: Option<Duration>, description: &str) -> ChannelError {
+    let message = format!("{provider} {}: {}", status.as_u16(), truncate(description, 200));
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        ChannelError::Transient { message, retry_after }
+    } else if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
+        ChannelError::Transient { message, retry_after }
+    } else {
+        ChannelError::Permanent { message }
+    }
+}
+
+/// Classify a transport failure (connect, timeout, body) as transient.
+pub(crate) fn transport(provider: &str, e: reqwest::Error) -> ChannelError {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "transport"
+    };
+    ChannelError::transient(format!("{provider} {kind} error"))
+}
+
+/// `Retry-After` in seconds, if present.
+pub(crate) fn retry_after_header(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    s.chars().take(n).collect()
+}
+
+/// The shared HTTP client (timeouts set; no redirects to unexpected hosts).
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .connect_timeout(Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("dispatch/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("HTTP client builds")
+}
+
+/// Load a provider's settings or fail permanently (misconfiguration).
+pub(crate) async fn provider(conn: &mut PgConnection, tenant_id: Uuid, name: &str) -> Result<ProviderRow, ChannelError> {
+    providers::get(conn, tenant_id, name)
+        .await?
+        .ok_or_else(|| ChannelError::permanent(format!("{name} is not configured for this tenant")))
+}
+
+/// One rate limit: at most `burst` at once, then one per `interval`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limit {
+    /// Shared key, e.g. `tg:chat:-100123`.
+    pub key: String,
+    /// Time between sends, in milliseconds.
+    pub interval_ms: f64,
+    /// Sends allowed back to back.
+    pub burst: u32,
+}
+
+/// Reserve a slot under every limit; returns when the send may go (the latest).
+pub async fn reserve(conn: &mut PgConnection, tenant_id: Uuid, limits: &[Limit]) -> Result<DateTime<Utc>, ChannelError> {
+    let mut at = Utc::now();
+    for l in limits {
+        at = at.max(providers::reserve_slot(conn, tenant_id, &l.key, l.interval_ms, l.burst).await?);
+    }
+    Ok(at)
+}
+
+/// Reserve a slot and wait for it when it is near (`horizon`); a slot further
+/// away is returned as [`ChannelError::Deferred`] for the outbox to reschedule.
+pub async fn pace(conn: &mut PgConnection, tenant_id: Uuid, limits: &[Limit], horizon: Duration) -> Result<(), ChannelError> {
+    if limits.is_empty() {
+        return Ok(());
+    }
+    let at = reserve(conn, tenant_id, limits).await?;
+    wait_until(at, horizon).await
+}
+
+/// Sleep until `at` if it is within `horizon`, else ask to be deferred.
+pub async fn wait_until(at: DateTime<Utc>, horizon: Duration) -> Result<(), ChannelError> {
+    let wait = (at - Utc::now()).to_std().unwrap_or_default();
+    if wait > horizon {
+        return Err(ChannelError::Deferred { until: at });
+    }
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+    Ok(())
+}
+
+/// Per-tenant limits (tenant config `rate_limits`), with Telegram's and
+/// WhatsApp's documented defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct RateConfig {
+    /// Messages per second to one Telegram chat (default 1).
+    pub telegram_chat_per_s: f64,
+    /// Messages per minute to one Telegram group (default 20).
+    pub telegram_group_per_min: f64,
+    /// Messages per second per bot (default 30).
+    pub telegram_bot_per_s: f64,
+    /// Messages per second per WhatsApp sender number (default 80).
+    pub whatsapp_number_per_s: f64,
+}
+
+impl RateConfig {
+    /// Read from tenant config; invalid values fall back to the defaults.
+    pub fn from_tenant(config: &Value) -> Self {
+        let get = |name: &str, default: f64| {
+            config
+                .pointer(&format!("/rate_limits/{name}"))
+                .and_then(Value::as_f64)
+                .filter(|v| *v > 0.0 && v.is_finite())
+                .unwrap_or(default)
+        };
+        RateConfig {
+            telegram_chat_per_s: get("telegram_chat_per_s", 1.0),
+            telegram_group_per_min: get("telegram_group_per_min", 20.0),
+            telegram_bot_per_s: get("telegram_bot_per_s", 30.0),
+            whatsapp_number_per_s: get("whatsapp_number_per_s", 80.0),
+        }
+    }
+}
+
+/// Ledger: what a previous attempt already sent under this key, if anything.
+pub(crate) async fn already_sent(conn: &mut PgConnection, tenant_id: Uuid, channel: &str, key: &str) -> Result<Option<String>, ChannelError> {
+    let r: Option<(Option<String>, Uuid)> = sqlx::query_as(
+        "select provider_message_id, id from deliveries where tenant_id = $1 and channel = $2 and idempotency_key = $3",
+    )
+    .bind(tenant_id)
+    .bind(channel)
+    .bind(key)
+    .fetch_optional(conn)
+    .await?;
+    Ok(r.map(|(pid, id)| pid.unwrap_or_else(|| id.to_string())))
+}
+
+/// Ledger: record a send. Returns the message id to report (the first one on a repeat).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn record_sent(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    effect_id: Uuid,
+    channel: &str,
+    key: &str,
+    recipient: &str,
+    payload: &Value,
+    body: &str,
+    provider_message_id: Option<&str>,
+) -> Result<String, ChannelError> {
+    let inserted: Option<(Uuid,)> = sqlx::query_as(
+        "insert into deliveries (tenant_id, id, effect_id, channel, idempotency_key, recipient, payload, body, provider_message_id)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         on conflict (tenant_id, channel, idempotency_key) do nothing returning id",
+    )
+    .bind(tenant_id)
+    .bind(Uuid::now_v7())
+    .bind(effect_id)
+    .bind(channel)
+    .bind(key)
+    .bind(recipient)
+    .bind(payload)
+    .bind(body)
+    .bind(provider_message_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match inserted {
+        Some((id,)) => Ok(provider_message_id.map(str::to_string).unwrap_or_else(|| id.to_string())),
+        None => Ok(already_sent(conn, tenant_id, channel, key).await?.unwrap_or_default()),
+    }
+}

@@ -1,0 +1,417 @@
+//! From an effect to messages: what to say (rendered from typed views, never
+//! from free text), to whom (tenant config and the people registry), over which
+//! provider — then send through the ledger, paced by the shared rate limits.
+//!
+//! Choices where DOMAIN.md is silent:
+//! - The crew channel is `dispatch.crew.provider` (`telegram` → the group
+//!   `crew.chat_id`; `whatsapp` → 1:1 to every registered executor with a
+//!   phone, since groups cannot be posted to); unset → the `log` channel.
+//! - Edits of a crew post go to the provider and chat the post was published on.
+//!   WhatsApp messages cannot be edited: the update goes out as a new message.
+//! - The operator is reached at `dispatch.operator.provider` (`telegram`,
+//!   `whatsapp`, `sms`, `email`) and `dispatch.operator.to`; unset → `log`.
+//! - An executor is reached privately on Telegram when the tenant has a bot and
+//!   the person a Telegram id, else WhatsApp, SMS, email by what is configured
+//!   and known; else `log`.
+//! - A tenant without a provider keeps working on the `log` channel.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+use sqlx::PgConnection;
+use uuid::Uuid;
+use workflows::dispatch::effects as dispatch_effects;
+use workflows::lead::{short_id, CrewLeadView, FullLead};
+use workflows::lead_finalization::effects as lead_effects;
+
+use super::email::Email;
+use super::telegram::{claim_button, Telegram};
+use super::twilio::Twilio;
+use super::whatsapp::WhatsApp;
+use super::{already_sent, pace, provider, record_sent, reserve, wait_until, ChannelError, RateConfig};
+use crate::store::effects::EffectRow;
+use crate::store::providers::{self, Person};
+use crate::store::{tenants, workflows as wf_store};
+
+/// The effect that answers a chat-originated signal (written by the engine).
+pub const SIGNAL_REPLY: &str = "signal_reply";
+
+/// Who a message is for.
+#[derive(Debug, Clone, PartialEq)]
+enum Audience {
+    Crew,
+    Operator,
+    Executor(String),
+    Origin(Value),
+}
+
+/// A rendered message.
+#[derive(Debug, Clone)]
+struct Message {
+    audience: Audience,
+    text: String,
+    subject: String,
+    protect: bool,
+    claim_button: Option<String>,
+    /// Edit this crew post instead of sending a new message.
+    edit: Option<Post>,
+}
+
+#[derive(Debug, Clone)]
+struct Post {
+    provider: String,
+    chat_id: String,
+    message_id: String,
+}
+
+/// Where a message goes.
+#[derive(Debug, Clone, PartialEq)]
+enum Dest {
+    Log(String),
+    Telegram { chat_id: String, reply_to: Option<i64>, callback: Option<String> },
+    WhatsApp(Vec<String>),
+    Sms(String),
+    Email(String),
+}
+
+/// Delivers effects. Cheap to clone.
+#[derive(Clone)]
+pub struct Router {
+    http: reqwest::Client,
+    horizon: Duration,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Router {
+    /// A router with its own HTTP client.
+    pub fn new() -> Self {
+        Router {
+            http: super::http_client(),
+            horizon: Duration::from_secs(3),
+        }
+    }
+
+    /// Deliver one effect attempt. `send_after` is a slot reserved by an
+    /// earlier attempt that was deferred by the rate limit.
+    pub async fn deliver(&self, conn: &mut PgConnection, effect: &EffectRow, send_after: Option<DateTime<Utc>>) -> Result<Value, ChannelError> {
+        let config = tenants::config(&mut *conn, effect.tenant_id).await?;
+        inject_failure(&config, effect)?;
+        let message = render(conn, effect).await?;
+        let dest = resolve(conn, effect.tenant_id, &config, &message).await?;
+        let rate = RateConfig::from_tenant(&config);
+        self.send(conn, effect, &message, dest, &rate, send_after).await
+    }
+
+    async fn send(
+        &self,
+        conn: &mut PgConnection,
+        effect: &EffectRow,
+        m: &Message,
+        dest: Dest,
+        rate: &RateConfig,
+        send_after: Option<DateTime<Utc>>,
+    ) -> Result<Value, ChannelError> {
+        let tenant = effect.tenant_id;
+        let key = &effect.idempotency_key;
+        match dest {
+            Dest::Log(recipient) => {
+                let id = record_sent(conn, tenant, effect.id, "log", key, &recipient, &effect.payload, &m.text, None).await?;
+                Ok(json!({ "message_id": id, "provider": "log", "chat_id": recipient }))
+            }
+            Dest::Telegram { chat_id, reply_to, callback } => {
+                if let Some(id) = already_sent(conn, tenant, "telegram", key).await? {
+                    return Ok(json!({ "message_id": id, "provider": "telegram", "chat_id": chat_id }));
+                }
+                let row = provider(conn, tenant, "telegram").await?;
+                let tg = Telegram::new(&self.http, &row)?;
+                let markup = m.claim_button.as_deref().map(claim_button);
+                let message_id = if let Some(cb) = callback {
+                    // Button answers are not messages: not rate limited.
+                    tg.answer_callback_query(&cb, &m.text).await?;
+                    format!("callback:{cb}")
+                } else {
+                    let limits = tg.limits(&chat_id, rate);
+                    match send_after {
+                        Some(at) => wait_until(at, Duration::from_secs(3600)).await?,
+                        None => {
+                            let at = reserve(conn, tenant, &limits).await?;
+                            wait_until(at, self.horizon).await?;
+                        }
+                    }
+                    match &m.edit {
+                        Some(post) => {
+                            tg.edit_message_text(&chat_id, &post.message_id, &m.text, markup).await?;
+                            post.message_id.clone()
+                        }
+                        None => tg.send_message(&chat_id, &m.text, markup, m.protect, reply_to).await?,
+                    }
+                };
+                let id = record_sent(conn, tenant, effect.id, "telegram", key, &chat_id, &effect.payload, &m.text, Some(&message_id)).await?;
+                Ok(json!({ "message_id": id, "provider": "telegram", "chat_id": chat_id }))
+            }
+            Dest::WhatsApp(phones) => {
+                let row = provider(conn, tenant, "whatsapp").await?;
+                let wa = WhatsApp::new(&self.http, &row)?;
+                let mut first = None;
+                for phone in &phones {
+                    // One ledger row per recipient: a retry resumes the broadcast.
+                    let k = if phones.len() == 1 && m.audience != Audience::Crew { key.clone() } else { format!("{key}:{phone}") };
+                    let id = match already_sent(conn, tenant, "whatsapp", &k).await? {
+                        Some(id) => id,
+                        None => {
+                            pace(conn, tenant, &wa.limits(rate), Duration::from_secs(3600)).await?;
+                            let open = providers::whatsapp_window_open(conn, tenant, phone).await?;
+                            let sent = wa.send(phone, &m.text, open, m.claim_button.as_deref()).await?;
+                            record_sent(conn, tenant, effect.id, "whatsapp", &k, phone, &effect.payload, &m.text, Some(&sent)).await?
+                        }
+                    };
+                    first.get_or_insert(id);
+                }
+                let chat_id = if m.audience == Audience::Crew { "broadcast".to_string() } else { phones.join(",") };
+                Ok(json!({ "message_id": first.unwrap_or_default(), "provider": "whatsapp", "chat_id": chat_id }))
+            }
+            Dest::Sms(to) => {
+                if let Some(id) = already_sent(conn, tenant, "twilio", key).await? {
+                    return Ok(json!({ "message_id": id, "provider": "twilio", "chat_id": to }));
+                }
+                let row = provider(conn, tenant, "twilio").await?;
+                let sid = Twilio::new(&self.http, &row)?.send(&to, &m.text, key).await?;
+                let id = record_sent(conn, tenant, effect.id, "twilio", key, &to, &effect.payload, &m.text, Some(&sid)).await?;
+                Ok(json!({ "message_id": id, "provider": "twilio", "chat_id": to }))
+            }
+            Dest::Email(to) => {
+                let (name, row) = email_provider(conn, tenant).await?;
+                if let Some(id) = already_sent(conn, tenant, name, key).await? {
+                    return Ok(json!({ "message_id": id, "provider": name, "chat_id": to }));
+                }
+                let sent = Email::new(&self.http, name, &row)?.send(&to, &m.subject, &m.text, key).await?;
+                let id = record_sent(conn, tenant, effect.id, name, key, &to, &effect.payload, &m.text, Some(&sent)).await?;
+                Ok(json!({ "message_id": id, "provider": name, "chat_id": to }))
+            }
+        }
+    }
+
+    /// Send a one-off reply to a chat sender outside any workflow (an unknown
+    /// sender's polite answer), deduplicated by `key`.
+    pub async fn reply_direct(&self, conn: &mut PgConnection, tenant_id: Uuid, origin: &Value, text: &str, key: &str) -> Result<(), ChannelError> {
+        let dest = origin_dest(origin)?;
+        let effect = EffectRow::direct(tenant_id, key);
+        let m = Message {
+            audience: Audience::Origin(origin.clone()),
+            text: text.to_string(),
+            subject: "Dispatch".into(),
+            protect: false,
+            claim_button: None,
+            edit: None,
+        };
+        let config = tenants::config(&mut *conn, tenant_id).await?;
+        self.send(conn, &effect, &m, dest, &RateConfig::from_tenant(&config), None).await.map(|_| ())
+    }
+}
+
+async fn email_provider(conn: &mut PgConnection, tenant: Uuid) -> Result<(&'static str, providers::ProviderRow), ChannelError> {
+    for name in ["resend", "sendgrid"] {
+        if let Some(row) = providers::get(conn, tenant, name).await? {
+            return Ok((name, row));
+        }
+    }
+    Err(ChannelError::permanent("no email provider is configured for this tenant"))
+}
+
+/// Testing aid kept from the log channel: tenant config
+/// `{"log_channel": {"fail_first": N, "failure": "transient"|"permanent"}}`
+/// fails the first N attempts of every effect.
+fn inject_failure(config: &Value, effect: &EffectRow) -> Result<(), ChannelError> {
+    if let Some(n) = config.pointer("/log_channel/fail_first").and_then(Value::as_i64) {
+        if i64::from(effect.attempts) <= n {
+            let message = format!("log channel: injected failure on attempt {}", effect.attempts);
+            return Err(match config.pointer("/log_channel/failure").and_then(Value::as_str) {
+                Some("permanent") => ChannelError::Permanent { message },
+                _ => ChannelError::Transient { message, retry_after: None },
+            });
+        }
+    }
+    Ok(())
+}
+
+fn str_field<'a>(p: &'a Value, name: &str) -> Option<&'a str> {
+    p.get(name).and_then(Value::as_str).filter(|s| !s.is_empty())
+}
+
+async fn load_lead(conn: &mut PgConnection, effect: &EffectRow) -> Result<FullLead, ChannelError> {
+    let input = wf_store::input(&mut *conn, effect.tenant_id, effect.workflow_id)
+        .await?
+        .ok_or_else(|| ChannelError::permanent("workflow input missing"))?;
+    serde_json::from_value::<FullLead>(input.get("lead").cloned().unwrap_or_default())
+        .map_err(|_| ChannelError::permanent("stored lead does not decode"))
+}
+
+/// How an executor is shown to others: @username, else display name, else id.
+async fn handle(conn: &mut PgConnection, tenant: Uuid, executor: &str) -> Result<String, ChannelError> {
+    let person = providers::person(conn, tenant, executor).await?;
+    Ok(match person {
+        Some(Person { telegram_username: Some(u), .. }) => format!("@{u}"),
+        Some(p) => p.display_name,
+        None => format!("@{executor}"),
+    })
+}
+
+async fn render(conn: &mut PgConnection, effect: &EffectRow) -> Result<Message, ChannelError> {
+    let p = &effect.payload;
+    let tenant = effect.tenant_id;
+    if effect.name == SIGNAL_REPLY {
+        let origin = p.get("origin").cloned().unwrap_or(Value::Null);
+        return Ok(Message {
+            audience: Audience::Origin(origin),
+            text: reply_text(p),
+            subject: "Dispatch".into(),
+            protect: false,
+            claim_button: None,
+            edit: None,
+        });
+    }
+    let lead_id: Uuid = str_field(p, "lead_id")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| ChannelError::permanent("effect payload has no lead_id"))?;
+    let short = short_id(lead_id);
+    let executor = str_field(p, "executor").or(str_field(p, "to")).unwrap_or("").to_string();
+    let post = str_field(p, "message_id").map(|m| Post {
+        provider: str_field(p, "provider").unwrap_or("log").to_string(),
+        chat_id: str_field(p, "chat_id").unwrap_or("crew").to_string(),
+        message_id: m.to_string(),
+    });
+    let m = |audience, text: String| Message {
+        audience,
+        text,
+        subject: format!("Job #{short}"),
+        protect: false,
+        claim_button: None,
+        edit: None,
+    };
+    Ok(match effect.name.as_str() {
+        dispatch_effects::PUBLISH => Message {
+            claim_button: Some(short.clone()),
+            ..m(Audience::Crew, CrewLeadView::from_lead(lead_id, &load_lead(conn, effect).await?).render())
+        },
+        dispatch_effects::CREW_POST_RESERVED => Message {
+            edit: post,
+            ..m(Audience::Crew, format!("Job #{short} — Reserved by {}", handle(conn, tenant, &executor).await?))
+        },
+        dispatch_effects::CREW_POST_RESTORED => Message {
+            edit: post,
+            claim_button: Some(short.clone()),
+            ..m(Audience::Crew, CrewLeadView::from_lead(lead_id, &load_lead(conn, effect).await?).render())
+        },
+        dispatch_effects::CREW_POST_CANCELLED => Message { edit: post, ..m(Audience::Crew, format!("Job #{short} — Cancelled")) },
+        dispatch_effects::CREW_POST_EXPIRED => Message {
+            edit: post,
+            ..m(Audience::Crew, format!("Job #{short} — Expired (not claimed in time)"))
+        },
+        dispatch_effects::NOTIFY_OPERATOR_CLAIMED => m(
+            Audience::Operator,
+            format!("Job #{short} was claimed by {}. Confirm or reject the claim.", handle(conn, tenant, &executor).await?),
+        ),
+        dispatch_effects::RELEASE_DETAILS => Message {
+            protect: true,
+            ..m(Audience::Executor(executor.clone()), load_lead(conn, effect).await?.render_full(lead_id))
+        },
+        lead_effects::NOTIFY_OPERATOR_FULL => Message {
+            protect: true,
+            ..m(Audience::Operator, load_lead(conn, effect).await?.render_full(lead_id))
+        },
+        lead_effects::NOTIFY_OPERATOR_CREW_FALLBACK => {
+            m(Audience::Operator, CrewLeadView::from_lead(lead_id, &load_lead(conn, effect).await?).render())
+        }
+        _ => return Err(ChannelError::permanent("no renderer for this effect")),
+    })
+}
+
+/// What the sender of a chat command is told about its outcome.
+fn reply_text(p: &Value) -> String {
+    let short = str_field(p, "key").map(|k| k.chars().take(8).collect::<String>()).unwrap_or_default();
+    match (str_field(p, "signal"), str_field(p, "status"), str_field(p, "reason")) {
+        (Some("claim"), Some("applied"), _) => format!("Job #{short} is reserved for you. The operator will confirm."),
+        (Some("claim"), _, Some("already_claimed")) => format!("Sorry, job #{short} is already taken."),
+        (Some("release"), Some("applied"), _) => format!("Details of job #{short} were sent to the executor."),
+        (_, Some("applied"), _) => format!("Done: job #{short}."),
+        (_, _, Some(reason)) => format!("Job #{short}: not done ({reason})."),
+        _ => format!("Job #{short}: not done."),
+    }
+}
+
+fn origin_dest(origin: &Value) -> Result<Dest, ChannelError> {
+    match str_field(origin, "provider") {
+        Some("telegram") => Ok(Dest::Telegram {
+            chat_id: origin.get("chat_id").map(|c| c.to_string().trim_matches('"').to_string()).unwrap_or_default(),
+            reply_to: origin.get("message_id").and_then(Value::as_i64),
+            callback: str_field(origin, "callback_query_id").map(str::to_string),
+        }),
+        Some("whatsapp") => Ok(Dest::WhatsApp(vec![str_field(origin, "from").unwrap_or_default().to_string()])),
+        Some("twilio") => Ok(Dest::Sms(str_field(origin, "from").unwrap_or_default().to_string())),
+        _ => Err(ChannelError::permanent("reply origin has no provider")),
+    }
+}
+
+async fn resolve(conn: &mut PgConnection, tenant: Uuid, config: &Value, m: &Message) -> Result<Dest, ChannelError> {
+    if let Some(post) = &m.edit {
+        // Edits go where the post is.
+        return Ok(match post.provider.as_str() {
+            "telegram" => Dest::Telegram { chat_id: post.chat_id.clone(), reply_to: None, callback: None },
+            "whatsapp" => Dest::WhatsApp(providers::executors_with_phone(conn, tenant).await?.into_iter().filter_map(|p| p.phone).collect()),
+            _ => Dest::Log(post.chat_id.clone()),
+        });
+    }
+    match &m.audience {
+        Audience::Origin(origin) => origin_dest(origin),
+        Audience::Crew => match config.pointer("/dispatch/crew/provider").and_then(Value::as_str) {
+            Some("telegram") => {
+                let chat_id = config
+                    .pointer("/dispatch/crew/chat_id")
+                    .map(|c| c.to_string().trim_matches('"').to_string())
+                    .filter(|c| !c.is_empty() && c != "null")
+                    .ok_or_else(|| ChannelError::permanent("dispatch.crew.chat_id is not set"))?;
+                Ok(Dest::Telegram { chat_id, reply_to: None, callback: None })
+            }
+            Some("whatsapp") => {
+                let phones: Vec<String> = providers::executors_with_phone(conn, tenant).await?.into_iter().filter_map(|p| p.phone).collect();
+                if phones.is_empty() {
+                    return Err(ChannelError::permanent("no executor with a phone to broadcast to"));
+                }
+                Ok(Dest::WhatsApp(phones))
+            }
+            _ => Ok(Dest::Log("crew".into())),
+        },
+        Audience::Operator => {
+            let to = config.pointer("/dispatch/operator/to").map(|c| c.to_string().trim_matches('"').to_string()).filter(|c| !c.is_empty() && c != "null");
+            match (config.pointer("/dispatch/operator/provider").and_then(Value::as_str), to) {
+                (Some("telegram"), Some(to)) => Ok(Dest::Telegram { chat_id: to, reply_to: None, callback: None }),
+                (Some("whatsapp"), Some(to)) => Ok(Dest::WhatsApp(vec![to])),
+                (Some("sms"), Some(to)) => Ok(Dest::Sms(to)),
+                (Some("email"), Some(to)) => Ok(Dest::Email(to)),
+                (Some(p), _) => Err(ChannelError::permanent(format!("dispatch.operator: provider `{p}` needs `to`"))),
+                (None, _) => Ok(Dest::Log("operator".into())),
+            }
+        }
+        Audience::Executor(id) => {
+            let person = providers::person(conn, tenant, id).await?;
+            let has = |row: Option<providers::ProviderRow>| row.is_some();
+            let telegram = has(providers::get(conn, tenant, "telegram").await?);
+            let whatsapp = has(providers::get(conn, tenant, "whatsapp").await?);
+            let twilio = has(providers::get(conn, tenant, "twilio").await?);
+            let email = has(providers::get(conn, tenant, "resend").await?) || has(providers::get(conn, tenant, "sendgrid").await?);
+            Ok(match person {
+                Some(Person { telegram_user_id: Some(uid), .. }) if telegram => Dest::Telegram { chat_id: uid.to_string(), reply_to: None, callback: None },
+                Some(Person { phone: Some(phone), .. }) if whatsapp => Dest::WhatsApp(vec![phone]),
+                Some(Person { phone: Some(phone), .. }) if twilio => Dest::Sms(phone),
+                Some(Person { email: Some(e), .. }) if email => Dest::Email(e),
+                _ => Dest::Log(format!("executor:{id}")),
+            })
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! Twilio Programmable Messaging (SMS).
+
+use serde_json::Value;
+
+use super::{classify, retry_after_header, transport, ChannelError};
+use crate::store::providers::ProviderRow;
+
+/// Default API base.
+pub const DEFAULT_BASE: &str = "https://api.twilio.com";
+
+/// An account, from the tenant's `twilio` provider settings (`auth_token`
+/// secret; `account_sid`, `from`, `base_url` settings).
+pub struct Twilio<'a> {
+    http: &'a reqwest::Client,
+    base: String,
+    sid: String,
+    token: String,
+    from: String,
+}
+
+impl<'a> Twilio<'a> {
+    /// Build from settings.
+    pub fn new(http: &'a reqwest::Client, row: &ProviderRow) -> Result<Self, ChannelError> {
+        let need = |v: Option<&str>, what: &str| v.map(str::to_string).ok_or_else(|| ChannelError::permanent(format!("twilio {what} is not set")));
+        Ok(Twilio {
+            http,
+            base: row.setting("base_url").unwrap_or(DEFAULT_BASE).trim_end_matches('/').to_string(),
+            sid: need(row.setting("account_sid"), "account_sid")?,
+            token: need(row.secret("auth_token"), "auth_token")?,
+            from: need(row.setting("from"), "from")?,
+        })
+    }
+
+    /// Send an SMS; Twilio deduplicates on the idempotency token. Returns the `MessageSid`.
+    pub async fn send(&self, to: &str, text: &str, idempotency_key: &str) -> Result<String, ChannelError> {
+        let url = format!("{}/2010-04-01/Accounts/{}/Messages.json", self.base, self.sid);
+        let resp = self
+            .http
+            .post(url)
+            .basic_auth(&self.sid, Some(&self.token))
+            .header("I-Twilio-Idempotency-Token", idempotency_key)
+            .form(&[("To", to), ("From", self.from.as_str()), ("Body", text)])
+            .send()
+            .await
+            .map_err(|e| transport("twilio", e.without_url()))?;
+        let status = resp.status();
+        let retry_after = retry_after_header(resp.headers());
+        let answer: Value = resp.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            return answer["sid"].as_str().map(str::to_string).ok_or_else(|| ChannelError::transient("twilio answered without a sid"));
+        }
+        Err(classify("twilio", status, retry_after, answer["message"].as_str().unwrap_or("no description")))
+    }
+}
