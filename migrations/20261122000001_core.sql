@@ -4,7 +4,7 @@
 -- tenant (Citus) without redesign. Lifecycle columns are text with CHECK
 -- constraints mirroring the Rust enums (cheap to extend: drop/add the check).
 -- Rollback: this is the first migration; drop the tables (no data to keep).
-set lock_timeout = '5s';
+set local lock_timeout = '5s';
 
 create table tenants (
     id          uuid primary key,

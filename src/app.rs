@@ -37,7 +37,9 @@ pub fn registry(settings: &Settings) -> Result<Registry, AppError> {
     for kind in enabled {
         match kind.as_str() {
             "dispatch" => reg = reg.with::<workflows::dispatch::Dispatch>(),
-            "lead_finalization" => reg = reg.with::<workflows::lead_finalization::LeadFinalization>(),
+            "lead_finalization" => {
+                reg = reg.with::<workflows::lead_finalization::LeadFinalization>()
+            }
             other => return Err(AppError::UnknownWorkflow(other.to_string())),
         }
     }

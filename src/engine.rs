@@ -256,7 +256,17 @@ impl Engine {
         name: &str,
         payload: &Value,
     ) -> Result<SignalAnswer, EngineError> {
-        self.signal_from(actor, tenant_id, kind, key, idempotency_key, name, payload, None).await
+        self.signal_from(
+            actor,
+            tenant_id,
+            kind,
+            key,
+            idempotency_key,
+            name,
+            payload,
+            None,
+        )
+        .await
     }
 
     /// [`Engine::signal`] for a signal that came from a chat: once applied or
@@ -314,7 +324,7 @@ impl Engine {
                     tenant_id,
                     workflow_id: row.id,
                 };
-                jobs::enqueue_apply(&mut tx, &job, Some(format!("sig:{}", sig.id))).await?;
+                jobs::enqueue_apply(&mut tx, kind, &job, Some(format!("sig:{}", sig.id))).await?;
                 SignalAnswer::from(&sig)
             }
             None => {
@@ -398,6 +408,16 @@ impl Engine {
             let from_state = row.state_name.clone();
             let transition = match wf.apply(&row.state, &sig.name, &sig.payload, &ctx) {
                 Ok(t) => t,
+                // State this binary cannot read is a runtime fault (e.g. a rolling
+                // deploy): keep the signals queued and flag the workflow for ops.
+                Err(ParseError::StoredState(e)) => {
+                    drop(tx);
+                    let why = "stored state does not decode in this version";
+                    let mut conn = self.pool.acquire().await?;
+                    store::workflows::set_attention(&mut conn, tenant_id, workflow_id, why).await?;
+                    tracing::error!(error = %e, "{why}");
+                    return Err(EngineError::Parse(ParseError::StoredState(e)));
+                }
                 // A stored signal that no longer parses is rejected, never retried forever.
                 Err(e) => Transition::Reject {
                     reason: format!("invalid_signal: {e}"),
@@ -471,6 +491,7 @@ impl Engine {
         if more {
             jobs::enqueue_apply(
                 &mut tx,
+                &row.kind,
                 &ApplyJob {
                     tenant_id,
                     workflow_id,
@@ -505,7 +526,8 @@ impl Engine {
             }),
             reply: None,
         };
-        self.carry_out(conn, row, std::slice::from_ref(&reply)).await?;
+        self.carry_out(conn, row, std::slice::from_ref(&reply))
+            .await?;
         Ok(())
     }
 
@@ -540,6 +562,7 @@ impl Engine {
                         let job = EffectJob {
                             tenant_id: row.tenant_id,
                             effect_id,
+                            after_attempts: Some(0),
                         };
                         jobs::enqueue_effect(
                             &mut *conn,
@@ -597,7 +620,9 @@ fn history_commands(commands: &[Command]) -> Value {
         commands
             .iter()
             .map(|c| match c {
-                Command::Start { kind, key, .. } => json!({"type": "start", "kind": kind, "key": key}),
+                Command::Start { kind, key, .. } => {
+                    json!({"type": "start", "kind": kind, "key": key})
+                }
                 other => json!(other),
             })
             .collect(),

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, Path, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -89,11 +89,20 @@ impl From<EngineError> for ApiError {
             EngineError::Parse(ParseError::InvalidKey(_)) => {
                 ApiError::new(S::UNPROCESSABLE_ENTITY, "invalid_key", e.to_string())
             }
+            EngineError::Parse(ParseError::StoredState(_)) => {
+                ApiError::new(S::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            }
             EngineError::Parse(ParseError::InvalidPayload(_)) => {
                 ApiError::new(S::UNPROCESSABLE_ENTITY, "invalid_payload", e.to_string())
             }
             EngineError::Fenced(_) => ApiError::new(S::CONFLICT, "conflict", e.to_string()),
             EngineError::Db(err) => match err.as_database_error().and_then(|d| d.code()) {
+                // NUL characters and invalid text encodings: the client's input.
+                Some(c) if c == "22P05" || c == "22021" => ApiError::new(
+                    S::UNPROCESSABLE_ENTITY,
+                    "invalid_text",
+                    "text must not contain NUL characters or invalid encodings",
+                ),
                 Some(c) if c == "23505" => {
                     ApiError::new(S::CONFLICT, "conflict", "conflicting write")
                 }
@@ -193,6 +202,23 @@ struct WaitQuery {
     wait_ms: Option<u64>,
 }
 
+impl WaitQuery {
+    /// Parse `?wait_ms=N` ourselves so a bad value gets our JSON error.
+    fn parse(raw: Option<&str>) -> Result<Self, ApiError> {
+        let mut wait_ms = None;
+        for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if k == "wait_ms" {
+                let ms = v.parse::<u64>().ok().filter(|ms| *ms <= MAX_WAIT_MS).ok_or_else(|| {
+                    ApiError::new(StatusCode::BAD_REQUEST, "invalid_wait", format!("wait_ms must be a whole number of milliseconds, at most {MAX_WAIT_MS}"))
+                })?;
+                wait_ms = Some(ms);
+            }
+        }
+        Ok(WaitQuery { wait_ms })
+    }
+}
+
 fn check_key(key: &str) -> Result<(), ApiError> {
     if key.is_empty() || key.len() > 200 || key.chars().any(char::is_control) {
         return Err(ApiError::new(
@@ -235,6 +261,7 @@ async fn get_workflow(
     caller: Caller,
     Path((kind, key)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
+    check_key(&key)?;
     let mut conn = st.engine.pool().acquire().await?;
     let row = wf_store::find(&mut conn, caller.0.tenant_id, &kind, &key)
         .await?
@@ -253,6 +280,19 @@ async fn workflow_view(
     let timers = timers::pending(&mut conn, row.tenant_id, row.id).await?;
     let effects = effects::of_workflow(&mut conn, row.tenant_id, row.id).await?;
     let mut view = serde_json::to_value(&row).expect("serializes");
+    if caller.0.role == Role::Executor {
+        // Executors see where the job stands and who holds it, nothing else.
+        let claimed_by = row
+            .state
+            .pointer("/claim/claimed_by")
+            .cloned()
+            .unwrap_or(Value::Null);
+        return Ok(json!({
+            "id": row.id, "kind": row.kind, "key": row.key, "state": row.state_name,
+            "status": row.status, "version": row.version, "claimed_by": claimed_by,
+            "created_at": row.created_at, "updated_at": row.updated_at,
+        }));
+    }
     view["pending_timers"] = json!(timers);
     view["effects"] = json!(effects);
     view["history"] = json!(history);
@@ -270,10 +310,11 @@ async fn send_signal(
     State(st): State<ApiState>,
     caller: Caller,
     Path((kind, key)): Path<(String, String)>,
-    Query(q): Query<WaitQuery>,
+    RawQuery(raw_query): RawQuery,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    check_key(&key)?;
     let idem = headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
@@ -287,13 +328,7 @@ async fn send_signal(
             )
         })?
         .to_string();
-    if q.wait_ms.is_some_and(|w| w > MAX_WAIT_MS) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_wait",
-            format!("wait_ms must be at most {MAX_WAIT_MS}"),
-        ));
-    }
+    let q = WaitQuery::parse(raw_query.as_deref())?;
     let req: SignalRequest = parse_body(&body)?;
     // Subscribe before queueing so the applied notification cannot slip past.
     let rx = st.applied.subscribe();
@@ -409,6 +444,8 @@ pub fn spawn_signal_listener(
                 }
             };
             if listener.listen(SIGNAL_CHANNEL).await.is_err() {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
                 continue;
             }
             delay = Duration::from_millis(100);

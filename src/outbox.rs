@@ -11,7 +11,6 @@
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use chrono::Utc;
 use serde_json::{json, Value};
 use sqlx::{PgConnection, PgPool};
 use tracing::instrument;
@@ -111,15 +110,31 @@ impl Outbox {
         &self,
         tenant_id: Uuid,
         effect_id: Uuid,
+        after_attempts: Option<i32>,
     ) -> Result<EffectOutcome, EngineError> {
         fault("before_effect");
         let lease_ms = self.config.lease.as_millis() as i64;
         let mut conn = self.pool.acquire().await?;
-        let Some(effect) = effects::claim(&mut conn, tenant_id, effect_id, lease_ms).await? else {
+        let Some(effect) =
+            effects::claim(&mut conn, tenant_id, effect_id, lease_ms, after_attempts).await?
+        else {
             return Ok(EffectOutcome::Skipped);
         };
         tracing::Span::current().record("workflow.id", tracing::field::display(effect.workflow_id));
-        let result = self.router.deliver(&mut conn, &effect, effect.send_after).await;
+        // An attempt must end inside its lease, or the sweep would hand the
+        // effect to another worker while this one may still be sending.
+        let budget = self.config.lease.mul_f64(0.8);
+        let result = match tokio::time::timeout(
+            budget,
+            self.router.deliver(&mut conn, &effect, effect.send_after),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(ChannelError::transient(
+                "delivery timed out inside its lease",
+            )),
+        };
         drop(conn);
         fault("after_delivery");
         let mut tx = self.pool.begin().await?;
@@ -136,27 +151,45 @@ impl Outbox {
                 tracing::info!(effect.name = %effect.name, attempt = effect.attempts, "effect delivered");
                 EffectOutcome::Delivered
             }
-            Err(ChannelError::Transient {
-                message,
-                retry_after,
-            }) if effect.attempts < effect.max_attempts => {
-                let delay = self.backoff(effect.attempts, retry_after);
-                let next = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
-                if !effects::retry_at(
-                    &mut tx,
-                    tenant_id,
-                    effect.id,
-                    effect.attempts,
-                    next,
-                    &message,
-                )
-                .await?
+            Err(ChannelError::Deferred { until }) => {
+                // apalis may run a delayed job up to 2 s late (whole seconds):
+                // wake early, then the router waits for the reserved slot.
+                let wake = until - chrono::Duration::seconds(2);
+                if !effects::defer(&mut tx, tenant_id, effect.id, effect.attempts, wake, until)
+                    .await?
                 {
                     return Ok(EffectOutcome::Fenced);
                 }
                 let job = EffectJob {
                     tenant_id,
                     effect_id: effect.id,
+                    after_attempts: Some(effect.attempts - 1),
+                };
+                let key = format!("eff:{}:slot:{}", effect.id, until.timestamp_micros());
+                jobs::enqueue_effect(&mut tx, &job, Some(wake), Some(key)).await?;
+                EffectOutcome::Deferred
+            }
+            Err(ChannelError::Transient {
+                message,
+                retry_after,
+            }) if effect.attempts < effect.max_attempts => {
+                let delay = self.backoff(effect.attempts, retry_after);
+                let Some(next) = effects::retry_after(
+                    &mut tx,
+                    tenant_id,
+                    effect.id,
+                    effect.attempts,
+                    delay,
+                    &message,
+                )
+                .await?
+                else {
+                    return Ok(EffectOutcome::Fenced);
+                };
+                let job = EffectJob {
+                    tenant_id,
+                    effect_id: effect.id,
+                    after_attempts: Some(effect.attempts),
                 };
                 let key = format!("eff:{}:{}", effect.id, effect.attempts + 1);
                 jobs::enqueue_effect(&mut tx, &job, Some(next), Some(key)).await?;
@@ -228,8 +261,13 @@ async fn reply_signal(
             tenant_id: effect.tenant_id,
             workflow_id: effect.workflow_id,
         };
-        jobs::enqueue_apply(&mut *conn, &job, Some(key)).await?;
+        let (kind,): (String,) =
+            sqlx::query_as("select kind from workflows where tenant_id = $1 and id = $2")
+                .bind(effect.tenant_id)
+                .bind(effect.workflow_id)
+                .fetch_one(&mut *conn)
+                .await?;
+        jobs::enqueue_apply(&mut *conn, &kind, &job, Some(key)).await?;
     }
     Ok(())
 }
-

@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use crate::engine::{Engine, TIMER_CHANNEL};
 use crate::outbox::Outbox;
-use crate::store::jobs::{self, ApplyJob, EffectJob, Envelope, APPLY_QUEUE, EFFECT_QUEUE};
+use crate::store::jobs::{self, ApplyJob, EffectJob, Envelope, EFFECT_QUEUE};
 use crate::store::{effects, signals, timers};
 
 /// Worker tuning.
@@ -142,7 +142,9 @@ async fn handle(job: Value, h: Data<Arc<Handlers>>) -> Result<(), BoxDynError> {
         }
         "effect" => {
             let job: EffectJob = serde_json::from_value(env.body)?;
-            h.outbox.run(job.tenant_id, job.effect_id).await?;
+            h.outbox
+                .run(job.tenant_id, job.effect_id, job.after_attempts)
+                .await?;
         }
         other => tracing::error!(kind = other, "unknown job kind; dropped"),
     }
@@ -152,7 +154,7 @@ async fn handle(job: Value, h: Data<Arc<Handlers>>) -> Result<(), BoxDynError> {
 /// Run one queue's worker until shutdown, restarting it (fresh name, backoff)
 /// whenever it stops on an error.
 async fn supervise(
-    queue: &'static str,
+    queue: String,
     pool: PgPool,
     h: Arc<Handlers>,
     cfg: WorkerConfig,
@@ -165,7 +167,7 @@ async fn supervise(
     while !shutdown.is_cancelled() {
         let name = format!("{host}-{queue}-{}", Uuid::now_v7());
         let qc = QueueConfig::default()
-            .queue(queue)
+            .queue(&queue)
             .batch_size(cfg.batch_size)
             .heartbeat_interval(cfg.heartbeat)
             .missed_heartbeats(3)
@@ -173,7 +175,7 @@ async fn supervise(
         let storage = PostgresStorage::<Value>::new(&pool).with_config(qc);
         let backend = PollWith::new(
             storage,
-            WakeStrategy::new(pool.clone(), queue, cfg.poll_interval),
+            WakeStrategy::new(pool.clone(), &queue, cfg.poll_interval),
         );
         let worker = WorkerBuilder::new(name.as_str())
             .backend(backend)
@@ -250,13 +252,14 @@ async fn fire_due_timers(
     loop {
         let mut tx = pool.begin().await?;
         let due = timers::claim_due(&mut tx, cfg.sweep_grace.as_millis() as i64, 500).await?;
-        for (tenant_id, workflow_id, timer_id) in &due {
+        for (tenant_id, workflow_id, kind, timer_id) in &due {
             let job = ApplyJob {
                 tenant_id: *tenant_id,
                 workflow_id: *workflow_id,
             };
             jobs::enqueue_apply(
                 &mut tx,
+                kind,
                 &job,
                 Some(format!("tmr:{timer_id}:{}", Uuid::now_v7())),
             )
@@ -277,30 +280,31 @@ async fn fire_due_timers(
 pub async fn sweep_once(pool: &PgPool, cfg: &WorkerConfig) -> Result<usize, sqlx::Error> {
     let grace = cfg.sweep_grace.as_millis() as i64;
     let mut tx = pool.begin().await?;
+    // One sweep job per workflow per grace period, however many processes sweep.
+    let bucket = chrono::Utc::now().timestamp_millis() / grace.max(1);
     let stale = signals::stale_queued(&mut tx, grace, 500).await?;
-    for (tenant_id, workflow_id) in &stale {
+    for (tenant_id, workflow_id, kind) in &stale {
+        let job = ApplyJob {
+            tenant_id: *tenant_id,
+            workflow_id: *workflow_id,
+        };
         jobs::enqueue_apply(
             &mut tx,
-            &ApplyJob {
-                tenant_id: *tenant_id,
-                workflow_id: *workflow_id,
-            },
-            None,
+            kind,
+            &job,
+            Some(format!("sweep:{workflow_id}:{bucket}")),
         )
         .await?;
     }
     let lost = effects::recover(&mut tx, grace, 500).await?;
-    for (tenant_id, effect_id, _attempts) in &lost {
-        jobs::enqueue_effect(
-            &mut tx,
-            &EffectJob {
-                tenant_id: *tenant_id,
-                effect_id: *effect_id,
-            },
-            None,
-            None,
-        )
-        .await?;
+    for (tenant_id, effect_id, attempts) in &lost {
+        let job = EffectJob {
+            tenant_id: *tenant_id,
+            effect_id: *effect_id,
+            after_attempts: Some(*attempts),
+        };
+        let key = format!("sweep:eff:{effect_id}:{attempts}:{bucket}");
+        jobs::enqueue_effect(&mut tx, &job, None, Some(key)).await?;
     }
     tx.commit().await?;
     let made = stale.len() + lost.len();
@@ -346,9 +350,17 @@ pub fn spawn(
     shutdown: CancellationToken,
 ) -> tokio::task::JoinSet<()> {
     let pool = engine.pool().clone();
+    // One apply queue per workflow kind this process runs; effects are shared.
+    let mut queues: Vec<String> = engine
+        .registry()
+        .kinds()
+        .into_iter()
+        .map(jobs::apply_queue)
+        .collect();
+    queues.push(EFFECT_QUEUE.to_string());
     let h = Arc::new(Handlers { engine, outbox });
     let mut set = tokio::task::JoinSet::new();
-    for queue in [APPLY_QUEUE, EFFECT_QUEUE] {
+    for queue in queues {
         set.spawn(supervise(
             queue,
             pool.clone(),

@@ -797,13 +797,13 @@ async fn a_stale_attempt_or_version_is_fenced_off() {
         .await
         .unwrap();
     let mut conn = app.pool.acquire().await.unwrap();
-    let first = effects::claim(&mut conn, tenant, effect_id, 1)
+    let first = effects::claim(&mut conn, tenant, effect_id, 1, Some(0))
         .await
         .unwrap()
         .expect("claimable");
     assert_eq!(first.attempts, 1);
     assert!(
-        effects::claim(&mut conn, tenant, effect_id, 60_000)
+        effects::claim(&mut conn, tenant, effect_id, 60_000, Some(0))
             .await
             .unwrap()
             .is_none(),
@@ -819,7 +819,14 @@ async fn a_stale_attempt_or_version_is_fenced_off() {
         }
     })
     .await;
-    let second = effects::claim(&mut conn, tenant, effect_id, 60_000)
+    assert!(
+        effects::claim(&mut conn, tenant, effect_id, 60_000, Some(0))
+            .await
+            .unwrap()
+            .is_none(),
+        "a duplicate job for the first attempt cannot claim the second"
+    );
+    let second = effects::claim(&mut conn, tenant, effect_id, 60_000, Some(1))
         .await
         .unwrap()
         .expect("reclaimable");
@@ -848,4 +855,118 @@ async fn a_stale_attempt_or_version_is_fenced_off() {
         .unwrap());
     let (_, wf) = app.get(&app.keys.operator, &lead).await;
     assert_eq!(wf["state"], "NEW");
+}
+
+#[tokio::test]
+async fn a_job_cancelled_before_its_post_was_published_gets_the_post_marked_cancelled() {
+    let app = TestApp::spawn().await;
+    // Hold every effect back for two attempts so the cancel lands while the publish is pending.
+    app.set_config(json!({"log_channel": {"fail_first": 2, "failure": "transient"}}))
+        .await;
+    let lead = Uuid::new_v4().to_string();
+    let (code, _) = app
+        .start(&app.keys.integration, "dispatch", &lead, lead_input(None))
+        .await;
+    assert_eq!(code, 201);
+    step(
+        &app,
+        &app.keys.operator,
+        &lead,
+        "cancel",
+        json!({}),
+        "CANCELLED",
+    )
+    .await;
+    app.wait_effects_settled().await;
+    let keys: Vec<String> = app.deliveries().await.into_iter().map(|d| d.0).collect();
+    assert_eq!(
+        keys,
+        [
+            format!("{lead}:publish_v1"),
+            format!("{lead}:group_cancel_v1")
+        ],
+        "the post went out, then was marked cancelled"
+    );
+    let (_, wf) = app.get(&app.keys.operator, &lead).await;
+    assert_eq!(wf["state"], "CANCELLED");
+    let published = wf["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["signal_name"] == "published")
+        .unwrap()
+        .clone();
+    assert_eq!(published["reason"], "final_state");
+}
+
+#[tokio::test]
+async fn keys_paths_and_text_are_validated_before_anything_is_stored() {
+    let app = TestApp::spawn().await;
+    let lead = Uuid::new_v4().to_string();
+    let upper = lead.to_uppercase();
+    let (code, body) = app
+        .start(&app.keys.integration, "dispatch", &upper, lead_input(None))
+        .await;
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (422, Some("invalid_key"))
+    );
+    let mut nul = lead_input(None);
+    nul["lead"]["notes"] = json!("a\u{0}b");
+    let (code, body) = app
+        .start(&app.keys.integration, "dispatch", &lead, nul)
+        .await;
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (422, Some("invalid_text")),
+        "{body}"
+    );
+    let (n,): (i64,) = sqlx::query_as("select count(*) from workflows")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+
+    let lead = published(&app, None).await;
+    let r = app
+        .http
+        .post(format!(
+            "{}/v1/workflows/dispatch/{lead}/signals?wait_ms=soon",
+            app.url
+        ))
+        .bearer_auth(&app.keys.operator)
+        .header("Idempotency-Key", "w1")
+        .json(&json!({"name": "confirm"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_wait");
+    let r = app
+        .http
+        .get(format!("{}/v1/workflows/dispatch/a%00b", app.url))
+        .bearer_auth(&app.keys.operator)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422);
+
+    // Executors see the job's standing, not its history or effects.
+    step(
+        &app,
+        &app.keys.executor,
+        &lead,
+        "claim",
+        json!({}),
+        "CLAIMED",
+    )
+    .await;
+    let (_, view) = app.get(&app.keys.executor, &lead).await;
+    assert_eq!(view["claimed_by"], "executor-1");
+    assert!(
+        view.get("history").is_none()
+            && view.get("effects").is_none()
+            && view.get("data").is_none()
+    );
 }

@@ -22,41 +22,79 @@ pub struct Email<'a> {
 
 impl<'a> Email<'a> {
     /// Build from settings for `resend` or `sendgrid`.
-    pub fn new(http: &'a reqwest::Client, provider: &'static str, row: &ProviderRow) -> Result<Self, ChannelError> {
-        let default = if provider == "resend" { RESEND_BASE } else { SENDGRID_BASE };
+    pub fn new(
+        http: &'a reqwest::Client,
+        provider: &'static str,
+        row: &ProviderRow,
+    ) -> Result<Self, ChannelError> {
+        let default = if provider == "resend" {
+            RESEND_BASE
+        } else {
+            SENDGRID_BASE
+        };
         Ok(Email {
             http,
             provider,
-            base: row.setting("base_url").unwrap_or(default).trim_end_matches('/').to_string(),
-            key: row.secret("api_key").ok_or_else(|| ChannelError::permanent(format!("{provider} api_key is not set")))?.to_string(),
-            from: row.setting("from").ok_or_else(|| ChannelError::permanent(format!("{provider} from is not set")))?.to_string(),
+            base: row
+                .setting("base_url")
+                .unwrap_or(default)
+                .trim_end_matches('/')
+                .to_string(),
+            key: row
+                .secret("api_key")
+                .ok_or_else(|| ChannelError::permanent(format!("{provider} api_key is not set")))?
+                .to_string(),
+            from: row
+                .setting("from")
+                .ok_or_else(|| ChannelError::permanent(format!("{provider} from is not set")))?
+                .to_string(),
         })
     }
 
     /// Send a plain-text email. Resend deduplicates on `Idempotency-Key`.
     /// Returns the provider's message id.
-    pub async fn send(&self, to: &str, subject: &str, text: &str, idempotency_key: &str) -> Result<String, ChannelError> {
+    pub async fn send(
+        &self,
+        to: &str,
+        subject: &str,
+        text: &str,
+        idempotency_key: &str,
+    ) -> Result<String, ChannelError> {
         let request = if self.provider == "resend" {
             self.http
                 .post(format!("{}/emails", self.base))
                 .header("Idempotency-Key", idempotency_key)
                 .json(&json!({ "from": self.from, "to": [to], "subject": subject, "text": text }))
         } else {
-            self.http.post(format!("{}/v3/mail/send", self.base)).json(&json!({
-                "personalizations": [{ "to": [{ "email": to }] }],
-                "from": { "email": self.from },
-                "subject": subject,
-                "content": [{ "type": "text/plain", "value": text }],
-                "custom_args": { "idempotency_key": idempotency_key }
-            }))
+            self.http
+                .post(format!("{}/v3/mail/send", self.base))
+                .json(&json!({
+                    "personalizations": [{ "to": [{ "email": to }] }],
+                    "from": { "email": self.from },
+                    "subject": subject,
+                    "content": [{ "type": "text/plain", "value": text }],
+                    "custom_args": { "idempotency_key": idempotency_key }
+                }))
         };
-        let resp = request.bearer_auth(&self.key).send().await.map_err(|e| transport(self.provider, e.without_url()))?;
+        let resp = request
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .map_err(|e| transport(self.provider, e.without_url()))?;
         let status = resp.status();
         let retry_after = retry_after_header(resp.headers());
-        let header_id = resp.headers().get("x-message-id").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let header_id = resp
+            .headers()
+            .get("x-message-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let answer: Value = resp.json().await.unwrap_or(Value::Null);
         if status.is_success() {
-            return Ok(answer["id"].as_str().map(str::to_string).or(header_id).unwrap_or_else(|| "accepted".into()));
+            return Ok(answer["id"]
+                .as_str()
+                .map(str::to_string)
+                .or(header_id)
+                .unwrap_or_else(|| "accepted".into()));
         }
         let description = answer["message"]
             .as_str()

@@ -52,7 +52,9 @@ pub enum ChannelError {
 
 impl ChannelError {
     pub(crate) fn permanent(message: impl Into<String>) -> Self {
-        ChannelError::Permanent { message: message.into() }
+        ChannelError::Permanent {
+            message: message.into(),
+        }
     }
 
     pub(crate) fn transient(message: impl Into<String>) -> Self {
@@ -71,12 +73,25 @@ impl From<sqlx::Error> for ChannelError {
 
 /// Classify a provider's HTTP answer. `description` must be the provider's
 /// error text (it never contains our message body).
-pub(crate) fn classify(provider: &str, status: StatusCode, retry_after: Option<Duration>, description: &str) -> ChannelError {
-    let message = format!("{provider} {}: {}", status.as_u16(), truncate(description, 200));
-    if status == StatusCode::TOO_MANY_REQUESTS {
-        ChannelError::Transient { message, retry_after }
-    } else if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
-        ChannelError::Transient { message, retry_after }
+pub(crate) fn classify(
+    provider: &str,
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    description: &str,
+) -> ChannelError {
+    let message = format!(
+        "{provider} {}: {}",
+        status.as_u16(),
+        truncate(description, 200)
+    );
+    let retryable = status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status.is_server_error();
+    if retryable {
+        ChannelError::Transient {
+            message,
+            retry_after,
+        }
     } else {
         ChannelError::Permanent { message }
     }
@@ -119,7 +134,11 @@ pub fn http_client() -> reqwest::Client {
 }
 
 /// Load a provider's settings or fail permanently (misconfiguration).
-pub(crate) async fn provider(conn: &mut PgConnection, tenant_id: Uuid, name: &str) -> Result<ProviderRow, ChannelError> {
+pub(crate) async fn provider(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    name: &str,
+) -> Result<ProviderRow, ChannelError> {
     providers::get(conn, tenant_id, name)
         .await?
         .ok_or_else(|| ChannelError::permanent(format!("{name} is not configured for this tenant")))
@@ -137,17 +156,27 @@ pub struct Limit {
 }
 
 /// Reserve a slot under every limit; returns when the send may go (the latest).
-pub async fn reserve(conn: &mut PgConnection, tenant_id: Uuid, limits: &[Limit]) -> Result<DateTime<Utc>, ChannelError> {
+pub async fn reserve(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    limits: &[Limit],
+) -> Result<DateTime<Utc>, ChannelError> {
     let mut at = Utc::now();
     for l in limits {
-        at = at.max(providers::reserve_slot(conn, tenant_id, &l.key, l.interval_ms, l.burst).await?);
+        at =
+            at.max(providers::reserve_slot(conn, tenant_id, &l.key, l.interval_ms, l.burst).await?);
     }
     Ok(at)
 }
 
 /// Reserve a slot and wait for it when it is near (`horizon`); a slot further
 /// away is returned as [`ChannelError::Deferred`] for the outbox to reschedule.
-pub async fn pace(conn: &mut PgConnection, tenant_id: Uuid, limits: &[Limit], horizon: Duration) -> Result<(), ChannelError> {
+pub async fn pace(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    limits: &[Limit],
+    horizon: Duration,
+) -> Result<(), ChannelError> {
     if limits.is_empty() {
         return Ok(());
     }
@@ -201,7 +230,12 @@ impl RateConfig {
 }
 
 /// Ledger: what a previous attempt already sent under this key, if anything.
-pub(crate) async fn already_sent(conn: &mut PgConnection, tenant_id: Uuid, channel: &str, key: &str) -> Result<Option<String>, ChannelError> {
+pub(crate) async fn already_sent(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    channel: &str,
+    key: &str,
+) -> Result<Option<String>, ChannelError> {
     let r: Option<(Option<String>, Uuid)> = sqlx::query_as(
         "select provider_message_id, id from deliveries where tenant_id = $1 and channel = $2 and idempotency_key = $3",
     )
@@ -243,7 +277,11 @@ pub(crate) async fn record_sent(
     .fetch_optional(&mut *conn)
     .await?;
     match inserted {
-        Some((id,)) => Ok(provider_message_id.map(str::to_string).unwrap_or_else(|| id.to_string())),
-        None => Ok(already_sent(conn, tenant_id, channel, key).await?.unwrap_or_default()),
+        Some((id,)) => Ok(provider_message_id
+            .map(str::to_string)
+            .unwrap_or_else(|| id.to_string())),
+        None => Ok(already_sent(conn, tenant_id, channel, key)
+            .await?
+            .unwrap_or_default()),
     }
 }

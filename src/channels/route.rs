@@ -29,7 +29,9 @@ use super::email::Email;
 use super::telegram::{claim_button, Telegram};
 use super::twilio::Twilio;
 use super::whatsapp::WhatsApp;
-use super::{already_sent, pace, provider, record_sent, reserve, wait_until, ChannelError, RateConfig};
+use super::{
+    already_sent, pace, provider, record_sent, reserve, wait_until, ChannelError, RateConfig,
+};
 use crate::store::effects::EffectRow;
 use crate::store::providers::{self, Person};
 use crate::store::{tenants, workflows as wf_store};
@@ -69,7 +71,11 @@ struct Post {
 #[derive(Debug, Clone, PartialEq)]
 enum Dest {
     Log(String),
-    Telegram { chat_id: String, reply_to: Option<i64>, callback: Option<String> },
+    Telegram {
+        chat_id: String,
+        reply_to: Option<i64>,
+        callback: Option<String>,
+    },
     WhatsApp(Vec<String>),
     Sms(String),
     Email(String),
@@ -99,13 +105,28 @@ impl Router {
 
     /// Deliver one effect attempt. `send_after` is a slot reserved by an
     /// earlier attempt that was deferred by the rate limit.
-    pub async fn deliver(&self, conn: &mut PgConnection, effect: &EffectRow, send_after: Option<DateTime<Utc>>) -> Result<Value, ChannelError> {
+    pub async fn deliver(
+        &self,
+        conn: &mut PgConnection,
+        effect: &EffectRow,
+        send_after: Option<DateTime<Utc>>,
+    ) -> Result<Value, ChannelError> {
         let config = tenants::config(&mut *conn, effect.tenant_id).await?;
         inject_failure(&config, effect)?;
-        let message = render(conn, effect).await?;
+        let mut message = render(conn, effect).await?;
+        if message.edit.is_none() {
+            if let Some(publish_key) = str_field(&effect.payload, "publish_key") {
+                // Cancelled before the post was known: edit it once it exists.
+                match published_post(conn, effect, publish_key).await? {
+                    Some(post) => message.edit = Some(post),
+                    None => return Ok(json!({ "skipped": "nothing was published" })),
+                }
+            }
+        }
         let dest = resolve(conn, effect.tenant_id, &config, &message).await?;
         let rate = RateConfig::from_tenant(&config);
-        self.send(conn, effect, &message, dest, &rate, send_after).await
+        self.send(conn, effect, &message, dest, &rate, send_after)
+            .await
     }
 
     async fn send(
@@ -121,12 +142,29 @@ impl Router {
         let key = &effect.idempotency_key;
         match dest {
             Dest::Log(recipient) => {
-                let id = record_sent(conn, tenant, effect.id, "log", key, &recipient, &effect.payload, &m.text, None).await?;
+                let id = record_sent(
+                    conn,
+                    tenant,
+                    effect.id,
+                    "log",
+                    key,
+                    &recipient,
+                    &effect.payload,
+                    &m.text,
+                    None,
+                )
+                .await?;
                 Ok(json!({ "message_id": id, "provider": "log", "chat_id": recipient }))
             }
-            Dest::Telegram { chat_id, reply_to, callback } => {
+            Dest::Telegram {
+                chat_id,
+                reply_to,
+                callback,
+            } => {
                 if let Some(id) = already_sent(conn, tenant, "telegram", key).await? {
-                    return Ok(json!({ "message_id": id, "provider": "telegram", "chat_id": chat_id }));
+                    return Ok(
+                        json!({ "message_id": id, "provider": "telegram", "chat_id": chat_id }),
+                    );
                 }
                 let row = provider(conn, tenant, "telegram").await?;
                 let tg = Telegram::new(&self.http, &row)?;
@@ -146,13 +184,28 @@ impl Router {
                     }
                     match &m.edit {
                         Some(post) => {
-                            tg.edit_message_text(&chat_id, &post.message_id, &m.text, markup).await?;
+                            tg.edit_message_text(&chat_id, &post.message_id, &m.text, markup)
+                                .await?;
                             post.message_id.clone()
                         }
-                        None => tg.send_message(&chat_id, &m.text, markup, m.protect, reply_to).await?,
+                        None => {
+                            tg.send_message(&chat_id, &m.text, markup, m.protect, reply_to)
+                                .await?
+                        }
                     }
                 };
-                let id = record_sent(conn, tenant, effect.id, "telegram", key, &chat_id, &effect.payload, &m.text, Some(&message_id)).await?;
+                let id = record_sent(
+                    conn,
+                    tenant,
+                    effect.id,
+                    "telegram",
+                    key,
+                    &chat_id,
+                    &effect.payload,
+                    &m.text,
+                    Some(&message_id),
+                )
+                .await?;
                 Ok(json!({ "message_id": id, "provider": "telegram", "chat_id": chat_id }))
             }
             Dest::WhatsApp(phones) => {
@@ -161,28 +214,64 @@ impl Router {
                 let mut first = None;
                 for phone in &phones {
                     // One ledger row per recipient: a retry resumes the broadcast.
-                    let k = if phones.len() == 1 && m.audience != Audience::Crew { key.clone() } else { format!("{key}:{phone}") };
+                    let k = if phones.len() == 1 && m.audience != Audience::Crew {
+                        key.clone()
+                    } else {
+                        format!("{key}:{phone}")
+                    };
                     let id = match already_sent(conn, tenant, "whatsapp", &k).await? {
                         Some(id) => id,
                         None => {
                             pace(conn, tenant, &wa.limits(rate), Duration::from_secs(3600)).await?;
                             let open = providers::whatsapp_window_open(conn, tenant, phone).await?;
-                            let sent = wa.send(phone, &m.text, open, m.claim_button.as_deref()).await?;
-                            record_sent(conn, tenant, effect.id, "whatsapp", &k, phone, &effect.payload, &m.text, Some(&sent)).await?
+                            let sent = wa
+                                .send(phone, &m.text, open, m.claim_button.as_deref())
+                                .await?;
+                            record_sent(
+                                conn,
+                                tenant,
+                                effect.id,
+                                "whatsapp",
+                                &k,
+                                phone,
+                                &effect.payload,
+                                &m.text,
+                                Some(&sent),
+                            )
+                            .await?
                         }
                     };
                     first.get_or_insert(id);
                 }
-                let chat_id = if m.audience == Audience::Crew { "broadcast".to_string() } else { phones.join(",") };
-                Ok(json!({ "message_id": first.unwrap_or_default(), "provider": "whatsapp", "chat_id": chat_id }))
+                let chat_id = if m.audience == Audience::Crew {
+                    "broadcast".to_string()
+                } else {
+                    phones.join(",")
+                };
+                Ok(
+                    json!({ "message_id": first.unwrap_or_default(), "provider": "whatsapp", "chat_id": chat_id }),
+                )
             }
             Dest::Sms(to) => {
                 if let Some(id) = already_sent(conn, tenant, "twilio", key).await? {
                     return Ok(json!({ "message_id": id, "provider": "twilio", "chat_id": to }));
                 }
                 let row = provider(conn, tenant, "twilio").await?;
-                let sid = Twilio::new(&self.http, &row)?.send(&to, &m.text, key).await?;
-                let id = record_sent(conn, tenant, effect.id, "twilio", key, &to, &effect.payload, &m.text, Some(&sid)).await?;
+                let sid = Twilio::new(&self.http, &row)?
+                    .send(&to, &m.text, key)
+                    .await?;
+                let id = record_sent(
+                    conn,
+                    tenant,
+                    effect.id,
+                    "twilio",
+                    key,
+                    &to,
+                    &effect.payload,
+                    &m.text,
+                    Some(&sid),
+                )
+                .await?;
                 Ok(json!({ "message_id": id, "provider": "twilio", "chat_id": to }))
             }
             Dest::Email(to) => {
@@ -190,8 +279,21 @@ impl Router {
                 if let Some(id) = already_sent(conn, tenant, name, key).await? {
                     return Ok(json!({ "message_id": id, "provider": name, "chat_id": to }));
                 }
-                let sent = Email::new(&self.http, name, &row)?.send(&to, &m.subject, &m.text, key).await?;
-                let id = record_sent(conn, tenant, effect.id, name, key, &to, &effect.payload, &m.text, Some(&sent)).await?;
+                let sent = Email::new(&self.http, name, &row)?
+                    .send(&to, &m.subject, &m.text, key)
+                    .await?;
+                let id = record_sent(
+                    conn,
+                    tenant,
+                    effect.id,
+                    name,
+                    key,
+                    &to,
+                    &effect.payload,
+                    &m.text,
+                    Some(&sent),
+                )
+                .await?;
                 Ok(json!({ "message_id": id, "provider": name, "chat_id": to }))
             }
         }
@@ -199,7 +301,14 @@ impl Router {
 
     /// Send a one-off reply to a chat sender outside any workflow (an unknown
     /// sender's polite answer), deduplicated by `key`.
-    pub async fn reply_direct(&self, conn: &mut PgConnection, tenant_id: Uuid, origin: &Value, text: &str, key: &str) -> Result<(), ChannelError> {
+    pub async fn reply_direct(
+        &self,
+        conn: &mut PgConnection,
+        tenant_id: Uuid,
+        origin: &Value,
+        text: &str,
+        key: &str,
+    ) -> Result<(), ChannelError> {
         let dest = origin_dest(origin)?;
         let effect = EffectRow::direct(tenant_id, key);
         let m = Message {
@@ -211,37 +320,105 @@ impl Router {
             edit: None,
         };
         let config = tenants::config(&mut *conn, tenant_id).await?;
-        self.send(conn, &effect, &m, dest, &RateConfig::from_tenant(&config), None).await.map(|_| ())
+        self.send(
+            conn,
+            &effect,
+            &m,
+            dest,
+            &RateConfig::from_tenant(&config),
+            None,
+        )
+        .await
+        .map(|_| ())
     }
 }
 
-async fn email_provider(conn: &mut PgConnection, tenant: Uuid) -> Result<(&'static str, providers::ProviderRow), ChannelError> {
+async fn email_provider(
+    conn: &mut PgConnection,
+    tenant: Uuid,
+) -> Result<(&'static str, providers::ProviderRow), ChannelError> {
     for name in ["resend", "sendgrid"] {
         if let Some(row) = providers::get(conn, tenant, name).await? {
             return Ok((name, row));
         }
     }
-    Err(ChannelError::permanent("no email provider is configured for this tenant"))
+    Err(ChannelError::permanent(
+        "no email provider is configured for this tenant",
+    ))
 }
 
 /// Testing aid kept from the log channel: tenant config
 /// `{"log_channel": {"fail_first": N, "failure": "transient"|"permanent"}}`
 /// fails the first N attempts of every effect.
 fn inject_failure(config: &Value, effect: &EffectRow) -> Result<(), ChannelError> {
-    if let Some(n) = config.pointer("/log_channel/fail_first").and_then(Value::as_i64) {
+    if let Some(n) = config
+        .pointer("/log_channel/fail_first")
+        .and_then(Value::as_i64)
+    {
         if i64::from(effect.attempts) <= n {
-            let message = format!("log channel: injected failure on attempt {}", effect.attempts);
-            return Err(match config.pointer("/log_channel/failure").and_then(Value::as_str) {
-                Some("permanent") => ChannelError::Permanent { message },
-                _ => ChannelError::Transient { message, retry_after: None },
-            });
+            let message = format!(
+                "log channel: injected failure on attempt {}",
+                effect.attempts
+            );
+            return Err(
+                match config
+                    .pointer("/log_channel/failure")
+                    .and_then(Value::as_str)
+                {
+                    Some("permanent") => ChannelError::Permanent { message },
+                    _ => ChannelError::Transient {
+                        message,
+                        retry_after: None,
+                    },
+                },
+            );
         }
     }
     Ok(())
 }
 
+/// The post a publish effect made: from the ledger once sent; a publish still
+/// pending or running is waited for (transient); one that never went out
+/// (dead) leaves nothing to edit.
+async fn published_post(
+    conn: &mut PgConnection,
+    effect: &EffectRow,
+    publish_key: &str,
+) -> Result<Option<Post>, ChannelError> {
+    let sent: Option<(String, String, String)> = sqlx::query_as(
+        "select channel, recipient, coalesce(provider_message_id, id::text) from deliveries
+         where tenant_id = $1 and (idempotency_key = $2 or idempotency_key like $2 || ':%')
+         order by delivered_at limit 1",
+    )
+    .bind(effect.tenant_id)
+    .bind(publish_key)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some((provider, chat_id, message_id)) = sent {
+        return Ok(Some(Post {
+            provider,
+            chat_id,
+            message_id,
+        }));
+    }
+    let status: Option<(String,)> = sqlx::query_as("select status from effects where tenant_id = $1 and workflow_id = $2 and idempotency_key = $3")
+        .bind(effect.tenant_id)
+        .bind(effect.workflow_id)
+        .bind(publish_key)
+        .fetch_optional(&mut *conn)
+        .await?;
+    match status.as_ref().map(|s| s.0.as_str()) {
+        Some("pending") | Some("running") => Err(ChannelError::transient(
+            "waiting for the crew post to be published",
+        )),
+        _ => Ok(None),
+    }
+}
+
 fn str_field<'a>(p: &'a Value, name: &str) -> Option<&'a str> {
-    p.get(name).and_then(Value::as_str).filter(|s| !s.is_empty())
+    p.get(name)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
 }
 
 async fn load_lead(conn: &mut PgConnection, effect: &EffectRow) -> Result<FullLead, ChannelError> {
@@ -253,10 +430,17 @@ async fn load_lead(conn: &mut PgConnection, effect: &EffectRow) -> Result<FullLe
 }
 
 /// How an executor is shown to others: @username, else display name, else id.
-async fn handle(conn: &mut PgConnection, tenant: Uuid, executor: &str) -> Result<String, ChannelError> {
+async fn handle(
+    conn: &mut PgConnection,
+    tenant: Uuid,
+    executor: &str,
+) -> Result<String, ChannelError> {
     let person = providers::person(conn, tenant, executor).await?;
     Ok(match person {
-        Some(Person { telegram_username: Some(u), .. }) => format!("@{u}"),
+        Some(Person {
+            telegram_username: Some(u),
+            ..
+        }) => format!("@{u}"),
         Some(p) => p.display_name,
         None => format!("@{executor}"),
     })
@@ -280,7 +464,10 @@ async fn render(conn: &mut PgConnection, effect: &EffectRow) -> Result<Message, 
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| ChannelError::permanent("effect payload has no lead_id"))?;
     let short = short_id(lead_id);
-    let executor = str_field(p, "executor").or(str_field(p, "to")).unwrap_or("").to_string();
+    let executor = str_field(p, "executor")
+        .or(str_field(p, "to"))
+        .unwrap_or("")
+        .to_string();
     let post = str_field(p, "message_id").map(|m| Post {
         provider: str_field(p, "provider").unwrap_or("log").to_string(),
         chat_id: str_field(p, "chat_id").unwrap_or("crew").to_string(),
@@ -297,48 +484,88 @@ async fn render(conn: &mut PgConnection, effect: &EffectRow) -> Result<Message, 
     Ok(match effect.name.as_str() {
         dispatch_effects::PUBLISH => Message {
             claim_button: Some(short.clone()),
-            ..m(Audience::Crew, CrewLeadView::from_lead(lead_id, &load_lead(conn, effect).await?).render())
+            ..m(
+                Audience::Crew,
+                CrewLeadView::from_lead(lead_id, &load_lead(conn, effect).await?).render(),
+            )
         },
         dispatch_effects::CREW_POST_RESERVED => Message {
             edit: post,
-            ..m(Audience::Crew, format!("Job #{short} — Reserved by {}", handle(conn, tenant, &executor).await?))
+            ..m(
+                Audience::Crew,
+                format!(
+                    "Job #{short} — Reserved by {}",
+                    handle(conn, tenant, &executor).await?
+                ),
+            )
         },
         dispatch_effects::CREW_POST_RESTORED => Message {
             edit: post,
             claim_button: Some(short.clone()),
-            ..m(Audience::Crew, CrewLeadView::from_lead(lead_id, &load_lead(conn, effect).await?).render())
+            ..m(
+                Audience::Crew,
+                CrewLeadView::from_lead(lead_id, &load_lead(conn, effect).await?).render(),
+            )
         },
-        dispatch_effects::CREW_POST_CANCELLED => Message { edit: post, ..m(Audience::Crew, format!("Job #{short} — Cancelled")) },
+        dispatch_effects::CREW_POST_CANCELLED => Message {
+            edit: post,
+            ..m(Audience::Crew, format!("Job #{short} — Cancelled"))
+        },
         dispatch_effects::CREW_POST_EXPIRED => Message {
             edit: post,
-            ..m(Audience::Crew, format!("Job #{short} — Expired (not claimed in time)"))
+            ..m(
+                Audience::Crew,
+                format!("Job #{short} — Expired (not claimed in time)"),
+            )
         },
         dispatch_effects::NOTIFY_OPERATOR_CLAIMED => m(
             Audience::Operator,
-            format!("Job #{short} was claimed by {}. Confirm or reject the claim.", handle(conn, tenant, &executor).await?),
+            format!(
+                "Job #{short} was claimed by {}. Confirm or reject the claim.",
+                handle(conn, tenant, &executor).await?
+            ),
         ),
         dispatch_effects::RELEASE_DETAILS => Message {
             protect: true,
-            ..m(Audience::Executor(executor.clone()), load_lead(conn, effect).await?.render_full(lead_id))
+            ..m(
+                Audience::Executor(executor.clone()),
+                load_lead(conn, effect).await?.render_full(lead_id),
+            )
         },
         lead_effects::NOTIFY_OPERATOR_FULL => Message {
             protect: true,
-            ..m(Audience::Operator, load_lead(conn, effect).await?.render_full(lead_id))
+            ..m(
+                Audience::Operator,
+                load_lead(conn, effect).await?.render_full(lead_id),
+            )
         },
-        lead_effects::NOTIFY_OPERATOR_CREW_FALLBACK => {
-            m(Audience::Operator, CrewLeadView::from_lead(lead_id, &load_lead(conn, effect).await?).render())
-        }
+        lead_effects::NOTIFY_OPERATOR_CREW_FALLBACK => m(
+            Audience::Operator,
+            CrewLeadView::from_lead(lead_id, &load_lead(conn, effect).await?).render(),
+        ),
         _ => return Err(ChannelError::permanent("no renderer for this effect")),
     })
 }
 
 /// What the sender of a chat command is told about its outcome.
 fn reply_text(p: &Value) -> String {
-    let short = str_field(p, "key").map(|k| k.chars().take(8).collect::<String>()).unwrap_or_default();
-    match (str_field(p, "signal"), str_field(p, "status"), str_field(p, "reason")) {
-        (Some("claim"), Some("applied"), _) => format!("Job #{short} is reserved for you. The operator will confirm."),
-        (Some("claim"), _, Some("already_claimed")) => format!("Sorry, job #{short} is already taken."),
-        (Some("release"), Some("applied"), _) => format!("Details of job #{short} were sent to the executor."),
+    let short = str_field(p, "key")
+        .map(|k| k.chars().take(8).collect::<String>())
+        .unwrap_or_default();
+    match (
+        str_field(p, "signal"),
+        str_field(p, "status"),
+        str_field(p, "reason"),
+    ) {
+        (Some("claim"), Some("applied"), _) => {
+            format!("Job #{short} is reserved for you. The operator will confirm.")
+        }
+        (Some("claim"), _, Some("already_claimed")) => {
+            format!("Sorry, job #{short} is already taken.")
+        }
+        (Some("release"), Some("applied"), _) => {
+            format!("Details of job #{short} were sent to the executor.")
+        }
         (_, Some("applied"), _) => format!("Done: job #{short}."),
         (_, _, Some(reason)) => format!("Job #{short}: not done ({reason})."),
         _ => format!("Job #{short}: not done."),
@@ -348,53 +575,102 @@ fn reply_text(p: &Value) -> String {
 fn origin_dest(origin: &Value) -> Result<Dest, ChannelError> {
     match str_field(origin, "provider") {
         Some("telegram") => Ok(Dest::Telegram {
-            chat_id: origin.get("chat_id").map(|c| c.to_string().trim_matches('"').to_string()).unwrap_or_default(),
+            chat_id: origin
+                .get("chat_id")
+                .map(|c| c.to_string().trim_matches('"').to_string())
+                .unwrap_or_default(),
             reply_to: origin.get("message_id").and_then(Value::as_i64),
             callback: str_field(origin, "callback_query_id").map(str::to_string),
         }),
-        Some("whatsapp") => Ok(Dest::WhatsApp(vec![str_field(origin, "from").unwrap_or_default().to_string()])),
-        Some("twilio") => Ok(Dest::Sms(str_field(origin, "from").unwrap_or_default().to_string())),
+        Some("whatsapp") => Ok(Dest::WhatsApp(vec![str_field(origin, "from")
+            .unwrap_or_default()
+            .to_string()])),
+        Some("twilio") => Ok(Dest::Sms(
+            str_field(origin, "from").unwrap_or_default().to_string(),
+        )),
         _ => Err(ChannelError::permanent("reply origin has no provider")),
     }
 }
 
-async fn resolve(conn: &mut PgConnection, tenant: Uuid, config: &Value, m: &Message) -> Result<Dest, ChannelError> {
+async fn resolve(
+    conn: &mut PgConnection,
+    tenant: Uuid,
+    config: &Value,
+    m: &Message,
+) -> Result<Dest, ChannelError> {
     if let Some(post) = &m.edit {
         // Edits go where the post is.
         return Ok(match post.provider.as_str() {
-            "telegram" => Dest::Telegram { chat_id: post.chat_id.clone(), reply_to: None, callback: None },
-            "whatsapp" => Dest::WhatsApp(providers::executors_with_phone(conn, tenant).await?.into_iter().filter_map(|p| p.phone).collect()),
+            "telegram" => Dest::Telegram {
+                chat_id: post.chat_id.clone(),
+                reply_to: None,
+                callback: None,
+            },
+            "whatsapp" => Dest::WhatsApp(
+                providers::executors_with_phone(conn, tenant)
+                    .await?
+                    .into_iter()
+                    .filter_map(|p| p.phone)
+                    .collect(),
+            ),
             _ => Dest::Log(post.chat_id.clone()),
         });
     }
     match &m.audience {
         Audience::Origin(origin) => origin_dest(origin),
-        Audience::Crew => match config.pointer("/dispatch/crew/provider").and_then(Value::as_str) {
+        Audience::Crew => match config
+            .pointer("/dispatch/crew/provider")
+            .and_then(Value::as_str)
+        {
             Some("telegram") => {
                 let chat_id = config
                     .pointer("/dispatch/crew/chat_id")
                     .map(|c| c.to_string().trim_matches('"').to_string())
                     .filter(|c| !c.is_empty() && c != "null")
                     .ok_or_else(|| ChannelError::permanent("dispatch.crew.chat_id is not set"))?;
-                Ok(Dest::Telegram { chat_id, reply_to: None, callback: None })
+                Ok(Dest::Telegram {
+                    chat_id,
+                    reply_to: None,
+                    callback: None,
+                })
             }
             Some("whatsapp") => {
-                let phones: Vec<String> = providers::executors_with_phone(conn, tenant).await?.into_iter().filter_map(|p| p.phone).collect();
+                let phones: Vec<String> = providers::executors_with_phone(conn, tenant)
+                    .await?
+                    .into_iter()
+                    .filter_map(|p| p.phone)
+                    .collect();
                 if phones.is_empty() {
-                    return Err(ChannelError::permanent("no executor with a phone to broadcast to"));
+                    return Err(ChannelError::permanent(
+                        "no executor with a phone to broadcast to",
+                    ));
                 }
                 Ok(Dest::WhatsApp(phones))
             }
             _ => Ok(Dest::Log("crew".into())),
         },
         Audience::Operator => {
-            let to = config.pointer("/dispatch/operator/to").map(|c| c.to_string().trim_matches('"').to_string()).filter(|c| !c.is_empty() && c != "null");
-            match (config.pointer("/dispatch/operator/provider").and_then(Value::as_str), to) {
-                (Some("telegram"), Some(to)) => Ok(Dest::Telegram { chat_id: to, reply_to: None, callback: None }),
+            let to = config
+                .pointer("/dispatch/operator/to")
+                .map(|c| c.to_string().trim_matches('"').to_string())
+                .filter(|c| !c.is_empty() && c != "null");
+            match (
+                config
+                    .pointer("/dispatch/operator/provider")
+                    .and_then(Value::as_str),
+                to,
+            ) {
+                (Some("telegram"), Some(to)) => Ok(Dest::Telegram {
+                    chat_id: to,
+                    reply_to: None,
+                    callback: None,
+                }),
                 (Some("whatsapp"), Some(to)) => Ok(Dest::WhatsApp(vec![to])),
                 (Some("sms"), Some(to)) => Ok(Dest::Sms(to)),
                 (Some("email"), Some(to)) => Ok(Dest::Email(to)),
-                (Some(p), _) => Err(ChannelError::permanent(format!("dispatch.operator: provider `{p}` needs `to`"))),
+                (Some(p), _) => Err(ChannelError::permanent(format!(
+                    "dispatch.operator: provider `{p}` needs `to`"
+                ))),
                 (None, _) => Ok(Dest::Log("operator".into())),
             }
         }
@@ -404,11 +680,23 @@ async fn resolve(conn: &mut PgConnection, tenant: Uuid, config: &Value, m: &Mess
             let telegram = has(providers::get(conn, tenant, "telegram").await?);
             let whatsapp = has(providers::get(conn, tenant, "whatsapp").await?);
             let twilio = has(providers::get(conn, tenant, "twilio").await?);
-            let email = has(providers::get(conn, tenant, "resend").await?) || has(providers::get(conn, tenant, "sendgrid").await?);
+            let email = has(providers::get(conn, tenant, "resend").await?)
+                || has(providers::get(conn, tenant, "sendgrid").await?);
             Ok(match person {
-                Some(Person { telegram_user_id: Some(uid), .. }) if telegram => Dest::Telegram { chat_id: uid.to_string(), reply_to: None, callback: None },
-                Some(Person { phone: Some(phone), .. }) if whatsapp => Dest::WhatsApp(vec![phone]),
-                Some(Person { phone: Some(phone), .. }) if twilio => Dest::Sms(phone),
+                Some(Person {
+                    telegram_user_id: Some(uid),
+                    ..
+                }) if telegram => Dest::Telegram {
+                    chat_id: uid.to_string(),
+                    reply_to: None,
+                    callback: None,
+                },
+                Some(Person {
+                    phone: Some(phone), ..
+                }) if whatsapp => Dest::WhatsApp(vec![phone]),
+                Some(Person {
+                    phone: Some(phone), ..
+                }) if twilio => Dest::Sms(phone),
                 Some(Person { email: Some(e), .. }) if email => Dest::Email(e),
                 _ => Dest::Log(format!("executor:{id}")),
             })

@@ -23,16 +23,25 @@ pub fn claim_button(short_id: &str) -> Value {
 }
 
 fn chat(chat_id: &str) -> Value {
-    chat_id.parse::<i64>().map(Value::from).unwrap_or_else(|_| Value::from(chat_id))
+    chat_id
+        .parse::<i64>()
+        .map(Value::from)
+        .unwrap_or_else(|_| Value::from(chat_id))
 }
 
 impl<'a> Telegram<'a> {
     /// Build from settings; a missing token is a permanent misconfiguration.
     pub fn new(http: &'a reqwest::Client, row: &ProviderRow) -> Result<Self, ChannelError> {
-        let token = row.secret("bot_token").ok_or_else(|| ChannelError::permanent("telegram bot_token is not set"))?;
+        let token = row
+            .secret("bot_token")
+            .ok_or_else(|| ChannelError::permanent("telegram bot_token is not set"))?;
         Ok(Telegram {
             http,
-            base: row.setting("base_url").unwrap_or(DEFAULT_BASE).trim_end_matches('/').to_string(),
+            base: row
+                .setting("base_url")
+                .unwrap_or(DEFAULT_BASE)
+                .trim_end_matches('/')
+                .to_string(),
             token: token.to_string(),
         })
     }
@@ -45,8 +54,16 @@ impl<'a> Telegram<'a> {
     /// The limits a message to `chat_id` is subject to.
     pub fn limits(&self, chat_id: &str, rate: &RateConfig) -> Vec<Limit> {
         let mut limits = vec![
-            Limit { key: format!("tg:bot:{}", self.bot_key()), interval_ms: 1000.0 / rate.telegram_bot_per_s, burst: rate.telegram_bot_per_s.max(1.0) as u32 },
-            Limit { key: format!("tg:chat:{}:{chat_id}", self.bot_key()), interval_ms: 1000.0 / rate.telegram_chat_per_s, burst: 1 },
+            Limit {
+                key: format!("tg:bot:{}", self.bot_key()),
+                interval_ms: 1000.0 / rate.telegram_bot_per_s,
+                burst: rate.telegram_bot_per_s.max(1.0) as u32,
+            },
+            Limit {
+                key: format!("tg:chat:{}:{chat_id}", self.bot_key()),
+                interval_ms: 1000.0 / rate.telegram_chat_per_s,
+                burst: 1,
+            },
         ];
         if chat_id.starts_with('-') {
             limits.push(Limit {
@@ -60,7 +77,13 @@ impl<'a> Telegram<'a> {
 
     async fn call(&self, method: &str, body: Value) -> Result<Value, ChannelError> {
         let url = format!("{}/bot{}/{method}", self.base, self.token);
-        let resp = self.http.post(url).json(&body).send().await.map_err(|e| transport("telegram", e.without_url()))?;
+        let resp = self
+            .http
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| transport("telegram", e.without_url()))?;
         let status = resp.status();
         let header_retry = retry_after_header(resp.headers());
         let body: Value = resp.json().await.unwrap_or(Value::Null);
@@ -72,9 +95,13 @@ impl<'a> Telegram<'a> {
             // An identical edit already holds: success.
             return Ok(Value::Null);
         }
-        let retry_after = body["parameters"]["retry_after"].as_u64().map(std::time::Duration::from_secs).or(header_retry);
+        let retry_after = body["parameters"]["retry_after"]
+            .as_u64()
+            .map(std::time::Duration::from_secs)
+            .or(header_retry);
         let status = if status.is_success() {
-            reqwest::StatusCode::from_u16(body["error_code"].as_u64().unwrap_or(500) as u16).unwrap_or(reqwest::StatusCode::INTERNAL_SERVER_ERROR)
+            reqwest::StatusCode::from_u16(body["error_code"].as_u64().unwrap_or(500) as u16)
+                .unwrap_or(reqwest::StatusCode::INTERNAL_SERVER_ERROR)
         } else {
             status
         };
@@ -82,31 +109,59 @@ impl<'a> Telegram<'a> {
     }
 
     /// Send a message; returns the message id.
-    pub async fn send_message(&self, chat_id: &str, text: &str, markup: Option<Value>, protect: bool, reply_to: Option<i64>) -> Result<String, ChannelError> {
-        let mut body = json!({ "chat_id": chat(chat_id), "text": text, "protect_content": protect });
+    pub async fn send_message(
+        &self,
+        chat_id: &str,
+        text: &str,
+        markup: Option<Value>,
+        protect: bool,
+        reply_to: Option<i64>,
+    ) -> Result<String, ChannelError> {
+        let mut body =
+            json!({ "chat_id": chat(chat_id), "text": text, "protect_content": protect });
         if let Some(m) = markup {
             body["reply_markup"] = m;
         }
         if let Some(r) = reply_to {
-            body["reply_parameters"] = json!({ "message_id": r, "allow_sending_without_reply": true });
+            body["reply_parameters"] =
+                json!({ "message_id": r, "allow_sending_without_reply": true });
         }
         let result = self.call("sendMessage", body).await?;
         result["message_id"]
             .as_i64()
             .map(|id| id.to_string())
-            .ok_or_else(|| ChannelError::transient("telegram sendMessage answered without a message_id"))
+            .ok_or_else(|| {
+                ChannelError::transient("telegram sendMessage answered without a message_id")
+            })
     }
 
     /// Replace a message's text (and keyboard: none unless given).
-    pub async fn edit_message_text(&self, chat_id: &str, message_id: &str, text: &str, markup: Option<Value>) -> Result<(), ChannelError> {
-        let message_id: i64 = message_id.parse().map_err(|_| ChannelError::permanent("telegram message id is not a number"))?;
+    pub async fn edit_message_text(
+        &self,
+        chat_id: &str,
+        message_id: &str,
+        text: &str,
+        markup: Option<Value>,
+    ) -> Result<(), ChannelError> {
+        let message_id: i64 = message_id
+            .parse()
+            .map_err(|_| ChannelError::permanent("telegram message id is not a number"))?;
         let mut body = json!({ "chat_id": chat(chat_id), "message_id": message_id, "text": text });
         body["reply_markup"] = markup.unwrap_or_else(|| json!({ "inline_keyboard": [] }));
         self.call("editMessageText", body).await.map(|_| ())
     }
 
     /// Answer a button press (a toast for the presser).
-    pub async fn answer_callback_query(&self, callback_query_id: &str, text: &str) -> Result<(), ChannelError> {
-        self.call("answerCallbackQuery", json!({ "callback_query_id": callback_query_id, "text": text })).await.map(|_| ())
+    pub async fn answer_callback_query(
+        &self,
+        callback_query_id: &str,
+        text: &str,
+    ) -> Result<(), ChannelError> {
+        self.call(
+            "answerCallbackQuery",
+            json!({ "callback_query_id": callback_query_id, "text": text }),
+        )
+        .await
+        .map(|_| ())
     }
 }

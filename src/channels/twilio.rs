@@ -21,10 +21,17 @@ pub struct Twilio<'a> {
 impl<'a> Twilio<'a> {
     /// Build from settings.
     pub fn new(http: &'a reqwest::Client, row: &ProviderRow) -> Result<Self, ChannelError> {
-        let need = |v: Option<&str>, what: &str| v.map(str::to_string).ok_or_else(|| ChannelError::permanent(format!("twilio {what} is not set")));
+        let need = |v: Option<&str>, what: &str| {
+            v.map(str::to_string)
+                .ok_or_else(|| ChannelError::permanent(format!("twilio {what} is not set")))
+        };
         Ok(Twilio {
             http,
-            base: row.setting("base_url").unwrap_or(DEFAULT_BASE).trim_end_matches('/').to_string(),
+            base: row
+                .setting("base_url")
+                .unwrap_or(DEFAULT_BASE)
+                .trim_end_matches('/')
+                .to_string(),
             sid: need(row.setting("account_sid"), "account_sid")?,
             token: need(row.secret("auth_token"), "auth_token")?,
             from: need(row.setting("from"), "from")?,
@@ -32,8 +39,16 @@ impl<'a> Twilio<'a> {
     }
 
     /// Send an SMS; Twilio deduplicates on the idempotency token. Returns the `MessageSid`.
-    pub async fn send(&self, to: &str, text: &str, idempotency_key: &str) -> Result<String, ChannelError> {
-        let url = format!("{}/2010-04-01/Accounts/{}/Messages.json", self.base, self.sid);
+    pub async fn send(
+        &self,
+        to: &str,
+        text: &str,
+        idempotency_key: &str,
+    ) -> Result<String, ChannelError> {
+        let url = format!(
+            "{}/2010-04-01/Accounts/{}/Messages.json",
+            self.base, self.sid
+        );
         let resp = self
             .http
             .post(url)
@@ -47,8 +62,16 @@ impl<'a> Twilio<'a> {
         let retry_after = retry_after_header(resp.headers());
         let answer: Value = resp.json().await.unwrap_or(Value::Null);
         if status.is_success() {
-            return answer["sid"].as_str().map(str::to_string).ok_or_else(|| ChannelError::transient("twilio answered without a sid"));
+            return answer["sid"]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| ChannelError::transient("twilio answered without a sid"));
         }
-        Err(classify("twilio", status, retry_after, answer["message"].as_str().unwrap_or("no description")))
+        Err(classify(
+            "twilio",
+            status,
+            retry_after,
+            answer["message"].as_str().unwrap_or("no description"),
+        ))
     }
 }

@@ -26,14 +26,25 @@ pub struct WhatsApp<'a> {
 impl<'a> WhatsApp<'a> {
     /// Build from settings.
     pub fn new(http: &'a reqwest::Client, row: &ProviderRow) -> Result<Self, ChannelError> {
-        let token = row.secret("access_token").ok_or_else(|| ChannelError::permanent("whatsapp access_token is not set"))?;
-        let phone_number_id = row.setting("phone_number_id").ok_or_else(|| ChannelError::permanent("whatsapp phone_number_id is not set"))?;
+        let token = row
+            .secret("access_token")
+            .ok_or_else(|| ChannelError::permanent("whatsapp access_token is not set"))?;
+        let phone_number_id = row
+            .setting("phone_number_id")
+            .ok_or_else(|| ChannelError::permanent("whatsapp phone_number_id is not set"))?;
         Ok(WhatsApp {
             http,
-            base: row.setting("base_url").unwrap_or(DEFAULT_BASE).trim_end_matches('/').to_string(),
+            base: row
+                .setting("base_url")
+                .unwrap_or(DEFAULT_BASE)
+                .trim_end_matches('/')
+                .to_string(),
             token: token.to_string(),
             phone_number_id: phone_number_id.to_string(),
-            template: row.setting("template_name").unwrap_or("dispatch_notification").to_string(),
+            template: row
+                .setting("template_name")
+                .unwrap_or("dispatch_notification")
+                .to_string(),
             language: row.setting("template_language").unwrap_or("en").to_string(),
         })
     }
@@ -50,7 +61,13 @@ impl<'a> WhatsApp<'a> {
     /// Send `text` to an E.164 number: as text when the window is open, else
     /// as the configured template with the text as its one body parameter.
     /// Returns the message id (`wamid…`).
-    pub async fn send(&self, to: &str, text: &str, window_open: bool, claim_button_for: Option<&str>) -> Result<String, ChannelError> {
+    pub async fn send(
+        &self,
+        to: &str,
+        text: &str,
+        window_open: bool,
+        claim_button_for: Option<&str>,
+    ) -> Result<String, ChannelError> {
         let to = to.trim_start_matches('+');
         let body = match (window_open, claim_button_for) {
             (true, Some(short_id)) => json!({
@@ -58,15 +75,27 @@ impl<'a> WhatsApp<'a> {
                 "interactive": { "type": "button", "body": { "text": text },
                     "action": { "buttons": [{ "type": "reply", "reply": { "id": format!("claim:{short_id}"), "title": "Claim" } }] } }
             }),
-            (true, None) => json!({ "messaging_product": "whatsapp", "to": to, "type": "text", "text": { "body": text } }),
+            (true, None) => {
+                json!({ "messaging_product": "whatsapp", "to": to, "type": "text", "text": { "body": text } })
+            }
             (false, _) => json!({
                 "messaging_product": "whatsapp", "to": to, "type": "template",
                 "template": { "name": self.template, "language": { "code": self.language },
                     "components": [{ "type": "body", "parameters": [{ "type": "text", "text": text }] }] }
             }),
         };
-        let url = format!("{}/{API_VERSION}/{}/messages", self.base, self.phone_number_id);
-        let resp = self.http.post(url).bearer_auth(&self.token).json(&body).send().await.map_err(|e| transport("whatsapp", e.without_url()))?;
+        let url = format!(
+            "{}/{API_VERSION}/{}/messages",
+            self.base, self.phone_number_id
+        );
+        let resp = self
+            .http
+            .post(url)
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| transport("whatsapp", e.without_url()))?;
         let status = resp.status();
         let retry_after = retry_after_header(resp.headers());
         let answer: Value = resp.json().await.unwrap_or(Value::Null);
@@ -76,7 +105,9 @@ impl<'a> WhatsApp<'a> {
                 .map(str::to_string)
                 .ok_or_else(|| ChannelError::transient("whatsapp answered without a message id"));
         }
-        let description = answer["error"]["message"].as_str().unwrap_or("no description");
+        let description = answer["error"]["message"]
+            .as_str()
+            .unwrap_or("no description");
         Err(classify("whatsapp", status, retry_after, description))
     }
 }

@@ -103,21 +103,28 @@ pub async fn insert(
 }
 
 /// Claim a pending effect for one attempt: `running`, attempts + 1, leased.
-/// `None` when it is not pending (done, dead, or running elsewhere).
+/// With `after_attempts` (the attempts made when the job was enqueued) only
+/// that next attempt may be claimed, and not before its backoff ends: a
+/// duplicate job (lost ack, orphan re-enqueue, sweep) can neither double-claim
+/// nor jump the backoff. `None` when there is nothing to claim.
 pub async fn claim(
     conn: &mut PgConnection,
     tenant_id: Uuid,
     id: Uuid,
     lease_ms: i64,
+    after_attempts: Option<i32>,
 ) -> Result<Option<EffectRow>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "update effects set status = 'running', attempts = attempts + 1,
                 lease_until = now() + make_interval(secs => $3 / 1000.0), updated_at = now()
-         where tenant_id = $1 and id = $2 and status = 'pending' returning {COLS}"
+         where tenant_id = $1 and id = $2 and status = 'pending'
+           and ($4::int is null or (attempts = $4 and next_attempt_at <= clock_timestamp()))
+         returning {COLS}"
     )))
     .bind(tenant_id)
     .bind(id)
     .bind(lease_ms as f64)
+    .bind(after_attempts)
     .fetch_optional(conn)
     .await
 }
@@ -143,39 +150,51 @@ pub async fn delivered(
     Ok(r.rows_affected() == 1)
 }
 
-/// Put back for a retry at `next`, fenced on the attempt.
-pub async fn retry_at(
+/// Put back for a retry after `delay` (on the database clock), fenced on the
+/// attempt. Returns when the retry is due, or `None` if fenced off.
+pub async fn retry_after(
     conn: &mut PgConnection,
     tenant_id: Uuid,
     id: Uuid,
     attempt: i32,
-    next: DateTime<Utc>,
+    delay: std::time::Duration,
     error: &str,
-) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query(
-        "update effects set status = 'pending', next_attempt_at = $4, last_error = $5, lease_until = null, updated_at = now()
-         where tenant_id = $1 and id = $2 and status = 'running' and attempts = $3",
+) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    let r: Option<(DateTime<Utc>,)> = sqlx::query_as(
+        "update effects set status = 'pending', next_attempt_at = clock_timestamp() + make_interval(secs => $4),
+                last_error = $5, lease_until = null, updated_at = now()
+         where tenant_id = $1 and id = $2 and status = 'running' and attempts = $3
+         returning next_attempt_at",
     )
     .bind(tenant_id)
     .bind(id)
     .bind(attempt)
-    .bind(next)
+    .bind(delay.as_secs_f64())
     .bind(error)
-    .execute(conn)
+    .fetch_optional(conn)
     .await?;
-    Ok(r.rows_affected() == 1)
+    Ok(r.map(|r| r.0))
 }
 
-/// Put back untried until a reserved rate-limit slot: the attempt does not count.
-pub async fn defer(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid, attempt: i32, until: DateTime<Utc>) -> Result<bool, sqlx::Error> {
+/// Put back untried until a reserved rate-limit slot (`send_after`), to be
+/// picked up from `wake`: the attempt does not count.
+pub async fn defer(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    id: Uuid,
+    attempt: i32,
+    wake: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<bool, sqlx::Error> {
     let r = sqlx::query(
-        "update effects set status = 'pending', attempts = attempts - 1, next_attempt_at = $4, send_after = $4,
+        "update effects set status = 'pending', attempts = attempts - 1, next_attempt_at = $4, send_after = $5,
                 lease_until = null, updated_at = now()
          where tenant_id = $1 and id = $2 and status = 'running' and attempts = $3",
     )
     .bind(tenant_id)
     .bind(id)
     .bind(attempt)
+    .bind(wake)
     .bind(until)
     .execute(conn)
     .await?;

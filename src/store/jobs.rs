@@ -10,8 +10,11 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-/// The queue that applies signals to workflows.
-pub const APPLY_QUEUE: &str = "dispatch.apply";
+/// The queue that applies signals to workflows of one kind: a process
+/// consumes only the kinds it runs (`ENABLED_WORKFLOWS`).
+pub fn apply_queue(kind: &str) -> String {
+    format!("dispatch.apply.{kind}")
+}
 /// The queue that runs effects.
 pub const EFFECT_QUEUE: &str = "dispatch.effect";
 
@@ -45,6 +48,9 @@ pub struct EffectJob {
     pub tenant_id: Uuid,
     /// Effect.
     pub effect_id: Uuid,
+    /// The attempts made when this job was enqueued: the job may run the next one only.
+    #[serde(default)]
+    pub after_attempts: Option<i32>,
 }
 
 async fn push(
@@ -80,14 +86,23 @@ async fn push(
     Ok(())
 }
 
-/// Enqueue an apply job for a workflow.
+/// Enqueue an apply job for a workflow of `kind`.
 pub async fn enqueue_apply(
     conn: &mut PgConnection,
+    kind: &str,
     job: &ApplyJob,
     idempotency_key: Option<String>,
 ) -> Result<(), sqlx::Error> {
     let body = serde_json::to_value(job).expect("serializes");
-    push(conn, APPLY_QUEUE, "apply", body, None, idempotency_key).await
+    push(
+        conn,
+        &apply_queue(kind),
+        "apply",
+        body,
+        None,
+        idempotency_key,
+    )
+    .await
 }
 
 /// Enqueue an effect job, optionally delayed.
@@ -102,10 +117,13 @@ pub async fn enqueue_effect(
 }
 
 /// Jobs waiting to run, per queue (for `/readyz`).
+/// Counts waiting (`Pending`) jobs only, through apalis' partial fetch index,
+/// and stops counting at 10 000 per probe so readiness stays cheap under load.
 pub async fn queue_depth(conn: &mut PgConnection) -> Result<Vec<(String, i64)>, sqlx::Error> {
     sqlx::query_as(
-        "select job_type, count(*) from apalis.jobs
-         where status in ('Pending', 'Queued', 'Running') and job_type like 'dispatch.%'
+        "select job_type, count(*) from (
+             select job_type from apalis.jobs
+             where status = 'Pending' and job_type like 'dispatch.%' limit 10000) waiting
          group by job_type order by job_type",
     )
     .fetch_all(conn)
@@ -115,15 +133,25 @@ pub async fn queue_depth(conn: &mut PgConnection) -> Result<Vec<(String, i64)>, 
 /// Delete finished jobs older than `keep` (apalis never does, APALIS.md §10),
 /// then worker rows nobody heard from in as long.
 pub async fn purge_finished(conn: &mut PgConnection, keep_secs: i64) -> Result<u64, sqlx::Error> {
-    let jobs = sqlx::query(
-        "delete from apalis.jobs where job_type like 'dispatch.%'
-           and status in ('Done', 'Failed', 'Killed')
-           and coalesce(done_at, run_at) < now() - make_interval(secs => $1)",
-    )
-    .bind(keep_secs as f64)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
+    // In batches: a long delete would hold locks and bloat one transaction.
+    let mut jobs = 0;
+    loop {
+        let n = sqlx::query(
+            "delete from apalis.jobs where id in (
+                 select id from apalis.jobs where job_type like 'dispatch.%'
+                   and status in ('Done', 'Failed', 'Killed')
+                   and coalesce(done_at, run_at) < now() - make_interval(secs => $1)
+                 limit 1000)",
+        )
+        .bind(keep_secs as f64)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        jobs += n;
+        if n < 1000 {
+            break;
+        }
+    }
     sqlx::query(
         "delete from apalis.workers w where w.last_seen < now() - make_interval(secs => $1)
            and not exists (select 1 from apalis.jobs j where j.lock_by = w.id)",

@@ -19,26 +19,44 @@ pub struct ProviderRow {
 impl ProviderRow {
     /// A non-secret string setting.
     pub fn setting(&self, name: &str) -> Option<&str> {
-        self.settings.get(name).and_then(Value::as_str).filter(|s| !s.is_empty())
+        self.settings
+            .get(name)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
     }
     /// A secret.
     pub fn secret(&self, name: &str) -> Option<&str> {
-        self.secrets.get(name).and_then(Value::as_str).filter(|s| !s.is_empty())
+        self.secrets
+            .get(name)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
     }
 }
 
 /// Load one provider's settings.
-pub async fn get(conn: &mut PgConnection, tenant_id: Uuid, provider: &str) -> Result<Option<ProviderRow>, sqlx::Error> {
-    let row: Option<(Value, Value)> = sqlx::query_as("select settings, secrets from provider_settings where tenant_id = $1 and provider = $2")
-        .bind(tenant_id)
-        .bind(provider)
-        .fetch_optional(conn)
-        .await?;
+pub async fn get(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    provider: &str,
+) -> Result<Option<ProviderRow>, sqlx::Error> {
+    let row: Option<(Value, Value)> = sqlx::query_as(
+        "select settings, secrets from provider_settings where tenant_id = $1 and provider = $2",
+    )
+    .bind(tenant_id)
+    .bind(provider)
+    .fetch_optional(conn)
+    .await?;
     Ok(row.map(|(settings, secrets)| ProviderRow { settings, secrets }))
 }
 
 /// Replace the settings; secrets are merged (an omitted secret keeps its value).
-pub async fn put(conn: &mut PgConnection, tenant_id: Uuid, provider: &str, settings: &Value, secrets: &Value) -> Result<Value, sqlx::Error> {
+pub async fn put(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    provider: &str,
+    settings: &Value,
+    secrets: &Value,
+) -> Result<Value, sqlx::Error> {
     let (merged,): (Value,) = sqlx::query_as(
         "insert into provider_settings (tenant_id, provider, settings, secrets) values ($1, $2, $3, $4)
          on conflict (tenant_id, provider) do update
@@ -56,8 +74,14 @@ pub async fn put(conn: &mut PgConnection, tenant_id: Uuid, provider: &str, setti
 
 /// Find the tenant whose provider setting `name` equals `value` (e.g. a
 /// WhatsApp phone number id), for webhooks that do not name the tenant.
-pub async fn tenant_by_name(conn: &mut PgConnection, name: &str) -> Result<Option<Uuid>, sqlx::Error> {
-    let row: Option<(Uuid,)> = sqlx::query_as("select id from tenants where name = $1").bind(name).fetch_optional(conn).await?;
+pub async fn tenant_by_name(
+    conn: &mut PgConnection,
+    name: &str,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    let row: Option<(Uuid,)> = sqlx::query_as("select id from tenants where name = $1")
+        .bind(name)
+        .fetch_optional(conn)
+        .await?;
     Ok(row.map(|r| r.0))
 }
 
@@ -80,10 +104,15 @@ pub struct Person {
     pub email: Option<String>,
 }
 
-const PERSON_COLS: &str = "id, role, display_name, telegram_user_id, telegram_username, phone, email";
+const PERSON_COLS: &str =
+    "id, role, display_name, telegram_user_id, telegram_username, phone, email";
 
 /// Create or replace a person.
-pub async fn upsert_person(conn: &mut PgConnection, tenant_id: Uuid, p: &Person) -> Result<bool, sqlx::Error> {
+pub async fn upsert_person(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    p: &Person,
+) -> Result<bool, sqlx::Error> {
     let (inserted,): (bool,) = sqlx::query_as(
         "insert into people (tenant_id, id, role, display_name, telegram_user_id, telegram_username, phone, email)
          values ($1, $2, $3, $4, $5, $6, $7, $8)
@@ -106,48 +135,79 @@ pub async fn upsert_person(conn: &mut PgConnection, tenant_id: Uuid, p: &Person)
 }
 
 /// One person.
-pub async fn person(conn: &mut PgConnection, tenant_id: Uuid, id: &str) -> Result<Option<Person>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!("select {PERSON_COLS} from people where tenant_id = $1 and id = $2")))
-        .bind(tenant_id)
-        .bind(id)
-        .fetch_optional(conn)
-        .await
+pub async fn person(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    id: &str,
+) -> Result<Option<Person>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {PERSON_COLS} from people where tenant_id = $1 and id = $2"
+    )))
+    .bind(tenant_id)
+    .bind(id)
+    .fetch_optional(conn)
+    .await
 }
 
 /// Everyone, by id.
 pub async fn people(conn: &mut PgConnection, tenant_id: Uuid) -> Result<Vec<Person>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!("select {PERSON_COLS} from people where tenant_id = $1 order by id")))
-        .bind(tenant_id)
-        .fetch_all(conn)
-        .await
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {PERSON_COLS} from people where tenant_id = $1 order by id"
+    )))
+    .bind(tenant_id)
+    .fetch_all(conn)
+    .await
 }
 
 /// Remove a person.
-pub async fn delete_person(conn: &mut PgConnection, tenant_id: Uuid, id: &str) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query("delete from people where tenant_id = $1 and id = $2").bind(tenant_id).bind(id).execute(conn).await?;
+pub async fn delete_person(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    id: &str,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query("delete from people where tenant_id = $1 and id = $2")
+        .bind(tenant_id)
+        .bind(id)
+        .execute(conn)
+        .await?;
     Ok(r.rows_affected() == 1)
 }
 
 /// Who sent a Telegram message.
-pub async fn person_by_telegram(conn: &mut PgConnection, tenant_id: Uuid, user_id: i64) -> Result<Option<Person>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!("select {PERSON_COLS} from people where tenant_id = $1 and telegram_user_id = $2")))
-        .bind(tenant_id)
-        .bind(user_id)
-        .fetch_optional(conn)
-        .await
+pub async fn person_by_telegram(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    user_id: i64,
+) -> Result<Option<Person>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {PERSON_COLS} from people where tenant_id = $1 and telegram_user_id = $2"
+    )))
+    .bind(tenant_id)
+    .bind(user_id)
+    .fetch_optional(conn)
+    .await
 }
 
 /// Who sent a WhatsApp/SMS message.
-pub async fn person_by_phone(conn: &mut PgConnection, tenant_id: Uuid, phone: &str) -> Result<Option<Person>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!("select {PERSON_COLS} from people where tenant_id = $1 and phone = $2")))
-        .bind(tenant_id)
-        .bind(phone)
-        .fetch_optional(conn)
-        .await
+pub async fn person_by_phone(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    phone: &str,
+) -> Result<Option<Person>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {PERSON_COLS} from people where tenant_id = $1 and phone = $2"
+    )))
+    .bind(tenant_id)
+    .bind(phone)
+    .fetch_optional(conn)
+    .await
 }
 
 /// Executors reachable by phone (the WhatsApp broadcast list).
-pub async fn executors_with_phone(conn: &mut PgConnection, tenant_id: Uuid) -> Result<Vec<Person>, sqlx::Error> {
+pub async fn executors_with_phone(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+) -> Result<Vec<Person>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "select {PERSON_COLS} from people where tenant_id = $1 and role = 'executor' and phone is not null order by id"
     )))
@@ -157,7 +217,13 @@ pub async fn executors_with_phone(conn: &mut PgConnection, tenant_id: Uuid) -> R
 }
 
 /// Store a verified inbound event once; `None` if the provider id was seen.
-pub async fn insert_inbound(conn: &mut PgConnection, tenant_id: Uuid, provider: &str, event_id: &str, payload: &Value) -> Result<Option<Uuid>, sqlx::Error> {
+pub async fn insert_inbound(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    provider: &str,
+    event_id: &str,
+    payload: &Value,
+) -> Result<Option<Uuid>, sqlx::Error> {
     let r: Option<(Uuid,)> = sqlx::query_as(
         "insert into inbound_events (tenant_id, id, provider, event_id, payload) values ($1, $2, $3, $4, $5)
          on conflict (tenant_id, provider, event_id) do nothing returning id",
@@ -188,7 +254,11 @@ pub struct InboundRow {
 }
 
 /// Lock a queued inbound event for processing.
-pub async fn lock_inbound(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid) -> Result<Option<InboundRow>, sqlx::Error> {
+pub async fn lock_inbound(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    id: Uuid,
+) -> Result<Option<InboundRow>, sqlx::Error> {
     sqlx::query_as("select id, provider, event_id, payload, status from inbound_events where tenant_id = $1 and id = $2 and status = 'queued' for update skip locked")
         .bind(tenant_id)
         .bind(id)
@@ -197,7 +267,12 @@ pub async fn lock_inbound(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid) ->
 }
 
 /// Mark processed with a short outcome (no personal data).
-pub async fn finish_inbound(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid, outcome: &str) -> Result<(), sqlx::Error> {
+pub async fn finish_inbound(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    id: Uuid,
+    outcome: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query("update inbound_events set status = 'processed', outcome = $3, processed_at = now() where tenant_id = $1 and id = $2 and status = 'queued'")
         .bind(tenant_id)
         .bind(id)
@@ -208,7 +283,11 @@ pub async fn finish_inbound(conn: &mut PgConnection, tenant_id: Uuid, id: Uuid, 
 }
 
 /// Inbound events queued longer than `older_than_ms` (lost jobs).
-pub async fn stale_inbound(conn: &mut PgConnection, older_than_ms: i64, limit: i64) -> Result<Vec<(Uuid, Uuid)>, sqlx::Error> {
+pub async fn stale_inbound(
+    conn: &mut PgConnection,
+    older_than_ms: i64,
+    limit: i64,
+) -> Result<Vec<(Uuid, Uuid)>, sqlx::Error> {
     sqlx::query_as(
         "select tenant_id, id from inbound_events where status = 'queued'
          and received_at < now() - make_interval(secs => $1 / 1000.0) limit $2",
@@ -220,7 +299,11 @@ pub async fn stale_inbound(conn: &mut PgConnection, older_than_ms: i64, limit: i
 }
 
 /// Record an inbound WhatsApp message (opens the 24-hour window).
-pub async fn touch_whatsapp_window(conn: &mut PgConnection, tenant_id: Uuid, phone: &str) -> Result<(), sqlx::Error> {
+pub async fn touch_whatsapp_window(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    phone: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "insert into whatsapp_windows (tenant_id, phone, last_inbound) values ($1, $2, now())
          on conflict (tenant_id, phone) do update set last_inbound = now()",
@@ -233,7 +316,11 @@ pub async fn touch_whatsapp_window(conn: &mut PgConnection, tenant_id: Uuid, pho
 }
 
 /// Whether the 24-hour customer service window is open for a number.
-pub async fn whatsapp_window_open(conn: &mut PgConnection, tenant_id: Uuid, phone: &str) -> Result<bool, sqlx::Error> {
+pub async fn whatsapp_window_open(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    phone: &str,
+) -> Result<bool, sqlx::Error> {
     let r: Option<(DateTime<Utc>,)> = sqlx::query_as(
         "select last_inbound from whatsapp_windows where tenant_id = $1 and phone = $2 and last_inbound > now() - interval '24 hours'",
     )
@@ -247,8 +334,16 @@ pub async fn whatsapp_window_open(conn: &mut PgConnection, tenant_id: Uuid, phon
 /// Reserve the next slot under a GCRA limit (`interval_ms` between sends,
 /// `burst` sends at once) and return when this send may go. Shared by every
 /// worker process through the row.
-pub async fn reserve_slot(conn: &mut PgConnection, tenant_id: Uuid, key: &str, interval_ms: f64, burst: u32) -> Result<DateTime<Utc>, sqlx::Error> {
-    let (now,): (DateTime<Utc>,) = sqlx::query_as("select clock_timestamp()").fetch_one(&mut *conn).await?;
+pub async fn reserve_slot(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    key: &str,
+    interval_ms: f64,
+    burst: u32,
+) -> Result<DateTime<Utc>, sqlx::Error> {
+    let (now,): (DateTime<Utc>,) = sqlx::query_as("select clock_timestamp()")
+        .fetch_one(&mut *conn)
+        .await?;
     let t = chrono::Duration::microseconds((interval_ms * 1000.0) as i64);
     let (tat,): (DateTime<Utc>,) = sqlx::query_as(
         "insert into rate_limits as r (tenant_id, key, tat) values ($1, $2, $3 + $4)

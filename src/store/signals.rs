@@ -174,10 +174,11 @@ pub async fn stale_queued(
     conn: &mut PgConnection,
     older_than_ms: i64,
     limit: i64,
-) -> Result<Vec<(Uuid, Uuid)>, sqlx::Error> {
+) -> Result<Vec<(Uuid, Uuid, String)>, sqlx::Error> {
     sqlx::query_as(
-        "select distinct tenant_id, workflow_id from signals
-         where status = 'queued' and received_at < now() - make_interval(secs => $1 / 1000.0)
+        "select distinct s.tenant_id, s.workflow_id, w.kind from signals s
+         join workflows w on w.tenant_id = s.tenant_id and w.id = s.workflow_id
+         where s.status = 'queued' and s.received_at < now() - make_interval(secs => $1 / 1000.0)
          limit $2",
     )
     .bind(older_than_ms as f64)

@@ -88,20 +88,25 @@ pub async fn take_due(
 }
 
 /// Claim due timers whose workflows need an apply job: marks them enqueued so
-/// other timer loops skip them; re-offers them after `retry_ms` if the job was lost.
+/// other timer loops skip them; re-offers them after `retry_ms` if the job was
+/// lost. Returns (tenant, workflow, kind, timer).
 pub async fn claim_due(
     conn: &mut PgConnection,
     retry_ms: i64,
     limit: i64,
-) -> Result<Vec<(Uuid, Uuid, Uuid)>, sqlx::Error> {
+) -> Result<Vec<(Uuid, Uuid, String, Uuid)>, sqlx::Error> {
     sqlx::query_as(
-        "update timers t set enqueued_at = now()
-         from (select tenant_id, id from timers
-               where status = 'pending' and due_at <= clock_timestamp()
-                 and (enqueued_at is null or enqueued_at < now() - make_interval(secs => $1 / 1000.0))
-               order by due_at limit $2 for update skip locked) due
-         where t.tenant_id = due.tenant_id and t.id = due.id
-         returning t.tenant_id, t.workflow_id, t.id",
+        "with due as (
+             select tenant_id, id from timers
+             where status = 'pending' and due_at <= clock_timestamp()
+               and (enqueued_at is null or enqueued_at < now() - make_interval(secs => $1 / 1000.0))
+             order by due_at limit $2 for update skip locked),
+         marked as (
+             update timers t set enqueued_at = now() from due
+             where t.tenant_id = due.tenant_id and t.id = due.id
+             returning t.tenant_id, t.workflow_id, t.id)
+         select m.tenant_id, m.workflow_id, w.kind, m.id from marked m
+         join workflows w on w.tenant_id = m.tenant_id and w.id = m.workflow_id",
     )
     .bind(retry_ms as f64)
     .bind(limit)

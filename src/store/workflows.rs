@@ -96,14 +96,15 @@ pub async fn find(
     .await
 }
 
-/// Lock a workflow row for a transition.
+/// Lock a workflow row for a transition. `for no key update` does not block
+/// the foreign-key checks of concurrent signal inserts.
 pub async fn lock(
     conn: &mut PgConnection,
     tenant_id: Uuid,
     id: Uuid,
 ) -> Result<Option<WorkflowRow>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {COLS} from workflows where tenant_id = $1 and id = $2 for update"
+        "select {COLS} from workflows where tenant_id = $1 and id = $2 for no key update"
     )))
     .bind(tenant_id)
     .bind(id)

@@ -186,7 +186,7 @@ pub fn test_settings(url: &str) -> Settings {
     s.workers.shutdown_grace = Duration::from_secs(5);
     s.outbox.retry_min = Duration::from_millis(50);
     s.outbox.retry_max = Duration::from_millis(400);
-    s.outbox.lease = Duration::from_millis(1500);
+    s.outbox.lease = Duration::from_secs(5);
     s
 }
 

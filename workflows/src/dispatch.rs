@@ -349,8 +349,9 @@ struct WithReason {
     reason: Option<String>,
 }
 
+// The publish effect's result: extra fields from a channel are ignored, so a
+// richer provider answer can never strand the workflow in NEW.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct PublishedPayload {
     message_id: String,
     #[serde(default)]
@@ -449,9 +450,7 @@ impl Workflow for Dispatch {
         input: &Value,
         ctx: &Ctx<'_>,
     ) -> Result<(DispatchState, Vec<Command>), ParseError> {
-        let lead_id = Uuid::parse_str(key).map_err(|_| {
-            ParseError::InvalidKey("the dispatch key must be the lead id (a UUID)".into())
-        })?;
+        let lead_id = crate::parse_lead_key(Self::KIND, key)?;
         let input: StartInput = serde_json::from_value(input.clone())
             .map_err(|e| ParseError::InvalidPayload(e.to_string()))?;
         if input.lead.id.is_some_and(|id| id != lead_id) {
@@ -603,13 +602,13 @@ impl Workflow for Dispatch {
             (St::New { .. }, S::Claim) => Outcome::reject("not_published"),
             (_, S::Claim) => Outcome::reject("already_claimed"),
 
-            (St::Claimed { job, post, .. }, S::RejectClaim { reason }) => {
+            (St::Claimed { job, post, .. }, S::RejectClaim { .. }) => {
                 let (deadline, timer) = arm(job, now);
                 let restore = effect(
                     job,
                     effects::CREW_POST_RESTORED,
                     &format!("group_restore_v1:c{}", job.claims),
-                    json!({ "message_id": post.message_id, "provider": post.provider, "chat_id": post.chat_id, "reason": reason }),
+                    json!({ "message_id": post.message_id, "provider": post.provider, "chat_id": post.chat_id }),
                     None,
                 );
                 Outcome::Accept {
@@ -761,15 +760,21 @@ impl Workflow for Dispatch {
             (st, S::Cancel { reason }) => {
                 let job = st.job().clone();
                 let mut commands = vec![cancel_timer()];
-                if let Some(post) = st.post() {
-                    commands.push(effect(
-                        &job,
-                        effects::CREW_POST_CANCELLED,
-                        "group_cancel_v1",
-                        json!({ "message_id": post.message_id, "provider": post.provider, "chat_id": post.chat_id }),
-                        None,
-                    ));
-                }
+                // Without a post yet (NEW), the publish may still be on its way:
+                // the cancel edit then finds the post through the publish key.
+                let target = match st.post() {
+                    Some(post) => {
+                        json!({ "message_id": post.message_id, "provider": post.provider, "chat_id": post.chat_id })
+                    }
+                    None => json!({ "publish_key": format!("{}:publish_v1", job.lead_id) }),
+                };
+                commands.push(effect(
+                    &job,
+                    effects::CREW_POST_CANCELLED,
+                    "group_cancel_v1",
+                    target,
+                    None,
+                ));
                 commands.push(Command::Complete);
                 Outcome::Accept {
                     next: St::Cancelled {
@@ -783,6 +788,11 @@ impl Workflow for Dispatch {
                 }
             }
 
+            // A timer armed for an earlier window (before a rejected claim re-armed it)
+            // may fire late in a batch: only the current deadline expires the job.
+            (St::Published { post, .. }, S::Expire) if now < post.deadline => {
+                Outcome::reject("stale_timer")
+            }
             (St::Published { job, post }, S::Expire) => Outcome::Accept {
                 next: St::Expired {
                     job: job.clone(),

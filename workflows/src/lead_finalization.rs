@@ -65,7 +65,10 @@ struct Input {
 pub struct LeadFinalization;
 
 fn flag(config: &Value, pointer: &str, default: bool) -> bool {
-    config.pointer(pointer).and_then(Value::as_bool).unwrap_or(default)
+    config
+        .pointer(pointer)
+        .and_then(Value::as_bool)
+        .unwrap_or(default)
 }
 
 impl Workflow for LeadFinalization {
@@ -73,13 +76,18 @@ impl Workflow for LeadFinalization {
     type State = LeadFinalizationState;
     type Signal = LeadFinalizationSignal;
 
-    fn start(key: &str, input: &Value, ctx: &Ctx<'_>) -> Result<(Self::State, Vec<Command>), ParseError> {
-        let lead_id = Uuid::parse_str(key)
-            .map_err(|_| ParseError::InvalidKey("the lead_finalization key must be the lead id (a UUID)".into()))?;
-        let parsed: Input =
-            serde_json::from_value(input.clone()).map_err(|e| ParseError::InvalidPayload(e.to_string()))?;
+    fn start(
+        key: &str,
+        input: &Value,
+        ctx: &Ctx<'_>,
+    ) -> Result<(Self::State, Vec<Command>), ParseError> {
+        let lead_id = crate::parse_lead_key(Self::KIND, key)?;
+        let parsed: Input = serde_json::from_value(input.clone())
+            .map_err(|e| ParseError::InvalidPayload(e.to_string()))?;
         if parsed.lead.id.is_some_and(|id| id != lead_id) {
-            return Err(ParseError::InvalidPayload("lead.id differs from the workflow key".into()));
+            return Err(ParseError::InvalidPayload(
+                "lead.id differs from the workflow key".into(),
+            ));
         }
         let cfg = ctx.tenant_config;
         let sent_full = flag(cfg, "/dispatch/operator/send_full", true);
@@ -128,7 +136,11 @@ impl Workflow for LeadFinalization {
         &[]
     }
 
-    fn on_signal(_state: &Self::State, signal: Self::Signal, _ctx: &Ctx<'_>) -> Outcome<Self::State> {
+    fn on_signal(
+        _state: &Self::State,
+        signal: Self::Signal,
+        _ctx: &Ctx<'_>,
+    ) -> Outcome<Self::State> {
         match signal {}
     }
 
@@ -149,7 +161,11 @@ mod tests {
 
     fn run(config: Value) -> (LeadFinalizationState, Vec<Command>) {
         let actor = Actor::system();
-        let ctx = Ctx { now: chrono::Utc.timestamp_opt(0, 0).unwrap(), tenant_config: &config, actor: &actor };
+        let ctx = Ctx {
+            now: chrono::Utc.timestamp_opt(0, 0).unwrap(),
+            tenant_config: &config,
+            actor: &actor,
+        };
         let lead = json!({"lead": {"client": {"name": "Canary"}, "from": {"locality": "Haifa"}}});
         LeadFinalization::start("0952ef82-0000-4000-8000-000000000000", &lead, &ctx).unwrap()
     }
@@ -158,7 +174,9 @@ mod tests {
         commands
             .iter()
             .filter_map(|c| match c {
-                Command::Effect { idempotency_key, .. } => Some(idempotency_key.clone()),
+                Command::Effect {
+                    idempotency_key, ..
+                } => Some(idempotency_key.clone()),
                 _ => None,
             })
             .collect()
@@ -169,10 +187,19 @@ mod tests {
         let (state, commands) = run(json!({}));
         assert_eq!(
             effect_keys(&commands),
-            ["0952ef82-0000-4000-8000-000000000000:operator_full_v1", "0952ef82-0000-4000-8000-000000000000:crew_fallback_v1"]
+            [
+                "0952ef82-0000-4000-8000-000000000000:operator_full_v1",
+                "0952ef82-0000-4000-8000-000000000000:crew_fallback_v1"
+            ]
         );
         assert!(!commands.iter().any(|c| matches!(c, Command::Start { .. })));
-        assert!(matches!(state, LeadFinalizationState::Finalized { dispatch_started: false, .. }));
+        assert!(matches!(
+            state,
+            LeadFinalizationState::Finalized {
+                dispatch_started: false,
+                ..
+            }
+        ));
         assert_eq!(commands.last(), Some(&Command::Complete));
     }
 
@@ -180,15 +207,23 @@ mod tests {
     fn flags_select_the_messages_and_crew_enabled_starts_dispatch() {
         let cfg = json!({"dispatch": {"operator": {"send_full": false, "send_crew_fallback": true}, "crew": {"enabled": true}}});
         let (_, commands) = run(cfg);
-        assert_eq!(effect_keys(&commands), ["0952ef82-0000-4000-8000-000000000000:crew_fallback_v1"]);
+        assert_eq!(
+            effect_keys(&commands),
+            ["0952ef82-0000-4000-8000-000000000000:crew_fallback_v1"]
+        );
         let start = commands.iter().find_map(|c| match c {
             Command::Start { kind, key, input } => Some((kind.clone(), key.clone(), input.clone())),
             _ => None,
         });
         let (kind, key, input) = start.expect("dispatch started");
-        assert_eq!((kind.as_str(), key.as_str()), ("dispatch", "0952ef82-0000-4000-8000-000000000000"));
+        assert_eq!(
+            (kind.as_str(), key.as_str()),
+            ("dispatch", "0952ef82-0000-4000-8000-000000000000")
+        );
         assert_eq!(input["lead"]["from"]["locality"], "Haifa");
-        let (_, none) = run(json!({"dispatch": {"operator": {"send_full": false, "send_crew_fallback": false}}}));
+        let (_, none) = run(
+            json!({"dispatch": {"operator": {"send_full": false, "send_crew_fallback": false}}}),
+        );
         assert!(effect_keys(&none).is_empty());
     }
 

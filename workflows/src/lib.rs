@@ -180,6 +180,23 @@ pub enum ParseError {
     /// The business key is not valid for this workflow.
     #[error("invalid key: {0}")]
     InvalidKey(String),
+    /// The stored state does not decode (e.g. an older binary reading a newer
+    /// state): a runtime fault, never the signal's fault.
+    #[error("stored state does not decode: {0}")]
+    StoredState(String),
+}
+
+/// Parse a lead id key: a UUID in its canonical lower-case hyphenated form only,
+/// so one lead can never have two workflows under two spellings of its id.
+pub fn parse_lead_key(kind: &str, key: &str) -> Result<uuid::Uuid, ParseError> {
+    uuid::Uuid::parse_str(key)
+        .ok()
+        .filter(|id| id.hyphenated().to_string() == key)
+        .ok_or_else(|| {
+            ParseError::InvalidKey(format!(
+                "the {kind} key must be the lead id as a lower-case hyphenated UUID"
+            ))
+        })
 }
 
 /// A lifecycle: the typed interface every workflow module implements.

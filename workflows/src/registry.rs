@@ -90,9 +90,8 @@ impl<W: Workflow> DynWorkflow for Erased<W> {
         payload: &Value,
         ctx: &Ctx<'_>,
     ) -> Result<Transition, ParseError> {
-        let state: W::State = serde_json::from_value(state.clone()).map_err(|e| {
-            ParseError::InvalidPayload(format!("stored state does not decode: {e}"))
-        })?;
+        let state: W::State = serde_json::from_value(state.clone())
+            .map_err(|e| ParseError::StoredState(e.to_string()))?;
         let signal = W::parse_signal(name, payload)?;
         Ok(match W::on_signal(&state, signal, ctx) {
             Outcome::Accept { next, commands } => Transition::Accept {

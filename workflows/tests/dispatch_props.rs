@@ -169,7 +169,8 @@ impl Run {
             tenant_config: &config,
             actor: &lead_core,
         };
-        let (state, commands) = Dispatch::start(LEAD, &json!({ "lead": { "id": LEAD } }), &ctx)
+        let input = json!({ "lead": { "id": LEAD }, "claim_deadline_s": 3600 });
+        let (state, commands) = Dispatch::start(LEAD, &input, &ctx)
             .map_err(|e| TestCaseError::fail(format!("start failed: {e}")))?;
         let mut run = Run {
             auto_release,

@@ -4,8 +4,9 @@
 //! (state, signal) pair: 9 states × 9 signals = 81 rows. Each fixture state is
 //! reached from `Dispatch::start` through real transitions, so the table also
 //! proves every state is reachable. The focused tests below it cover the rules
-//! the table cannot show in one line: deadline precedence, re-arming, auto
-//! release, early release, parsing, start validation and roles.
+//! the table cannot show in one line: deadline precedence, re-arming, expiry
+//! only at the current deadline, auto release, early release, parsing, start
+//! validation (canonical keys) and roles.
 
 use std::collections::BTreeSet;
 
@@ -13,7 +14,8 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use serde_json::{json, Value};
 use uuid::Uuid;
 use workflows::dispatch::{
-    effects, Dispatch, DispatchState, CLAIM_TIMER, DEFAULT_CLAIM_DEADLINE_S, SIGNALS,
+    effects, Dispatch, DispatchSignal, DispatchState, CLAIM_TIMER, DEFAULT_CLAIM_DEADLINE_S,
+    SIGNALS,
 };
 use workflows::{Actor, Command, Ctx, Outcome, ParseError, Registry, Role, Workflow};
 
@@ -21,8 +23,13 @@ const LEAD: &str = "0952ef82-5b1c-4f3a-9d2e-7c4b1a0f6e11";
 const SHORT_ID: &str = "0952ef82";
 /// The claim window every fixture is started with (start input).
 const DEADLINE_S: u64 = 3600;
-/// Seconds after `t(0)` at which table rows apply their signal.
+/// Seconds after `t(0)` at which table rows apply their signal: after every
+/// fixture step but before the PUBLISHED fixture's claim deadline, so the
+/// table's `expire` in PUBLISHED is an early (stale) timer.
 const TABLE_AT: i64 = 1000;
+/// Seconds after `t(0)` when the PUBLISHED fixture's claim window ends
+/// (published at `t(10)` with a `DEADLINE_S` window).
+const POST_DEADLINE_AT: i64 = 10 + DEADLINE_S as i64;
 
 const STATES: [&str; 9] = [
     "NEW",
@@ -164,6 +171,7 @@ fn send_canonical(
 /// Drive a fresh workflow to `state` through real transitions (`e1` claims).
 /// The happy path advances ten seconds per step: published t(10), claimed
 /// t(20), confirmed t(30), invoice t(40), paid t(50), released t(60).
+/// Cancelled at t(70); expired exactly at the post's deadline, t(3610).
 fn drive_to(state: &str, config: &Value) -> DispatchState {
     let step = |from: &str, signal: &str, at: i64| {
         let from = drive_to(from, config);
@@ -191,7 +199,7 @@ fn drive_to(state: &str, config: &Value) -> DispatchState {
         "PAID" => step("INVOICE_SENT", "paid", 50),
         "DETAILS_RELEASED" => step("PAID", "release", 60),
         "CANCELLED" => step("CLAIMED", "cancel", 70),
-        "EXPIRED" => step("PUBLISHED", "expire", 80),
+        "EXPIRED" => step("PUBLISHED", "expire", POST_DEADLINE_AT),
         other => panic!("no fixture for {other}"),
     };
     assert_eq!(
@@ -302,7 +310,10 @@ fn rej(reason: &str) -> Expect {
     Expect::Reject(reason.to_string())
 }
 
-fn cancelled_with_post() -> Expect {
+/// Cancel from any live state: the crew post edit is emitted with or without a
+/// post (without one it is found through the publish key, see
+/// `cancel_edits_the_post_or_finds_it_through_the_publish_key`).
+fn cancelled() -> Expect {
     to(
         "CANCELLED",
         vec![
@@ -338,7 +349,7 @@ fn table() -> Vec<(&'static str, &'static str, Expect)> {
         ("NEW", "invoice_sent", rej("not_confirmed")),
         ("NEW", "paid",         rej("invoice_not_sent")),
         ("NEW", "release",      rej("not_claimed")),
-        ("NEW", "cancel",       to("CANCELLED", vec![disarm(), Cmd::Complete])),
+        ("NEW", "cancel",       cancelled()),
         ("NEW", "expire",       rej("stale_timer")),
 
         ("PUBLISHED", "published",    rej("already_published")),
@@ -352,11 +363,10 @@ fn table() -> Vec<(&'static str, &'static str, Expect)> {
         ("PUBLISHED", "invoice_sent", rej("not_confirmed")),
         ("PUBLISHED", "paid",         rej("invoice_not_sent")),
         ("PUBLISHED", "release",      rej("not_claimed")),
-        ("PUBLISHED", "cancel",       cancelled_with_post()),
-        ("PUBLISHED", "expire",       to("EXPIRED", vec![
-            eff(effects::CREW_POST_EXPIRED, "group_expire_v1"),
-            Cmd::Complete,
-        ])),
+        ("PUBLISHED", "cancel",       cancelled()),
+        // TABLE_AT is before the post's deadline: a timer from an earlier window.
+        // Expiry at the deadline: `expire_applies_only_from_the_current_deadline_on`.
+        ("PUBLISHED", "expire",       rej("stale_timer")),
 
         ("CLAIMED", "published",    rej("already_published")),
         ("CLAIMED", "claim",        rej("already_claimed")),
@@ -368,7 +378,7 @@ fn table() -> Vec<(&'static str, &'static str, Expect)> {
         ("CLAIMED", "invoice_sent", rej("not_confirmed")),
         ("CLAIMED", "paid",         rej("invoice_not_sent")),
         ("CLAIMED", "release",      rej("not_paid")),
-        ("CLAIMED", "cancel",       cancelled_with_post()),
+        ("CLAIMED", "cancel",       cancelled()),
         ("CLAIMED", "expire",       rej("stale_timer")),
 
         ("OPERATOR_CONFIRMED", "published",    rej("already_published")),
@@ -378,7 +388,7 @@ fn table() -> Vec<(&'static str, &'static str, Expect)> {
         ("OPERATOR_CONFIRMED", "invoice_sent", to("INVOICE_SENT", vec![])),
         ("OPERATOR_CONFIRMED", "paid",         rej("invoice_not_sent")),
         ("OPERATOR_CONFIRMED", "release",      rej("not_paid")),
-        ("OPERATOR_CONFIRMED", "cancel",       cancelled_with_post()),
+        ("OPERATOR_CONFIRMED", "cancel",       cancelled()),
         ("OPERATOR_CONFIRMED", "expire",       rej("stale_timer")),
 
         ("INVOICE_SENT", "published",    rej("already_published")),
@@ -388,7 +398,7 @@ fn table() -> Vec<(&'static str, &'static str, Expect)> {
         ("INVOICE_SENT", "invoice_sent", rej("invoice_already_sent")),
         ("INVOICE_SENT", "paid",         to("PAID", vec![])),
         ("INVOICE_SENT", "release",      rej("not_paid")),
-        ("INVOICE_SENT", "cancel",       cancelled_with_post()),
+        ("INVOICE_SENT", "cancel",       cancelled()),
         ("INVOICE_SENT", "expire",       rej("stale_timer")),
 
         ("PAID", "published",    rej("already_published")),
@@ -401,7 +411,7 @@ fn table() -> Vec<(&'static str, &'static str, Expect)> {
             eff(effects::RELEASE_DETAILS, "release_v1"),
             Cmd::Complete,
         ])),
-        ("PAID", "cancel",       cancelled_with_post()),
+        ("PAID", "cancel",       cancelled()),
         ("PAID", "expire",       rej("stale_timer")),
     ];
     for state in ["DETAILS_RELEASED", "CANCELLED", "EXPIRED"] {
@@ -595,7 +605,7 @@ fn claim_without_an_executor_subject_is_rejected() {
 
 #[test]
 fn cancel_keeps_the_post_and_claim_for_the_record() {
-    let (next, _) = accepted(send(
+    let (next, commands) = accepted(send(
         &fixture("CLAIMED"),
         "cancel",
         json!({ "reason": "client cancelled" }),
@@ -617,24 +627,76 @@ fn cancel_keeps_the_post_and_claim_for_the_record() {
     assert_eq!(claim.as_ref().unwrap().claimed_by, "e1");
     assert_eq!(*cancelled_at, t(500));
     assert_eq!(reason.as_deref(), Some("client cancelled"));
+    assert_eq!(
+        commands,
+        vec![
+            Command::CancelTimer {
+                name: CLAIM_TIMER.to_string(),
+            },
+            Command::Effect {
+                name: effects::CREW_POST_CANCELLED.to_string(),
+                idempotency_key: format!("{LEAD}:group_cancel_v1"),
+                payload: json!({ "lead_id": LEAD, "short_id": SHORT_ID, "message_id": "m-1", "provider": "telegram", "chat_id": "crew-1" }),
+                reply: None,
+            },
+            Command::Complete,
+        ]
+    );
+}
 
-    let (from_new, commands) = accepted(send_canonical(
+#[test]
+fn cancel_before_publication_finds_the_post_through_the_publish_key() {
+    let (from_new, commands) = accepted(send(
         &fixture("NEW"),
         "cancel",
+        json!({ "reason": "client cancelled" }),
+        &operator(),
         &no_config(),
         t(5),
     ));
-    assert!(matches!(
-        from_new,
-        DispatchState::Cancelled {
-            post: None,
-            claim: None,
-            ..
-        }
-    ));
-    assert!(
-        !commands.iter().any(|c| matches!(c, Command::Effect { .. })),
-        "there is no crew post to edit before publication: {commands:?}"
+    let DispatchState::Cancelled {
+        post,
+        claim,
+        cancelled_at,
+        reason,
+        ..
+    } = &from_new
+    else {
+        panic!("{from_new:?}");
+    };
+    assert_eq!(*post, None, "nothing was published yet");
+    assert_eq!(*claim, None);
+    assert_eq!(*cancelled_at, t(5));
+    assert_eq!(reason.as_deref(), Some("client cancelled"));
+    // The publish may still be on its way: the cancel edit carries the publish
+    // effect's key instead of a message id.
+    assert_eq!(
+        commands,
+        vec![
+            Command::CancelTimer {
+                name: CLAIM_TIMER.to_string(),
+            },
+            Command::Effect {
+                name: effects::CREW_POST_CANCELLED.to_string(),
+                idempotency_key: format!("{LEAD}:group_cancel_v1"),
+                payload: json!({ "lead_id": LEAD, "short_id": SHORT_ID, "publish_key": format!("{LEAD}:publish_v1") }),
+                reply: None,
+            },
+            Command::Complete,
+        ]
+    );
+    let (_, start_commands) = start_with(&start_input(Some(DEADLINE_S)), &no_config()).unwrap();
+    let Command::Effect {
+        idempotency_key: publish_key,
+        ..
+    } = &start_commands[0]
+    else {
+        panic!("{start_commands:?}");
+    };
+    assert_eq!(
+        effect_named(&commands, effects::CREW_POST_CANCELLED).1["publish_key"],
+        json!(publish_key),
+        "publish_key is the start's publish effect key"
     );
 }
 
@@ -648,7 +710,45 @@ fn expire_records_when_the_post_expired() {
         panic!("{s:?}");
     };
     assert_eq!(post.message_id, "m-1");
-    assert_eq!(*expired_at, t(80));
+    assert_eq!(post.deadline, t(POST_DEADLINE_AT));
+    assert_eq!(*expired_at, t(POST_DEADLINE_AT));
+}
+
+#[test]
+fn expire_applies_only_from_the_current_deadline_on() {
+    let config = no_config();
+    let published = fixture("PUBLISHED");
+    let deadline = t(POST_DEADLINE_AT);
+
+    for early in [t(10), t(TABLE_AT), deadline - Duration::seconds(1)] {
+        let reason = rejected(send_canonical(&published, "expire", &config, early));
+        assert_eq!(reason, "stale_timer", "expire at {early}");
+    }
+
+    for late in [deadline, deadline + Duration::seconds(500)] {
+        let (next, commands) = accepted(send_canonical(&published, "expire", &config, late));
+        let DispatchState::Expired {
+            post, expired_at, ..
+        } = &next
+        else {
+            panic!("expire at {late}: {next:?}");
+        };
+        assert_eq!(*expired_at, late);
+        assert_eq!(post.deadline, deadline);
+        assert_eq!(
+            commands,
+            vec![
+                Command::Effect {
+                    name: effects::CREW_POST_EXPIRED.to_string(),
+                    idempotency_key: format!("{LEAD}:group_expire_v1"),
+                    payload: json!({ "lead_id": LEAD, "short_id": SHORT_ID, "message_id": "m-1", "provider": "telegram", "chat_id": "crew-1" }),
+                    reply: None,
+                },
+                Command::Complete,
+            ],
+            "expire at {late}"
+        );
+    }
 }
 
 // ---------------------------------------------------------- deadlines --
@@ -715,8 +815,11 @@ fn reject_claim_rearms_a_full_window_and_reopens_the_post() {
     );
     let (key, restored) = effect_named(&commands, effects::CREW_POST_RESTORED);
     assert_eq!(key, format!("{LEAD}:group_restore_v1:c1"));
-    assert_eq!(restored["message_id"], "m-1");
-    assert_eq!(restored["reason"], "no van");
+    assert_eq!(
+        restored,
+        &json!({ "lead_id": LEAD, "short_id": SHORT_ID, "message_id": "m-1", "provider": "telegram", "chat_id": "crew-1" }),
+        "the operator's reason stays out of the crew post edit"
+    );
 
     // A second claim gets its own effect keys, and its rejection re-arms again.
     let (second, commands) = accepted(send(
@@ -746,6 +849,14 @@ fn reject_claim_rearms_a_full_window_and_reopens_the_post() {
         at: t(3000) + Duration::seconds(DEADLINE_S as i64),
         signal: "expire".to_string(),
     }));
+
+    // Timers armed for earlier windows (the first window ended at t(3610), the
+    // second at t(5600)) fire late as no-ops, as does any expiry before the
+    // current deadline.
+    for stale in [t(POST_DEADLINE_AT), t(5600), t(6599)] {
+        let reason = rejected(send_canonical(&again, "expire", &config, stale));
+        assert_eq!(reason, "stale_timer", "expire at {stale}");
+    }
 
     // The re-armed timer can still expire the job.
     let (expired, _) = accepted(send_canonical(&again, "expire", &config, t(6600)));
@@ -943,7 +1054,11 @@ fn malformed_payloads_are_parse_errors() {
         ("expire", json!({ "bogus": 1 })),
         ("published", json!({})),
         ("published", json!({ "message_id": 42 })),
-        ("published", json!({ "message_id": "m", "extra": true })),
+        (
+            "published",
+            json!({ "provider": "telegram", "chat_id": "crew-1" }),
+        ),
+        ("published", json!({ "message_id": null, "extra": true })),
         ("release", json!({ "reason": 5 })),
         ("release", json!({ "why": "x" })),
         ("reject_claim", json!({ "bogus": 1 })),
@@ -957,6 +1072,41 @@ fn malformed_payloads_are_parse_errors() {
             "`{name}` with {payload} gave {err:?}"
         );
     }
+}
+
+#[test]
+fn published_ignores_unknown_fields_but_needs_a_message_id() {
+    let signal = Dispatch::parse_signal(
+        "published",
+        &json!({
+            "message_id": "m-9",
+            "provider": "telegram",
+            "chat_id": "crew-1",
+            "date": 1767225600,
+            "raw": { "ok": true },
+        }),
+    )
+    .unwrap();
+    assert_eq!(
+        signal,
+        DispatchSignal::Published {
+            message_id: "m-9".to_string(),
+            provider: Some("telegram".to_string()),
+            chat_id: Some("crew-1".to_string()),
+        }
+    );
+    let bare = Dispatch::parse_signal("published", &json!({ "message_id": "m-9", "extra": true }))
+        .unwrap();
+    assert_eq!(
+        bare,
+        DispatchSignal::Published {
+            message_id: "m-9".to_string(),
+            provider: None,
+            chat_id: None,
+        }
+    );
+    let err = Dispatch::parse_signal("published", &json!({ "extra": true })).unwrap_err();
+    assert!(matches!(err, ParseError::InvalidPayload(_)), "{err:?}");
 }
 
 #[test]
@@ -989,6 +1139,34 @@ fn start_rejects_a_key_that_is_not_a_uuid() {
             "{key:?} gave {err:?}"
         );
     }
+}
+
+#[test]
+fn start_rejects_a_key_that_is_not_the_canonical_uuid_spelling() {
+    let integration = actor(Role::Integration, None);
+    let config = no_config();
+    let ctx = Ctx {
+        now: t(0),
+        tenant_config: &config,
+        actor: &integration,
+    };
+    // One lead, one workflow: other spellings of the same UUID are not keys.
+    for key in [
+        LEAD.to_uppercase(),
+        "0952EF82-5b1c-4f3a-9d2e-7c4b1a0f6e11".to_string(),
+        LEAD.replace('-', ""),
+        format!("{{{LEAD}}}"),
+        format!("urn:uuid:{LEAD}"),
+        format!(" {LEAD}"),
+    ] {
+        let err = Dispatch::start(&key, &start_input(None), &ctx).unwrap_err();
+        assert!(
+            matches!(err, ParseError::InvalidKey(_)),
+            "{key:?} gave {err:?}"
+        );
+    }
+    let (state, _) = Dispatch::start(LEAD, &start_input(None), &ctx).unwrap();
+    assert_eq!(state.job().lead_id, Uuid::parse_str(LEAD).unwrap());
 }
 
 #[test]
