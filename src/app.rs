@@ -97,6 +97,7 @@ pub async fn launch(
         let app = http::router(ApiState {
             engine: engine.clone(),
             applied,
+            public_url: settings.public_url.clone(),
         });
         let stop = shutdown.clone();
         tasks.spawn(async move {

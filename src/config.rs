@@ -59,6 +59,8 @@ pub struct Settings {
     pub data_dir: String,
     /// `DISPATCH_DB_POOL` (default 32).
     pub db_pool: u32,
+    /// `DISPATCH_PUBLIC_URL`: the base URL providers call (Twilio signs it).
+    pub public_url: Option<String>,
     /// `ENABLED_WORKFLOWS`: comma-separated kinds this process runs (default: all).
     pub enabled_workflows: Option<Vec<String>>,
     /// Engine tuning (`DISPATCH_EFFECT_MAX_ATTEMPTS`).
@@ -77,6 +79,7 @@ impl Default for Settings {
             listen: "127.0.0.1:8080".into(),
             data_dir: ".dispatch".into(),
             db_pool: 32,
+            public_url: None,
             enabled_workflows: None,
             engine: EngineConfig::default(),
             outbox: OutboxConfig::default(),
@@ -120,6 +123,7 @@ impl Settings {
         if let Some(v) = var("DISPATCH_DATA_DIR") {
             s.data_dir = v;
         }
+        s.public_url = var("DISPATCH_PUBLIC_URL").map(|u| u.trim_end_matches('/').to_string());
         if let Some(v) = num("DISPATCH_DB_POOL")? {
             s.db_pool = v;
         }

@@ -30,6 +30,8 @@ pub struct ApiState {
     pub engine: Engine,
     /// Signal-applied notifications, fanned out to waiting requests.
     pub applied: broadcast::Sender<Uuid>,
+    /// The public base URL providers call (`DISPATCH_PUBLIC_URL`), for Twilio signatures.
+    pub public_url: Option<String>,
 }
 
 /// An API error: a status and a machine-readable code.
@@ -41,7 +43,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -163,7 +165,7 @@ impl FromRequestParts<ApiState> for Caller {
     }
 }
 
-fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
+pub(crate) fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -296,8 +298,9 @@ async fn workflow_view(
     view["pending_timers"] = json!(timers);
     view["effects"] = json!(effects);
     view["history"] = json!(history);
-    // The start input may carry personal data: operators (and ops) only.
-    if matches!(caller.0.role, Role::Operator | Role::Ops) {
+    // The start input (a FullLead) and the messages sent carry personal data:
+    // the business's operators only; ops see the runtime view without them.
+    if caller.0.role == Role::Operator {
         view["input"] = wf_store::input(&mut conn, row.tenant_id, row.id)
             .await?
             .unwrap_or(Value::Null);
@@ -470,6 +473,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/workflows", post(start_workflow))
         .route("/v1/workflows/{kind}/{key}", get(get_workflow))
         .route("/v1/workflows/{kind}/{key}/signals", post(send_signal))
+        .merge(crate::intake::routes::router())
+        .merge(crate::admin::router())
         .fallback(not_found)
         .with_state(state)
 }

@@ -7,11 +7,13 @@
 //! ([`http`]) queues signals and can wait for their outcome via LISTEN/NOTIFY.
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod app;
 pub mod channels;
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod intake;
 pub mod outbox;
 pub mod pg;
 pub mod store;

@@ -80,6 +80,11 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    /// The channel router effects are delivered through.
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
     /// Build over a pool.
     pub fn new(pool: PgPool, config: OutboxConfig) -> Self {
         Self {

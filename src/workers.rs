@@ -27,7 +27,9 @@ use uuid::Uuid;
 
 use crate::engine::{Engine, TIMER_CHANNEL};
 use crate::outbox::Outbox;
-use crate::store::jobs::{self, ApplyJob, EffectJob, Envelope, EFFECT_QUEUE};
+use crate::store::jobs::{
+    self, ApplyJob, EffectJob, Envelope, InboundJob, EFFECT_QUEUE, INBOUND_QUEUE,
+};
 use crate::store::{effects, signals, timers};
 
 /// Worker tuning.
@@ -144,6 +146,11 @@ async fn handle(job: Value, h: Data<Arc<Handlers>>) -> Result<(), BoxDynError> {
             let job: EffectJob = serde_json::from_value(env.body)?;
             h.outbox
                 .run(job.tenant_id, job.effect_id, job.after_attempts)
+                .await?;
+        }
+        "inbound" => {
+            let job: InboundJob = serde_json::from_value(env.body)?;
+            crate::intake::process(&h.engine, h.outbox.router(), job.tenant_id, job.inbound_id)
                 .await?;
         }
         other => tracing::error!(kind = other, "unknown job kind; dropped"),
@@ -296,6 +303,14 @@ pub async fn sweep_once(pool: &PgPool, cfg: &WorkerConfig) -> Result<usize, sqlx
         )
         .await?;
     }
+    let inbound = crate::store::providers::stale_inbound(&mut tx, grace, 500).await?;
+    for (tenant_id, inbound_id) in &inbound {
+        let job = InboundJob {
+            tenant_id: *tenant_id,
+            inbound_id: *inbound_id,
+        };
+        jobs::enqueue_inbound(&mut tx, &job, format!("sweep:in:{inbound_id}:{bucket}")).await?;
+    }
     let lost = effects::recover(&mut tx, grace, 500).await?;
     for (tenant_id, effect_id, attempts) in &lost {
         let job = EffectJob {
@@ -358,6 +373,7 @@ pub fn spawn(
         .map(jobs::apply_queue)
         .collect();
     queues.push(EFFECT_QUEUE.to_string());
+    queues.push(INBOUND_QUEUE.to_string());
     let h = Arc::new(Handlers { engine, outbox });
     let mut set = tokio::task::JoinSet::new();
     for queue in queues {

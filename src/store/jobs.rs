@@ -15,6 +15,36 @@ use uuid::Uuid;
 pub fn apply_queue(kind: &str) -> String {
     format!("dispatch.apply.{kind}")
 }
+/// The queue that processes verified inbound webhook events.
+pub const INBOUND_QUEUE: &str = "dispatch.inbound";
+
+/// Body of an `inbound` job: process one stored webhook event.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InboundJob {
+    /// Tenant.
+    pub tenant_id: Uuid,
+    /// The `inbound_events` row.
+    pub inbound_id: Uuid,
+}
+
+/// Enqueue processing of an inbound event.
+pub async fn enqueue_inbound(
+    conn: &mut PgConnection,
+    job: &InboundJob,
+    idempotency_key: String,
+) -> Result<(), sqlx::Error> {
+    let body = serde_json::to_value(job).expect("serializes");
+    push(
+        conn,
+        INBOUND_QUEUE,
+        "inbound",
+        body,
+        None,
+        Some(idempotency_key),
+    )
+    .await
+}
+
 /// The queue that runs effects.
 pub const EFFECT_QUEUE: &str = "dispatch.effect";
 

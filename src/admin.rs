@@ -1,0 +1,499 @@
+//! Tenant administration over HTTP: the people registry, the tenant's runtime
+//! configuration, and provider settings (secrets write-only).
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+use workflows::Role;
+
+use crate::http::{parse_body, ApiError, ApiState, Caller};
+use crate::store::providers::{self, Person};
+use crate::store::tenants;
+
+fn require(caller: &Caller, roles: &[Role], what: &str) -> Result<(), ApiError> {
+    if roles.contains(&caller.0.role) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("role `{}` may not {what}", caller.0.role.as_str()),
+        ))
+    }
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", message)
+}
+
+/// The caller's own tenant by name; another tenant's name is a 404.
+async fn own_tenant(st: &ApiState, caller: &Caller, name: &str) -> Result<Uuid, ApiError> {
+    let mut conn = st.engine.pool().acquire().await?;
+    match tenants::by_name(&mut conn, name).await? {
+        Some(t) if t.id == caller.0.tenant_id => Ok(t.id),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such tenant",
+        )),
+    }
+}
+
+// ---- people ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PersonBody {
+    #[serde(default)]
+    id: Option<String>,
+    role: String,
+    display_name: String,
+    #[serde(default)]
+    telegram_user_id: Option<i64>,
+    #[serde(default)]
+    telegram_username: Option<String>,
+    #[serde(default)]
+    phone: Option<String>,
+    #[serde(default)]
+    email: Option<String>,
+}
+
+/// An E.164 phone number: `+`, then 7 to 15 digits, no leading zero.
+pub fn e164(s: &str) -> Option<String> {
+    let compact: String = s
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '-' | '(' | ')' | '.'))
+        .collect();
+    let digits = compact.strip_prefix('+')?;
+    let ok = (7..=15).contains(&digits.len())
+        && digits.chars().all(|c| c.is_ascii_digit())
+        && !digits.starts_with('0');
+    ok.then_some(compact)
+}
+
+fn validate_person(id: String, b: PersonBody) -> Result<Person, ApiError> {
+    let id_ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !id_ok {
+        return Err(invalid(
+            "id must be 1..=64 letters, digits, `_`, `.` or `-`",
+        ));
+    }
+    if !matches!(b.role.as_str(), "executor" | "operator") {
+        return Err(invalid("role must be `executor` or `operator`"));
+    }
+    let display_name = b.display_name.trim().to_string();
+    if display_name.is_empty()
+        || display_name.chars().count() > 100
+        || display_name.chars().any(char::is_control)
+    {
+        return Err(invalid("display_name must be 1..=100 printable characters"));
+    }
+    let username = match b.telegram_username {
+        Some(u) => {
+            let u = u.trim_start_matches('@').to_string();
+            let ok = (5..=32).contains(&u.len())
+                && u.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err(invalid(
+                    "telegram_username must be 5..=32 letters, digits or `_`",
+                ));
+            }
+            Some(u)
+        }
+        None => None,
+    };
+    let phone = match b.phone {
+        Some(p) => Some(
+            e164(&p).ok_or_else(|| invalid("phone must be in E.164 form, e.g. +972501234567"))?,
+        ),
+        None => None,
+    };
+    if b.email
+        .as_ref()
+        .is_some_and(|e| !e.contains('@') || e.len() > 254 || e.chars().any(char::is_whitespace))
+    {
+        return Err(invalid("email is not an address"));
+    }
+    Ok(Person {
+        id,
+        role: b.role,
+        display_name,
+        telegram_user_id: b.telegram_user_id,
+        telegram_username: username,
+        phone,
+        email: b.email,
+    })
+}
+
+async fn upsert(
+    st: &ApiState,
+    caller: &Caller,
+    id: Option<String>,
+    body: &Bytes,
+) -> Result<Response, ApiError> {
+    require(caller, &[Role::Ops, Role::Operator], "manage people")?;
+    let b: PersonBody = parse_body(body)?;
+    let id = id
+        .or_else(|| b.id.clone())
+        .ok_or_else(|| invalid("id is required"))?;
+    if b.id.as_ref().is_some_and(|body_id| *body_id != id) {
+        return Err(invalid("the body's id differs from the path"));
+    }
+    let person = validate_person(id, b)?;
+    let mut conn = st.engine.pool().acquire().await?;
+    let created = providers::upsert_person(&mut conn, caller.0.tenant_id, &person).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!(person))).into_response())
+}
+
+async fn create_person(
+    State(st): State<ApiState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    upsert(&st, &caller, None, &body).await
+}
+
+async fn put_person(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    upsert(&st, &caller, Some(id), &body).await
+}
+
+async fn list_people(State(st): State<ApiState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    require(&caller, &[Role::Ops, Role::Operator], "list people")?;
+    let mut conn = st.engine.pool().acquire().await?;
+    Ok(Json(
+        json!({ "people": providers::people(&mut conn, caller.0.tenant_id).await? }),
+    ))
+}
+
+async fn get_person(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require(&caller, &[Role::Ops, Role::Operator], "read people")?;
+    let mut conn = st.engine.pool().acquire().await?;
+    let p = providers::person(&mut conn, caller.0.tenant_id, &id)
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such person"))?;
+    Ok(Json(json!(p)))
+}
+
+async fn delete_person(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    require(&caller, &[Role::Ops, Role::Operator], "manage people")?;
+    let mut conn = st.engine.pool().acquire().await?;
+    if providers::delete_person(&mut conn, caller.0.tenant_id, &id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such person",
+        ))
+    }
+}
+
+// ---- tenant config ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct ConfigDoc {
+    #[serde(default)]
+    dispatch: Option<DispatchCfg>,
+    #[serde(default)]
+    rate_limits: Option<RateCfg>,
+    #[serde(default)]
+    log_channel: Option<LogCfg>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct DispatchCfg {
+    #[serde(default)]
+    operator: Option<OperatorCfg>,
+    #[serde(default)]
+    crew: Option<CrewCfg>,
+    #[serde(default)]
+    claim_deadline_s: Option<u64>,
+    #[serde(default)]
+    auto_release_on_paid: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct OperatorCfg {
+    #[serde(default)]
+    send_full: Option<bool>,
+    #[serde(default)]
+    send_crew_fallback: Option<bool>,
+    #[serde(default)]
+    provider: Option<OperatorProvider>,
+    #[serde(default)]
+    to: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum OperatorProvider {
+    Telegram,
+    Whatsapp,
+    Sms,
+    Email,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct CrewCfg {
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default)]
+    provider: Option<CrewProvider>,
+    #[serde(default)]
+    chat_id: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum CrewProvider {
+    Telegram,
+    Whatsapp,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct RateCfg {
+    #[serde(default)]
+    telegram_chat_per_s: Option<f64>,
+    #[serde(default)]
+    telegram_group_per_min: Option<f64>,
+    #[serde(default)]
+    telegram_bot_per_s: Option<f64>,
+    #[serde(default)]
+    whatsapp_number_per_s: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct LogCfg {
+    #[serde(default)]
+    fail_first: Option<u32>,
+    #[serde(default)]
+    failure: Option<String>,
+}
+
+fn validate_config(doc: &Value) -> Result<(), ApiError> {
+    let parsed: ConfigDoc =
+        serde_json::from_value(doc.clone()).map_err(|e| invalid(e.to_string()))?;
+    if let Some(d) = &parsed.dispatch {
+        if d.claim_deadline_s
+            .is_some_and(|s| !(1..=workflows::dispatch::MAX_CLAIM_DEADLINE_S).contains(&s))
+        {
+            return Err(invalid("dispatch.claim_deadline_s must be 1..=7776000"));
+        }
+        if let Some(c) = &d.crew {
+            if c.enabled == Some(true)
+                && c.provider.is_some()
+                && c.chat_id.is_none()
+                && matches!(c.provider, Some(CrewProvider::Telegram))
+            {
+                return Err(invalid(
+                    "dispatch.crew.chat_id is required for a telegram crew",
+                ));
+            }
+        }
+        if let Some(o) = &d.operator {
+            if o.provider.is_some() && o.to.is_none() {
+                return Err(invalid("dispatch.operator.to is required with a provider"));
+            }
+        }
+    }
+    if let Some(r) = &parsed.rate_limits {
+        let all = [
+            r.telegram_chat_per_s,
+            r.telegram_group_per_min,
+            r.telegram_bot_per_s,
+            r.whatsapp_number_per_s,
+        ];
+        if all.iter().flatten().any(|v| !(v.is_finite() && *v > 0.0)) {
+            return Err(invalid("rate limits must be positive numbers"));
+        }
+    }
+    Ok(())
+}
+
+async fn get_config(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path(tenant): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require(
+        &caller,
+        &[Role::Ops, Role::Operator],
+        "read the tenant config",
+    )?;
+    let tenant_id = own_tenant(&st, &caller, &tenant).await?;
+    let mut conn = st.engine.pool().acquire().await?;
+    Ok(Json(tenants::config(&mut conn, tenant_id).await?))
+}
+
+async fn put_config(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path(tenant): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    require(&caller, &[Role::Ops], "change the tenant config")?;
+    let tenant_id = own_tenant(&st, &caller, &tenant).await?;
+    let doc: Value = parse_body(&body)?;
+    validate_config(&doc)?;
+    let mut conn = st.engine.pool().acquire().await?;
+    tenants::set_config(&mut conn, tenant_id, &doc).await?;
+    // Read per transition and per delivery: takes effect without a restart.
+    Ok(Json(doc))
+}
+
+// ---- providers ----
+
+/// Settings and secrets each provider accepts.
+fn provider_fields(provider: &str) -> Option<(&'static [&'static str], &'static [&'static str])> {
+    Some(match provider {
+        "telegram" => (
+            &["base_url", "bot_username"],
+            &["bot_token", "webhook_secret"],
+        ),
+        "whatsapp" => (
+            &[
+                "base_url",
+                "phone_number_id",
+                "template_name",
+                "template_language",
+            ],
+            &["access_token", "app_secret", "verify_token"],
+        ),
+        "twilio" => (&["base_url", "account_sid", "from"], &["auth_token"]),
+        "resend" | "sendgrid" => (&["base_url", "from"], &["api_key"]),
+        _ => return None,
+    })
+}
+
+fn provider_view(provider: &str, settings: &Value, secrets: &Value) -> Value {
+    let mut set: Vec<&str> = secrets
+        .as_object()
+        .map(|m| m.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    set.sort();
+    json!({ "provider": provider, "settings": settings, "secrets_set": set })
+}
+
+async fn put_provider(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path((tenant, provider)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    require(&caller, &[Role::Ops], "configure providers")?;
+    let tenant_id = own_tenant(&st, &caller, &tenant).await?;
+    let (setting_names, secret_names) = provider_fields(&provider).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_provider",
+            "no such provider",
+        )
+    })?;
+    let doc: Map<String, Value> = parse_body(&body)?;
+    let (mut settings, mut secrets) = (Map::new(), Map::new());
+    for (k, v) in doc {
+        let Some(s) = v.as_str().filter(|s| !s.is_empty() && s.len() <= 2048) else {
+            return Err(invalid(format!("`{k}` must be a non-empty string")));
+        };
+        if setting_names.contains(&k.as_str()) {
+            if k == "base_url" && !(s.starts_with("https://") || s.starts_with("http://")) {
+                return Err(invalid("base_url must be an http(s) URL"));
+            }
+            settings.insert(k, Value::from(s));
+        } else if secret_names.contains(&k.as_str()) {
+            secrets.insert(k, Value::from(s));
+        } else {
+            return Err(invalid(format!("unknown field `{k}` for {provider}")));
+        }
+    }
+    let mut conn = st.engine.pool().acquire().await?;
+    let settings = Value::Object(settings);
+    let merged = providers::put(
+        &mut conn,
+        tenant_id,
+        &provider,
+        &settings,
+        &Value::Object(secrets),
+    )
+    .await?;
+    tracing::info!(provider = %provider, "provider settings updated");
+    Ok(Json(provider_view(&provider, &settings, &merged)))
+}
+
+async fn get_provider(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path((tenant, provider)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    require(&caller, &[Role::Ops], "read provider settings")?;
+    let tenant_id = own_tenant(&st, &caller, &tenant).await?;
+    let mut conn = st.engine.pool().acquire().await?;
+    let row = providers::get(&mut conn, tenant_id, &provider)
+        .await?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "provider not configured",
+            )
+        })?;
+    Ok(Json(provider_view(&provider, &row.settings, &row.secrets)))
+}
+
+/// The administration routes.
+pub fn router() -> Router<ApiState> {
+    Router::new()
+        .route("/v1/people", get(list_people).post(create_person))
+        .route(
+            "/v1/people/{id}",
+            get(get_person).put(put_person).delete(delete_person),
+        )
+        .route(
+            "/v1/tenants/{tenant}/config",
+            get(get_config).put(put_config),
+        )
+        .route(
+            "/v1/tenants/{tenant}/providers/{provider}",
+            put(put_provider).get(get_provider),
+        )
+}
