@@ -123,6 +123,11 @@ impl Router {
                 }
             }
         }
+        if message.edit.is_some() && superseded(conn, effect).await? {
+            // A later edit of the same post already landed: a late retry of
+            // this one must not put the post back in an older state.
+            return Ok(json!({ "skipped": "superseded by a later edit" }));
+        }
         let dest = resolve(conn, effect.tenant_id, &config, &message).await?;
         let rate = RateConfig::from_tenant(&config);
         self.send(conn, effect, &message, dest, &rate, send_after)
@@ -375,6 +380,20 @@ fn inject_failure(config: &Value, effect: &EffectRow) -> Result<(), ChannelError
         }
     }
     Ok(())
+}
+
+/// Whether a later crew-post edit of this workflow was already delivered.
+async fn superseded(conn: &mut PgConnection, effect: &EffectRow) -> Result<bool, ChannelError> {
+    let (later,): (bool,) = sqlx::query_as(
+        "select exists (select 1 from effects where tenant_id = $1 and workflow_id = $2
+                          and name like 'crew\\_post\\_%' and status = 'delivered' and created_at > $3)",
+    )
+    .bind(effect.tenant_id)
+    .bind(effect.workflow_id)
+    .bind(effect.created_at)
+    .fetch_one(conn)
+    .await?;
+    Ok(later)
 }
 
 /// The post a publish effect made: from the ledger once sent; a publish still
