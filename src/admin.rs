@@ -448,7 +448,7 @@ async fn put_provider(
     }
     let mut conn = st.engine.pool().acquire().await?;
     let settings = Value::Object(settings);
-    let merged = providers::put(
+    let (settings, merged) = providers::put(
         &mut conn,
         tenant_id,
         &provider,

@@ -28,6 +28,7 @@ use uuid::Uuid;
 use workflows::{Actor, Role};
 
 use crate::channels::route::Router;
+use crate::channels::ChannelError;
 use crate::engine::{Engine, EngineError};
 use crate::store::providers::{self, Person};
 
@@ -117,6 +118,14 @@ pub fn parse_command(text: &str) -> Option<ChatCommand> {
         )),
         _ => None,
     }
+}
+
+/// The bot a command names (`/claim@MovesBot …` → `movesbot`), lower-cased.
+pub fn addressed_bot(text: &str) -> Option<String> {
+    let head = text.split_whitespace().next()?;
+    head.strip_prefix('/')?
+        .split_once('@')
+        .map(|(_, bot)| bot.to_lowercase())
 }
 
 /// What a verified inbound event says, provider-neutral.
@@ -209,45 +218,54 @@ pub async fn process(
     tenant_id: Uuid,
     inbound_id: Uuid,
 ) -> Result<&'static str, EngineError> {
-    let mut conn = engine.pool().acquire().await?;
-    let row: Option<(String, String, Value, String)> =
-        sqlx::query_as("select provider, event_id, payload, status from inbound_events where tenant_id = $1 and id = $2")
-            .bind(tenant_id)
-            .bind(inbound_id)
-            .fetch_optional(&mut *conn)
-            .await?;
-    let Some((provider, event_id, payload, status)) = row else {
-        return Ok("missing");
+    // The row lock (skip locked) keeps two workers off one event; it is
+    // released with the outcome, so a failure leaves the event queued for the sweep.
+    let mut tx = engine.pool().begin().await?;
+    let Some(row) = providers::lock_inbound(&mut tx, tenant_id, inbound_id).await? else {
+        return Ok("not_queued");
     };
-    if status != "queued" {
-        return Ok("already_processed");
-    }
-    let outcome = match read_event(&provider, &payload) {
+    let mut conn = engine.pool().acquire().await?;
+    let outcome = match read_event(&row.provider, &row.payload) {
         None => "ignored",
         Some(inbound) => {
             if let Sender::Phone(phone) = &inbound.sender {
-                if provider == "whatsapp" {
+                if row.provider == "whatsapp" {
                     providers::touch_whatsapp_window(&mut conn, tenant_id, phone).await?;
                 }
             }
             let origin = inbound.origin.clone();
-            let (outcome, polite) =
-                act(engine, &mut conn, tenant_id, &provider, &event_id, inbound).await?;
+            let (outcome, polite) = act(
+                engine,
+                &mut conn,
+                tenant_id,
+                &row.provider,
+                &row.event_id,
+                inbound,
+            )
+            .await?;
             if let Some(text) = polite {
-                let key = format!("inbound:{provider}:{event_id}:reply");
-                if let Err(e) = router
+                let key = format!("inbound:{}:{}:reply", row.provider, row.event_id);
+                match router
                     .reply_direct(&mut conn, tenant_id, &origin, text, &key)
                     .await
                 {
-                    // A courtesy reply: log the classified error and move on.
-                    tracing::warn!(error = %e, "reply to chat sender failed");
+                    Ok(()) => {}
+                    // Not now: leave the event queued; the sweep retries it (the
+                    // signal is idempotent, the reply deduplicated by its key).
+                    Err(e @ (ChannelError::Transient { .. } | ChannelError::Deferred { .. })) => {
+                        return Err(EngineError::Db(sqlx::Error::Protocol(format!(
+                            "chat reply not sent yet: {e}"
+                        ))));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reply to chat sender failed for good"),
                 }
             }
             outcome
         }
     };
-    providers::finish_inbound(&mut conn, tenant_id, inbound_id, outcome).await?;
-    tracing::info!(inbound.provider = %provider, outcome, "inbound event processed");
+    providers::finish_inbound(&mut tx, tenant_id, inbound_id, outcome).await?;
+    tx.commit().await?;
+    tracing::info!(inbound.provider = %row.provider, outcome, "inbound event processed");
     Ok(outcome)
 }
 
@@ -264,6 +282,33 @@ async fn act(
     let Some(command) = parse_command(&inbound.text) else {
         return Ok(("no_command", None));
     };
+    let config = crate::store::tenants::config(&mut *conn, tenant_id).await?;
+    if provider == "telegram" {
+        // `/claim@OtherBot …` in a group with several bots is not for us.
+        let bot = providers::get(&mut *conn, tenant_id, "telegram").await?;
+        let ours = bot
+            .as_ref()
+            .and_then(|b| b.setting("bot_username"))
+            .map(str::to_lowercase);
+        if let (Some(ours), Some(named)) = (ours, addressed_bot(&inbound.text)) {
+            if ours != named {
+                return Ok(("other_bot", None));
+            }
+        }
+        // Claims are taken in the crew group, where the post is.
+        if matches!(command, ChatCommand::Claim(_)) {
+            let crew = config
+                .pointer("/dispatch/crew/chat_id")
+                .map(|c| c.to_string().trim_matches('"').to_string());
+            let chat = inbound
+                .origin
+                .get("chat_id")
+                .map(|c| c.to_string().trim_matches('"').to_string());
+            if crew.is_some() && crew != chat {
+                return Ok(("wrong_chat", Some("Jobs are claimed in the crew group.")));
+            }
+        }
+    }
     let person: Option<Person> = match &inbound.sender {
         Sender::Telegram(id) => providers::person_by_telegram(conn, tenant_id, *id).await?,
         Sender::Phone(p) => providers::person_by_phone(conn, tenant_id, p).await?,
@@ -592,6 +637,11 @@ pub mod routes {
         for entry in doc["entry"].as_array().into_iter().flatten() {
             for change in entry["changes"].as_array().into_iter().flatten() {
                 let value = &change["value"];
+                // One Meta app may serve several tenants' numbers: only this
+                // tenant's number is accepted here.
+                if value["metadata"]["phone_number_id"].as_str() != row.setting("phone_number_id") {
+                    continue;
+                }
                 for m in value["messages"].as_array().into_iter().flatten() {
                     if let Some(id) = m["id"].as_str() {
                         events.push((

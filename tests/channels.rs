@@ -241,6 +241,27 @@ async fn claims_by_command_and_by_button_end_in_the_reserved_edit_and_losers_are
     assert_eq!(dup["status"], "duplicate");
     let wf = app.wait_state(&lead, "CLAIMED").await;
     assert_eq!(wf["data"]["claim"]["claimed_by"], "executor-1");
+    let notice = wait_for(
+        Duration::from_secs(10),
+        "the operator's claim notice",
+        || {
+            let calls = fake.ok_calls("/sendMessage");
+            async move {
+                calls.into_iter().find(|r| {
+                    r.body["text"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("was claimed by")
+                })
+            }
+        },
+    )
+    .await;
+    assert_eq!(chat_of(&notice), OPERATOR_CHAT.to_string());
+    assert_eq!(
+        notice.body["text"],
+        format!("Job #{short} was claimed by @crew_one. Confirm or reject the claim.")
+    );
     let edit = wait_calls(&fake, "/editMessageText", 1).await;
     assert_eq!(edit[0].body["message_id"], post_id);
     assert_eq!(
@@ -343,13 +364,22 @@ async fn provider_failures_are_retried_or_dead_lettered_and_identical_edits_succ
         (Some("delivered"), Some(3)),
         "{publish}"
     );
-    let failed: Vec<u16> = fake
+    let tries: Vec<fake::Recorded> = fake
         .requests()
-        .iter()
+        .into_iter()
         .filter(|r| r.path.contains("/sendMessage"))
-        .map(|r| r.status)
         .collect();
-    assert_eq!(failed, [429, 500, 200], "delivered once after two failures");
+    let statuses: Vec<u16> = tries.iter().map(|r| r.status).collect();
+    assert_eq!(
+        statuses,
+        [429, 500, 200],
+        "delivered once after two failures"
+    );
+    let waited = tries[1].at.duration_since(tries[0].at);
+    assert!(
+        waited >= Duration::from_millis(950),
+        "Retry-After honoured: waited {waited:?}"
+    );
 
     // An identical edit ("message is not modified") counts as success.
     fake.fail("/editMessageText", 400, json!({"ok": false, "error_code": 400, "description": "Bad Request: message is not modified: specified new message content and reply markup are exactly the same"}), &[], 1);
@@ -541,9 +571,9 @@ async fn webhooks_are_verified_before_anything_is_stored() {
 async fn a_burst_to_one_chat_goes_out_at_the_configured_rate_without_provider_errors() {
     let app = TestApp::spawn().await;
     let fake = Fake::start().await;
-    // 20 messages a second to the crew chat; the fake refuses anything closer than 30 ms.
+    // 20 messages a second to the crew chat; the fake refuses a 22nd within any second.
     telegram_tenant(&app, &fake, json!({"rate_limits": {"telegram_chat_per_s": 20, "telegram_group_per_min": 100000, "telegram_bot_per_s": 1000}})).await;
-    fake.enforce_chat_interval(Duration::from_millis(30));
+    fake.enforce_chat_rate(21);
     let started = Instant::now();
     let mut leads = Vec::new();
     for _ in 0..100 {
@@ -693,7 +723,6 @@ async fn operators_can_be_reached_by_sms_and_email() {
         .as_str()
         .unwrap()
         .starts_with("FOR CREW"));
-    assert!(sms[0].headers["i-twilio-idempotency-token"].ends_with(":crew_fallback_v1"));
     assert!(sms[0].headers["authorization"].starts_with("Basic "));
 
     assert_eq!(
@@ -825,4 +854,160 @@ async fn provider_secrets_are_write_only_and_config_is_validated() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
+}
+
+#[tokio::test]
+async fn the_post_is_restored_on_reject_and_marked_on_expiry() {
+    let app = TestApp::spawn().await;
+    let fake = Fake::start().await;
+    telegram_tenant(&app, &fake, json!({})).await;
+    let lead = Uuid::new_v4().to_string();
+    let (code, _) = app
+        .start(
+            &app.keys.integration,
+            "dispatch",
+            &lead,
+            lead_input(Some(2)),
+        )
+        .await;
+    assert_eq!(code, 201);
+    let wf = app.wait_state(&lead, "PUBLISHED").await;
+    let post_id: i64 = wf["data"]["post"]["message_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (_, body) = app
+        .signal(
+            &app.keys.executor,
+            &lead,
+            "c1",
+            "claim",
+            json!({}),
+            Some(10_000),
+        )
+        .await;
+    assert_eq!(body["state"], "CLAIMED");
+    let (_, body) = app
+        .signal(
+            &app.keys.operator,
+            &lead,
+            "r1",
+            "reject_claim",
+            json!({}),
+            Some(10_000),
+        )
+        .await;
+    assert_eq!(body["state"], "PUBLISHED");
+    let edits = wait_calls(&fake, "/editMessageText", 2).await;
+    let restore = &edits[1];
+    assert_eq!(restore.body["message_id"], post_id);
+    assert!(
+        restore.body["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("FOR CREW"),
+        "{}",
+        restore.body
+    );
+    assert_eq!(
+        restore.body["reply_markup"]["inline_keyboard"][0][0]["callback_data"],
+        format!("claim:{}", &lead[..8])
+    );
+    app.wait_state(&lead, "EXPIRED").await;
+    let edits = wait_calls(&fake, "/editMessageText", 3).await;
+    assert_eq!(edits[2].body["message_id"], post_id);
+    assert_eq!(
+        edits[2].body["text"],
+        format!("Job #{} — Expired (not claimed in time)", &lead[..8])
+    );
+    assert_eq!(
+        edits[2].body["reply_markup"]["inline_keyboard"],
+        json!([]),
+        "no Claim button on an expired job"
+    );
+}
+
+#[tokio::test]
+async fn claims_for_another_bot_or_outside_the_crew_group_do_nothing() {
+    let app = TestApp::spawn().await;
+    let fake = Fake::start().await;
+    telegram_tenant(&app, &fake, json!({})).await;
+    let lead = finalize(&app).await;
+    app.wait_state(&lead, "PUBLISHED").await;
+    let short = &lead[..8];
+    telegram_update(
+        &app,
+        Some(SECRET),
+        &text_update(1, 7001, &format!("/claim@OtherBot {short}")),
+    )
+    .await;
+    let mut private = text_update(2, 7001, &format!("/claim {short}"));
+    private["message"]["chat"]["id"] = json!(7001);
+    telegram_update(&app, Some(SECRET), &private).await;
+    let told = wait_for(Duration::from_secs(10), "the wrong-chat answer", || {
+        let calls = fake.ok_calls("/sendMessage");
+        async move {
+            calls.into_iter().find(|r| {
+                r.body["text"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("claimed in the crew group")
+            })
+        }
+    })
+    .await;
+    assert_eq!(chat_of(&told), "7001");
+    let outcomes: Vec<(String,)> =
+        sqlx::query_as("select outcome from inbound_events order by received_at")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        outcomes,
+        [("other_bot".to_string(),), ("wrong_chat".to_string(),)]
+    );
+    assert_eq!(
+        app.get(&app.keys.operator, &lead).await.1["state"],
+        "PUBLISHED"
+    );
+}
+
+#[tokio::test]
+async fn twilio_signatures_cover_the_public_url() {
+    let app = TestApp::spawn_with(dispatch::ProcessRole::All, |s| {
+        s.public_url = Some("https://dispatch.example.test".into())
+    })
+    .await;
+    let fake = Fake::start().await;
+    let (code, _) = ops_put(&app, "/v1/tenants/acme/providers/twilio", json!({"account_sid": "ACtest", "auth_token": "twilio-auth-token", "from": "+15550001111", "base_url": fake.url})).await;
+    assert_eq!(code, 200);
+    let params = vec![
+        ("MessageSid".to_string(), "SM0002".to_string()),
+        ("From".to_string(), "+15550002222".to_string()),
+        ("Body".to_string(), "hi".to_string()),
+    ];
+    let local = format!("{}/v1/intake/twilio/acme?src=sms", app.url);
+    let public = "https://dispatch.example.test/v1/intake/twilio/acme?src=sms";
+    let post = |sig: Option<String>| {
+        let mut r = app.http.post(&local).form(&params);
+        if let Some(s) = sig {
+            r = r.header("X-Twilio-Signature", s);
+        }
+        r.send()
+    };
+    assert_eq!(post(None).await.unwrap().status(), 401, "missing signature");
+    let over_local = dispatch::intake::twilio_signature("twilio-auth-token", &local, &params);
+    assert_eq!(
+        post(Some(over_local)).await.unwrap().status(),
+        401,
+        "signed over the wrong URL"
+    );
+    let (stored,): (i64,) = sqlx::query_as("select count(*) from inbound_events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
+    let over_public = dispatch::intake::twilio_signature("twilio-auth-token", public, &params);
+    assert_eq!(post(Some(over_public)).await.unwrap().status(), 200);
 }

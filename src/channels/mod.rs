@@ -79,12 +79,25 @@ pub(crate) fn classify(
     retry_after: Option<Duration>,
     description: &str,
 ) -> ChannelError {
+    classify_with(provider, status, retry_after, description, false)
+}
+
+/// [`classify`], with a provider-specific verdict that an error is transient
+/// whatever its status (e.g. Meta's throughput errors come as HTTP 400).
+pub(crate) fn classify_with(
+    provider: &str,
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    description: &str,
+    transient: bool,
+) -> ChannelError {
     let message = format!(
         "{provider} {}: {}",
         status.as_u16(),
-        truncate(description, 200)
+        redact(&truncate(description, 200))
     );
-    let retryable = status == StatusCode::TOO_MANY_REQUESTS
+    let retryable = transient
+        || status == StatusCode::TOO_MANY_REQUESTS
         || status == StatusCode::REQUEST_TIMEOUT
         || status.is_server_error();
     if retryable {
@@ -118,6 +131,44 @@ pub(crate) fn retry_after_header(headers: &reqwest::header::HeaderMap) -> Option
         .map(Duration::from_secs)
 }
 
+/// Providers quote numbers and addresses in their errors ("The 'To' number
+/// +1555… is not valid"): error text is kept for ops without them.
+pub(crate) fn redact(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.chars().filter(|c| c.is_ascii_digit()).count() >= 5 {
+            out.push_str("[redacted]");
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for word in s.split_inclusive(' ') {
+        if word.contains('@') {
+            flush(&mut run, &mut out);
+            out.push_str("[redacted]");
+            if word.ends_with(' ') {
+                out.push(' ');
+            }
+            continue;
+        }
+        for c in word.chars() {
+            if c.is_ascii_digit()
+                || (run.is_empty() && c == '+')
+                || (!run.is_empty() && matches!(c, '-' | ' ' | '(' | ')'))
+            {
+                run.push(c);
+            } else {
+                flush(&mut run, &mut out);
+                out.push(c);
+            }
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
 fn truncate(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
 }
@@ -144,33 +195,18 @@ pub(crate) async fn provider(
         .ok_or_else(|| ChannelError::permanent(format!("{name} is not configured for this tenant")))
 }
 
-/// One rate limit: at most `burst` at once, then one per `interval`.
+/// One rate limit: one send per `interval_ms` under a shared key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limit {
-    /// Shared key, e.g. `tg:chat:-100123`.
+    /// Shared key, e.g. `tg:chat:<bot>:-100123`.
     pub key: String,
     /// Time between sends, in milliseconds.
     pub interval_ms: f64,
-    /// Sends allowed back to back.
-    pub burst: u32,
 }
 
-/// Reserve a slot under every limit; returns when the send may go (the latest).
-pub async fn reserve(
-    conn: &mut PgConnection,
-    tenant_id: Uuid,
-    limits: &[Limit],
-) -> Result<DateTime<Utc>, ChannelError> {
-    let mut at = Utc::now();
-    for l in limits {
-        at =
-            at.max(providers::reserve_slot(conn, tenant_id, &l.key, l.interval_ms, l.burst).await?);
-    }
-    Ok(at)
-}
-
-/// Reserve a slot and wait for it when it is near (`horizon`); a slot further
-/// away is returned as [`ChannelError::Deferred`] for the outbox to reschedule.
+/// Reserve a slot under every limit (one transaction, the database's clock)
+/// and wait for it when it is within `horizon`; a slot further away is
+/// returned as [`ChannelError::Deferred`] for the outbox to reschedule.
 pub async fn pace(
     conn: &mut PgConnection,
     tenant_id: Uuid,
@@ -180,15 +216,32 @@ pub async fn pace(
     if limits.is_empty() {
         return Ok(());
     }
-    let at = reserve(conn, tenant_id, limits).await?;
-    wait_until(at, horizon).await
+    let keys: Vec<(String, f64)> = limits
+        .iter()
+        .map(|l| (l.key.clone(), l.interval_ms))
+        .collect();
+    let (slot, now) = providers::reserve_slots(conn, tenant_id, &keys).await?;
+    sleep_until(slot, now, horizon).await
 }
 
-/// Sleep until `at` if it is within `horizon`, else ask to be deferred.
-pub async fn wait_until(at: DateTime<Utc>, horizon: Duration) -> Result<(), ChannelError> {
-    let wait = (at - Utc::now()).to_std().unwrap_or_default();
+/// Wait for a slot reserved earlier (a deferred send), on the database's clock.
+pub async fn wait_for_slot(
+    conn: &mut PgConnection,
+    slot: DateTime<Utc>,
+    horizon: Duration,
+) -> Result<(), ChannelError> {
+    let now = providers::db_now(conn).await?;
+    sleep_until(slot, now, horizon).await
+}
+
+async fn sleep_until(
+    slot: DateTime<Utc>,
+    now: DateTime<Utc>,
+    horizon: Duration,
+) -> Result<(), ChannelError> {
+    let wait = (slot - now).to_std().unwrap_or_default();
     if wait > horizon {
-        return Err(ChannelError::Deferred { until: at });
+        return Err(ChannelError::Deferred { until: slot });
     }
     if !wait.is_zero() {
         tokio::time::sleep(wait).await;

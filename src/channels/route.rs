@@ -29,12 +29,14 @@ use super::email::Email;
 use super::telegram::{claim_button, Telegram};
 use super::twilio::Twilio;
 use super::whatsapp::WhatsApp;
-use super::{
-    already_sent, pace, provider, record_sent, reserve, wait_until, ChannelError, RateConfig,
-};
+use super::{already_sent, pace, provider, record_sent, wait_for_slot, ChannelError, RateConfig};
 use crate::store::effects::EffectRow;
 use crate::store::providers::{self, Person};
 use crate::store::{tenants, workflows as wf_store};
+
+/// Longest wait for a slot reserved by an earlier, deferred attempt (the
+/// deferred job wakes about 2 s early).
+const SLOT_WAIT: Duration = Duration::from_secs(10);
 
 /// The effect that answers a chat-originated signal (written by the engine).
 pub const SIGNAL_REPLY: &str = "signal_reply";
@@ -181,11 +183,9 @@ impl Router {
                 } else {
                     let limits = tg.limits(&chat_id, rate);
                     match send_after {
-                        Some(at) => wait_until(at, Duration::from_secs(3600)).await?,
-                        None => {
-                            let at = reserve(conn, tenant, &limits).await?;
-                            wait_until(at, self.horizon).await?;
-                        }
+                        // A deferred attempt kept its reserved slot.
+                        Some(at) => wait_for_slot(conn, at, SLOT_WAIT).await?,
+                        None => pace(conn, tenant, &limits, self.horizon).await?,
                     }
                     match &m.edit {
                         Some(post) => {
@@ -217,6 +217,8 @@ impl Router {
                 let row = provider(conn, tenant, "whatsapp").await?;
                 let wa = WhatsApp::new(&self.http, &row)?;
                 let mut first = None;
+                let mut slot = send_after;
+                let (mut transient, mut permanent) = (None, Vec::new());
                 for phone in &phones {
                     // One ledger row per recipient: a retry resumes the broadcast.
                     let k = if phones.len() == 1 && m.audience != Audience::Crew {
@@ -227,11 +229,26 @@ impl Router {
                     let id = match already_sent(conn, tenant, "whatsapp", &k).await? {
                         Some(id) => id,
                         None => {
-                            pace(conn, tenant, &wa.limits(rate), Duration::from_secs(3600)).await?;
+                            match slot.take() {
+                                Some(at) => wait_for_slot(conn, at, SLOT_WAIT).await?,
+                                None => pace(conn, tenant, &wa.limits(rate), self.horizon).await?,
+                            }
                             let open = providers::whatsapp_window_open(conn, tenant, phone).await?;
-                            let sent = wa
+                            let sent = match wa
                                 .send(phone, &m.text, open, m.claim_button.as_deref())
-                                .await?;
+                                .await
+                            {
+                                Ok(sent) => sent,
+                                // One unreachable number must not keep the job from the others.
+                                Err(e @ ChannelError::Permanent { .. }) => {
+                                    permanent.push(e);
+                                    continue;
+                                }
+                                Err(e) => {
+                                    transient = Some(e);
+                                    continue;
+                                }
+                            };
                             record_sent(
                                 conn,
                                 tenant,
@@ -248,13 +265,28 @@ impl Router {
                     };
                     first.get_or_insert(id);
                 }
+                if let Some(e) = transient {
+                    // The retry resends only to those not in the ledger yet.
+                    return Err(e);
+                }
+                let Some(first) = first else {
+                    return Err(permanent
+                        .pop()
+                        .unwrap_or_else(|| ChannelError::permanent("no recipient")));
+                };
+                if !permanent.is_empty() {
+                    tracing::warn!(
+                        failed = permanent.len(),
+                        "whatsapp broadcast: some recipients are unreachable"
+                    );
+                }
                 let chat_id = if m.audience == Audience::Crew {
                     "broadcast".to_string()
                 } else {
                     phones.join(",")
                 };
                 Ok(
-                    json!({ "message_id": first.unwrap_or_default(), "provider": "whatsapp", "chat_id": chat_id }),
+                    json!({ "message_id": first, "provider": "whatsapp", "chat_id": chat_id, "unreachable": permanent.len() }),
                 )
             }
             Dest::Sms(to) => {
@@ -262,9 +294,7 @@ impl Router {
                     return Ok(json!({ "message_id": id, "provider": "twilio", "chat_id": to }));
                 }
                 let row = provider(conn, tenant, "twilio").await?;
-                let sid = Twilio::new(&self.http, &row)?
-                    .send(&to, &m.text, key)
-                    .await?;
+                let sid = Twilio::new(&self.http, &row)?.send(&to, &m.text).await?;
                 let id = record_sent(
                     conn,
                     tenant,
@@ -380,6 +410,16 @@ fn inject_failure(config: &Value, effect: &EffectRow) -> Result<(), ChannelError
         }
     }
     Ok(())
+}
+
+/// Whether the tenant has any messaging provider configured.
+async fn has_any_provider(conn: &mut PgConnection, tenant: Uuid) -> Result<bool, ChannelError> {
+    let (any,): (bool,) =
+        sqlx::query_as("select exists (select 1 from provider_settings where tenant_id = $1)")
+            .bind(tenant)
+            .fetch_one(conn)
+            .await?;
+    Ok(any)
 }
 
 /// Whether a later crew-post edit of this workflow was already delivered.
@@ -690,6 +730,9 @@ async fn resolve(
                 (Some(p), _) => Err(ChannelError::permanent(format!(
                     "dispatch.operator: provider `{p}` needs `to`"
                 ))),
+                (None, _) if has_any_provider(conn, tenant).await? => Err(ChannelError::permanent(
+                    "dispatch.operator.provider is not set: the operator cannot be reached",
+                )),
                 (None, _) => Ok(Dest::Log("operator".into())),
             }
         }
@@ -717,6 +760,13 @@ async fn resolve(
                     phone: Some(phone), ..
                 }) if twilio => Dest::Sms(phone),
                 Some(Person { email: Some(e), .. }) if email => Dest::Email(e),
+                // A tenant with real channels must not "deliver" personal data to
+                // the log: an unreachable executor is a dead letter ops will see.
+                _ if telegram || whatsapp || twilio || email => {
+                    return Err(ChannelError::permanent(format!(
+                        "no configured channel reaches executor `{id}`"
+                    )))
+                }
                 _ => Dest::Log(format!("executor:{id}")),
             })
         }

@@ -57,19 +57,16 @@ impl<'a> Telegram<'a> {
             Limit {
                 key: format!("tg:bot:{}", self.bot_key()),
                 interval_ms: 1000.0 / rate.telegram_bot_per_s,
-                burst: rate.telegram_bot_per_s.max(1.0) as u32,
             },
             Limit {
                 key: format!("tg:chat:{}:{chat_id}", self.bot_key()),
                 interval_ms: 1000.0 / rate.telegram_chat_per_s,
-                burst: 1,
             },
         ];
         if chat_id.starts_with('-') {
             limits.push(Limit {
                 key: format!("tg:group:{}:{chat_id}", self.bot_key()),
                 interval_ms: 60_000.0 / rate.telegram_group_per_min,
-                burst: 1,
             });
         }
         limits

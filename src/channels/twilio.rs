@@ -38,13 +38,10 @@ impl<'a> Twilio<'a> {
         })
     }
 
-    /// Send an SMS; Twilio deduplicates on the idempotency token. Returns the `MessageSid`.
-    pub async fn send(
-        &self,
-        to: &str,
-        text: &str,
-        idempotency_key: &str,
-    ) -> Result<String, ChannelError> {
+    /// Send an SMS; returns the `MessageSid`. Twilio's Messages API takes no
+    /// idempotency key: the `deliveries` ledger keeps retries from re-sending,
+    /// except after a crash between Twilio's answer and the ledger write.
+    pub async fn send(&self, to: &str, text: &str) -> Result<String, ChannelError> {
         let url = format!(
             "{}/2010-04-01/Accounts/{}/Messages.json",
             self.base, self.sid
@@ -53,7 +50,6 @@ impl<'a> Twilio<'a> {
             .http
             .post(url)
             .basic_auth(&self.sid, Some(&self.token))
-            .header("I-Twilio-Idempotency-Token", idempotency_key)
             .form(&[("To", to), ("From", self.from.as_str()), ("Body", text)])
             .send()
             .await

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use super::{classify, retry_after_header, transport, ChannelError, Limit, RateConfig};
+use super::{classify_with, retry_after_header, transport, ChannelError, Limit, RateConfig};
 use crate::store::providers::ProviderRow;
 
 /// Default API base.
@@ -54,7 +54,6 @@ impl<'a> WhatsApp<'a> {
         vec![Limit {
             key: format!("wa:{}", self.phone_number_id),
             interval_ms: 1000.0 / rate.whatsapp_number_per_s,
-            burst: rate.whatsapp_number_per_s.max(1.0) as u32,
         }]
     }
 
@@ -81,7 +80,7 @@ impl<'a> WhatsApp<'a> {
             (false, _) => json!({
                 "messaging_product": "whatsapp", "to": to, "type": "template",
                 "template": { "name": self.template, "language": { "code": self.language },
-                    "components": [{ "type": "body", "parameters": [{ "type": "text", "text": text }] }] }
+                    "components": [{ "type": "body", "parameters": [{ "type": "text", "text": one_line(text) }] }] }
             }),
         };
         let url = format!(
@@ -108,6 +107,25 @@ impl<'a> WhatsApp<'a> {
         let description = answer["error"]["message"]
             .as_str()
             .unwrap_or("no description");
-        Err(classify("whatsapp", status, retry_after, description))
+        // Meta reports throughput limits as HTTP 400 with these codes: retry them.
+        let code = answer["error"]["code"].as_i64().unwrap_or(0);
+        let throttled = matches!(code, 4 | 80007 | 130429 | 131056 | 131000 | 133004);
+        Err(classify_with(
+            "whatsapp",
+            status,
+            retry_after,
+            description,
+            throttled,
+        ))
     }
+}
+
+/// Template parameters may not contain newlines, tabs or runs of spaces
+/// (Meta error 132018): lines are joined with " · ".
+pub fn one_line(text: &str) -> String {
+    text.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" · ")
 }

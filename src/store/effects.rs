@@ -162,6 +162,7 @@ pub async fn retry_after(
 ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
     let r: Option<(DateTime<Utc>,)> = sqlx::query_as(
         "update effects set status = 'pending', next_attempt_at = clock_timestamp() + make_interval(secs => $4),
+                send_after = null,
                 last_error = $5, lease_until = null, updated_at = now()
          where tenant_id = $1 and id = $2 and status = 'running' and attempts = $3
          returning next_attempt_at",
@@ -246,7 +247,7 @@ pub async fn recover(
     limit: i64,
 ) -> Result<Vec<(Uuid, Uuid, i32)>, sqlx::Error> {
     sqlx::query(
-        "update effects set status = 'pending', lease_until = null, updated_at = now(),
+        "update effects set status = 'pending', lease_until = null, updated_at = now(), send_after = null,
                 last_error = coalesce(last_error, 'lease expired')
          where status = 'running' and lease_until < now()",
     )

@@ -49,31 +49,31 @@ pub async fn get(
     Ok(row.map(|(settings, secrets)| ProviderRow { settings, secrets }))
 }
 
-/// Replace the settings; secrets are merged (an omitted secret keeps its value).
+/// Update the settings: fields given replace the stored ones, fields omitted
+/// (settings and secrets alike) keep their values. Returns (settings, secrets).
 pub async fn put(
     conn: &mut PgConnection,
     tenant_id: Uuid,
     provider: &str,
     settings: &Value,
     secrets: &Value,
-) -> Result<Value, sqlx::Error> {
-    let (merged,): (Value,) = sqlx::query_as(
+) -> Result<(Value, Value), sqlx::Error> {
+    sqlx::query_as(
         "insert into provider_settings (tenant_id, provider, settings, secrets) values ($1, $2, $3, $4)
          on conflict (tenant_id, provider) do update
-           set settings = excluded.settings, secrets = provider_settings.secrets || excluded.secrets, updated_at = now()
-         returning secrets",
+           set settings = provider_settings.settings || excluded.settings,
+               secrets = provider_settings.secrets || excluded.secrets, updated_at = now()
+         returning settings, secrets",
     )
     .bind(tenant_id)
     .bind(provider)
     .bind(settings)
     .bind(secrets)
     .fetch_one(conn)
-    .await?;
-    Ok(merged)
+    .await
 }
 
-/// Find the tenant whose provider setting `name` equals `value` (e.g. a
-/// WhatsApp phone number id), for webhooks that do not name the tenant.
+/// A tenant's id by its name (webhook URLs name the tenant).
 pub async fn tenant_by_name(
     conn: &mut PgConnection,
     name: &str,
@@ -331,31 +331,65 @@ pub async fn whatsapp_window_open(
     Ok(r.is_some())
 }
 
-/// Reserve the next slot under a GCRA limit (`interval_ms` between sends,
-/// `burst` sends at once) and return when this send may go. Shared by every
-/// worker process through the row.
-pub async fn reserve_slot(
+/// Reserve one send under several GCRA limits at once, shared by every worker
+/// process through their rows: each `(key, interval_ms)` allows one send per
+/// interval. The send's slot is the earliest time every key allows; each key is
+/// then advanced from that slot, so a send held back by one limit does not use
+/// another's capacity early. Keys are locked in sorted order (no deadlocks).
+/// Returns the slot and the database's current time (one clock for all hosts).
+pub async fn reserve_slots(
     conn: &mut PgConnection,
     tenant_id: Uuid,
-    key: &str,
-    interval_ms: f64,
-    burst: u32,
-) -> Result<DateTime<Utc>, sqlx::Error> {
+    limits: &[(String, f64)],
+) -> Result<(DateTime<Utc>, DateTime<Utc>), sqlx::Error> {
+    use sqlx::Connection;
+    let mut tx = conn.begin().await?;
     let (now,): (DateTime<Utc>,) = sqlx::query_as("select clock_timestamp()")
-        .fetch_one(&mut *conn)
+        .fetch_one(&mut *tx)
         .await?;
-    let t = chrono::Duration::microseconds((interval_ms * 1000.0) as i64);
-    let (tat,): (DateTime<Utc>,) = sqlx::query_as(
-        "insert into rate_limits as r (tenant_id, key, tat) values ($1, $2, $3 + $4)
-         on conflict (tenant_id, key) do update set tat = greatest(r.tat, $3) + $4
-         returning tat",
-    )
-    .bind(tenant_id)
-    .bind(key)
-    .bind(now)
-    .bind(t)
-    .fetch_one(conn)
-    .await?;
-    let tau = t * (burst.max(1) as i32 - 1);
-    Ok(now.max(tat - t - tau))
+    let mut sorted: Vec<&(String, f64)> = limits.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut slot = now;
+    let mut tats = Vec::with_capacity(sorted.len());
+    for (key, _) in &sorted {
+        sqlx::query("insert into rate_limits (tenant_id, key, tat) values ($1, $2, $3) on conflict do nothing")
+            .bind(tenant_id)
+            .bind(key)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        let (tat,): (DateTime<Utc>,) = sqlx::query_as(
+            "select tat from rate_limits where tenant_id = $1 and key = $2 for update",
+        )
+        .bind(tenant_id)
+        .bind(key)
+        .fetch_one(&mut *tx)
+        .await?;
+        slot = slot.max(tat);
+        tats.push(tat);
+    }
+    for (key, interval_ms) in &sorted {
+        let t = chrono::Duration::microseconds((interval_ms * 1000.0) as i64);
+        sqlx::query("update rate_limits set tat = $3 where tenant_id = $1 and key = $2")
+            .bind(tenant_id)
+            .bind(key)
+            .bind(slot + t)
+            .execute(&mut *tx)
+            .await?;
+    }
+    // The clock as the reservation completes: waiting is measured from here,
+    // not from before any lock waits above.
+    let (done,): (DateTime<Utc>,) = sqlx::query_as("select clock_timestamp()")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok((slot, done))
+}
+
+/// The database's clock.
+pub async fn db_now(conn: &mut PgConnection) -> Result<DateTime<Utc>, sqlx::Error> {
+    let (now,): (DateTime<Utc>,) = sqlx::query_as("select clock_timestamp()")
+        .fetch_one(conn)
+        .await?;
+    Ok(now)
 }

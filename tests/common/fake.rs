@@ -40,8 +40,8 @@ struct Script {
 struct FakeState {
     requests: Vec<Recorded>,
     scripts: Vec<Script>,
-    min_chat_interval: Option<Duration>,
-    last_per_chat: HashMap<String, Instant>,
+    max_per_chat_per_s: Option<usize>,
+    sent_per_chat: HashMap<String, Vec<Instant>>,
     counter: u64,
 }
 
@@ -85,9 +85,10 @@ impl Fake {
         });
     }
 
-    /// Refuse (429) Telegram messages to one chat closer together than `d`.
-    pub fn enforce_chat_interval(&self, d: Duration) {
-        self.state.lock().unwrap().min_chat_interval = Some(d);
+    /// Refuse (429) a Telegram message to a chat that already got `n` in the
+    /// last second, the way Telegram enforces its per-chat limit.
+    pub fn enforce_chat_rate(&self, n: usize) {
+        self.state.lock().unwrap().max_per_chat_per_s = Some(n);
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -140,23 +141,39 @@ async fn handle(
         s.times -= 1;
         response = Some((s.status, s.body.clone(), s.headers.clone()));
     }
+    // Like Meta: template parameters may not contain newlines or tabs (error 132018).
+    if response.is_none() && path.ends_with("/messages") {
+        let params = body["template"]["components"][0]["parameters"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if params.iter().any(|p| {
+            p["text"]
+                .as_str()
+                .is_some_and(|t| t.contains('\n') || t.contains('\t'))
+        }) {
+            response = Some((
+                400,
+                json!({"error": {"message": "(#132018) There was an issue with the parameters in your template.", "code": 132018}}),
+                vec![],
+            ));
+        }
+    }
     let telegram_send = path.contains("/sendMessage") || path.contains("/editMessageText");
     if response.is_none() && telegram_send {
-        if let Some(min) = st.min_chat_interval {
+        if let Some(max) = st.max_per_chat_per_s {
             let chat = body["chat_id"].to_string();
             let now = Instant::now();
-            if st
-                .last_per_chat
-                .get(&chat)
-                .is_some_and(|last| now.duration_since(*last) < min)
-            {
+            let sent = st.sent_per_chat.entry(chat).or_default();
+            sent.retain(|t| now.duration_since(*t) < Duration::from_secs(1));
+            if sent.len() >= max {
                 response = Some((
                     429,
                     json!({"ok": false, "error_code": 429, "description": "Too Many Requests: retry after 1", "parameters": {"retry_after": 1}}),
                     vec![],
                 ));
             } else {
-                st.last_per_chat.insert(chat, now);
+                sent.push(now);
             }
         }
     }

@@ -219,8 +219,14 @@ impl TestApp {
 
     /// Spawn only some parts in-process (e.g. the API, with workers in a child process).
     pub async fn spawn_role(role: ProcessRole) -> TestApp {
+        Self::spawn_with(role, |_| {}).await
+    }
+
+    /// Spawn with adjusted settings.
+    pub async fn spawn_with(role: ProcessRole, adjust: impl FnOnce(&mut Settings)) -> TestApp {
         let db_url = fresh_database().await;
-        let settings = test_settings(&db_url);
+        let mut settings = test_settings(&db_url);
+        adjust(&mut settings);
         let pool = store::connect(&db_url, settings.db_pool).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let running = dispatch::launch(&settings, pool.clone(), role, Some(listener))
