@@ -530,6 +530,17 @@ async fn webhooks_are_verified_before_anything_is_stored() {
     assert_eq!(stored().await, 1);
     let r = post(raw.clone(), Some(sign(&raw))).await.unwrap();
     assert_eq!(r.status(), 200);
+    // A payload for another tenant's number (one Meta app, several tenants) is not ours.
+    let foreign = serde_json::to_vec(&json!({"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{"field": "messages", "value": {
+        "metadata": {"phone_number_id": "999"},
+        "messages": [{"from": "972500000009", "id": "wamid.OTHER", "type": "text", "text": {"body": "hi"}}]}}]}]})).unwrap();
+    let r: Value = post(foreign.clone(), Some(sign(&foreign)))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["status"], "ignored");
     let second: Value = post(raw.clone(), Some(sign(&raw)))
         .await
         .unwrap()
