@@ -5,6 +5,7 @@
 -- constraints mirroring the Rust enums (cheap to extend: drop/add the check).
 -- Rollback: this is the first migration; drop the tables (no data to keep).
 set local lock_timeout = '5s';
+set local statement_timeout = '30s';
 
 create table tenants (
     id          uuid primary key,
@@ -135,7 +136,9 @@ create table effects (
     payload          jsonb not null,
     reply            text,
     status           text not null default 'pending' check (status in ('pending', 'running', 'delivered', 'dead')),
+    -- squawk-ignore prefer-bigint-over-int
     attempts         integer not null default 0,
+    -- squawk-ignore prefer-bigint-over-int
     max_attempts     integer not null,
     next_attempt_at  timestamptz not null default now(),
     lease_until      timestamptz,

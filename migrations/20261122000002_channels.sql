@@ -4,6 +4,7 @@
 -- Expand-only: new tables and nullable columns (no rewrite, short lock).
 -- Rollback: drop the new tables and columns; nothing older reads them.
 set local lock_timeout = '5s';
+set local statement_timeout = '30s';
 
 -- Provider credentials and endpoints. `secrets` is write-only through the API.
 create table provider_settings (
@@ -68,5 +69,3 @@ alter table effects add column send_after timestamptz;
 -- Where a chat-originated signal came from, to answer the sender.
 alter table signals add column origin jsonb;
 alter table deliveries add column provider_message_id text;
--- The operator view lists a workflow's deliveries by effect.
-create index deliveries_effect on deliveries (tenant_id, effect_id);

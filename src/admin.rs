@@ -228,6 +228,9 @@ struct ConfigDoc {
     rate_limits: Option<RateCfg>,
     #[serde(default)]
     log_channel: Option<LogCfg>,
+    /// Per-tenant switches by workflow kind (`false` stops new instances).
+    #[serde(default)]
+    flags: Option<std::collections::BTreeMap<String, bool>>,
 }
 
 #[derive(Deserialize)]
@@ -313,6 +316,15 @@ struct LogCfg {
 fn validate_config(doc: &Value) -> Result<(), ApiError> {
     let parsed: ConfigDoc =
         serde_json::from_value(doc.clone()).map_err(|e| invalid(e.to_string()))?;
+    let known = workflows::Registry::builtin().kinds();
+    if let Some(flag) = parsed
+        .flags
+        .iter()
+        .flat_map(|f| f.keys())
+        .find(|k| !known.contains(&k.as_str()))
+    {
+        return Err(invalid(format!("flags: unknown workflow kind `{flag}`")));
+    }
     if let Some(d) = &parsed.dispatch {
         if d.claim_deadline_s
             .is_some_and(|s| !(1..=workflows::dispatch::MAX_CLAIM_DEADLINE_S).contains(&s))

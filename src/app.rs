@@ -81,8 +81,14 @@ pub async fn launch(
     role: ProcessRole,
     listener: Option<TcpListener>,
 ) -> Result<Running, AppError> {
-    let registry = Arc::new(registry(settings)?);
-    let engine = Engine::new(pool.clone(), registry, settings.engine.clone());
+    // Every process knows every workflow (the API accepts signals for any kind,
+    // durably); it runs the jobs of the kinds it serves only.
+    let served = registry(settings)?;
+    let engine = Engine::new(
+        pool.clone(),
+        Arc::new(Registry::builtin()),
+        settings.engine.clone(),
+    );
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     let mut addr = None;
@@ -110,7 +116,13 @@ pub async fn launch(
     }
     if matches!(role, ProcessRole::Worker | ProcessRole::All) {
         let outbox = Outbox::new(pool.clone(), settings.outbox.clone());
-        let mut set = workers::spawn(engine, outbox, settings.workers.clone(), shutdown.clone());
+        let mut set = workers::spawn(
+            engine,
+            outbox,
+            &served.kinds(),
+            settings.workers.clone(),
+            shutdown.clone(),
+        );
         tasks.spawn(async move { while set.join_next().await.is_some() {} });
     }
     Ok(Running {

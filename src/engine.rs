@@ -51,6 +51,9 @@ pub enum EngineError {
     /// A writer lost the race to a newer version (stale worker fenced off).
     #[error("stale write fenced off: workflow {0} moved on")]
     Fenced(Uuid),
+    /// The tenant switched this workflow kind off (`flags.<kind> = false`).
+    #[error("workflow kind `{0}` is switched off for this tenant")]
+    LayerDisabled(String),
     /// Persistence failed.
     #[error("database error")]
     Db(#[from] sqlx::Error),
@@ -186,6 +189,15 @@ impl Engine {
                 .get(kind)
                 .ok_or_else(|| EngineError::UnknownKind(kind.into()))?;
             let config = tenants::config(&mut *conn, tenant_id).await?;
+            // Per-tenant switch, read in this transaction: a flip applies at once in
+            // every process. Running workflows of the kind keep going.
+            if config
+                .pointer(&format!("/flags/{kind}"))
+                .and_then(Value::as_bool)
+                == Some(false)
+            {
+                return Err(EngineError::LayerDisabled(kind.to_string()));
+            }
             let now: DateTime<Utc> = db_now(&mut *conn).await?;
             let system = Actor::system();
             let ctx = Ctx {
@@ -202,6 +214,7 @@ impl Engine {
                 input_hash: &input_hash,
                 state_name: started.state_name,
                 state: &started.state,
+                def_version: wf.version() as i32,
             };
             let Some(mut row) = store::workflows::insert(&mut *conn, &new).await? else {
                 let existing = store::workflows::find(&mut *conn, tenant_id, kind, key)
@@ -366,6 +379,49 @@ impl Engine {
             return Ok(ApplyReport::default());
         };
         let read_version = row.version;
+        let read_def_version = row.def_version;
+        let wf = self
+            .registry
+            .get(&row.kind)
+            .ok_or_else(|| EngineError::UnknownKind(row.kind.clone()))?;
+        if row.def_version != wf.version() as i32 {
+            // Started under an older definition and not migrated yet: upcast on
+            // read, as data, recorded in history. A state this binary cannot
+            // bring forward is a runtime fault: signals stay queued, ops are told.
+            match wf.upcast_to_current(row.def_version as u32, row.state.clone()) {
+                Ok(state) => {
+                    let event = NewEvent {
+                        version: row.version,
+                        event: "upcast",
+                        signal_id: None,
+                        signal_name: None,
+                        actor_role: Some("system"),
+                        actor_subject: None,
+                        from_state: Some(&row.state_name),
+                        to_state: Some(&row.state_name),
+                        reason: Some(&format!(
+                            "definition v{} -> v{}",
+                            row.def_version,
+                            wf.version()
+                        )),
+                        commands: json!([]),
+                    };
+                    store::workflows::append_history(&mut tx, tenant_id, workflow_id, &event)
+                        .await?;
+                    row.state = state;
+                    row.def_version = wf.version() as i32;
+                }
+                Err(e) => {
+                    drop(tx);
+                    let why = format!("state of definition v{} cannot be upcast", row.def_version);
+                    let mut conn = self.pool.acquire().await?;
+                    store::workflows::set_attention(&mut conn, tenant_id, workflow_id, &why)
+                        .await?;
+                    tracing::error!(error = %e, "{why}");
+                    return Err(EngineError::Parse(ParseError::StoredState(e)));
+                }
+            }
+        }
         for timer in timers::take_due(&mut tx, tenant_id, workflow_id).await? {
             let payload = json!({});
             let new = NewSignal {
@@ -386,10 +442,6 @@ impl Engine {
             signals::queued(&mut tx, tenant_id, workflow_id, self.config.apply_batch + 1).await?;
         let more = queued.len() as i64 > self.config.apply_batch;
         let config = tenants::config(&mut tx, tenant_id).await?;
-        let wf = self
-            .registry
-            .get(&row.kind)
-            .ok_or_else(|| EngineError::UnknownKind(row.kind.clone()))?;
         let mut report = ApplyReport {
             more,
             ..Default::default()
@@ -483,9 +535,8 @@ impl Engine {
                 }
             }
         }
-        if row.version != read_version
-            && !store::workflows::update_state(&mut tx, &row, read_version).await?
-        {
+        let changed = row.version != read_version || row.def_version != read_def_version;
+        if changed && !store::workflows::update_state(&mut tx, &row, read_version).await? {
             return Err(EngineError::Fenced(workflow_id));
         }
         if more {
@@ -566,6 +617,7 @@ impl Engine {
                         };
                         jobs::enqueue_effect(
                             &mut *conn,
+                            &row.kind,
                             &job,
                             None,
                             Some(format!("eff:{effect_id}:1")),
@@ -589,6 +641,7 @@ impl Engine {
                         Ok(_) => {}
                         Err(
                             e @ (EngineError::WorkflowExists
+                            | EngineError::LayerDisabled(_)
                             | EngineError::Parse(_)
                             | EngineError::UnknownKind(_)),
                         ) => {
@@ -602,6 +655,109 @@ impl Engine {
             }
         }
         Ok(status)
+    }
+}
+
+/// What an ops migration of in-flight workflows did (or would do).
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationReport {
+    /// Workflow kind.
+    pub kind: String,
+    /// Target definition version.
+    pub to: u32,
+    /// Nothing was written.
+    pub dry_run: bool,
+    /// Instances migrated (or that would be).
+    pub migrated: usize,
+    /// Instances that cannot be upcast: (tenant id, key, why). Left as they are.
+    pub failed: Vec<(Uuid, String, String)>,
+}
+
+impl Engine {
+    /// Bring in-flight instances of `kind` to definition version `to` (this
+    /// binary's), in batches of `batch`, each batch one transaction; every
+    /// migrated instance gets a `migrated` history entry with the reason.
+    /// Instances that cannot be upcast are listed, not touched. With
+    /// `dry_run`, every batch is rolled back.
+    pub async fn migrate_workflows(
+        &self,
+        kind: &str,
+        to: u32,
+        dry_run: bool,
+        batch: i64,
+        reason: &str,
+    ) -> Result<MigrationReport, EngineError> {
+        let wf = self
+            .registry
+            .get(kind)
+            .ok_or_else(|| EngineError::UnknownKind(kind.into()))?;
+        if to != wf.version() {
+            return Err(EngineError::Parse(ParseError::InvalidPayload(format!(
+                "this binary's `{kind}` definition is version {}",
+                wf.version()
+            ))));
+        }
+        let mut report = MigrationReport {
+            kind: kind.into(),
+            to,
+            dry_run,
+            migrated: 0,
+            failed: Vec::new(),
+        };
+        let mut after = None;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let rows =
+                store::workflows::lock_older_than(&mut tx, kind, to as i32, after, batch.max(1))
+                    .await?;
+            let Some(last) = rows.last() else {
+                break;
+            };
+            after = Some((last.tenant_id, last.id));
+            for mut row in rows {
+                match wf.upcast_to_current(row.def_version as u32, row.state.clone()) {
+                    Ok(state) => {
+                        let event = NewEvent {
+                            version: row.version,
+                            event: "migrated",
+                            signal_id: None,
+                            signal_name: None,
+                            actor_role: Some("ops"),
+                            actor_subject: None,
+                            from_state: Some(&row.state_name),
+                            to_state: Some(&row.state_name),
+                            reason: Some(&format!(
+                                "definition v{} -> v{to}: {reason}",
+                                row.def_version
+                            )),
+                            commands: json!([]),
+                        };
+                        store::workflows::append_history(&mut tx, row.tenant_id, row.id, &event)
+                            .await?;
+                        row.state = state;
+                        row.def_version = to as i32;
+                        if !store::workflows::update_state(&mut tx, &row, row.version).await? {
+                            return Err(EngineError::Fenced(row.id));
+                        }
+                        report.migrated += 1;
+                    }
+                    Err(e) => report.failed.push((row.tenant_id, row.key.clone(), e)),
+                }
+            }
+            if dry_run {
+                tx.rollback().await?;
+            } else {
+                tx.commit().await?;
+            }
+        }
+        tracing::info!(
+            workflow.kind = kind,
+            migrated = report.migrated,
+            failed = report.failed.len(),
+            dry_run,
+            "workflow migration"
+        );
+        Ok(report)
     }
 }
 

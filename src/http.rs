@@ -76,6 +76,9 @@ impl From<EngineError> for ApiError {
                 ApiError::new(S::NOT_FOUND, "unknown_kind", e.to_string())
             }
             EngineError::NotFound => ApiError::new(S::NOT_FOUND, "not_found", e.to_string()),
+            EngineError::LayerDisabled(_) => {
+                ApiError::new(S::CONFLICT, "layer_disabled", e.to_string())
+            }
             EngineError::WorkflowExists => {
                 ApiError::new(S::CONFLICT, "workflow_exists", e.to_string())
             }
@@ -404,15 +407,35 @@ async fn healthz() -> Json<Value> {
 }
 
 async fn readyz(State(st): State<ApiState>) -> Response {
-    let depth = async {
+    let probe = async {
         let mut conn = st.engine.pool().acquire().await?;
-        jobs::queue_depth(&mut conn).await
+        let depth = jobs::queue_depth(&mut conn).await?;
+        // A kind is served while some worker on its apply queue heartbeats.
+        let served = jobs::served_kinds(&mut conn, 15.0).await?;
+        Ok::<_, sqlx::Error>((depth, served))
     };
-    match tokio::time::timeout(Duration::from_secs(3), depth).await {
-        Ok(Ok(rows)) => {
+    match tokio::time::timeout(Duration::from_secs(3), probe).await {
+        Ok(Ok((rows, served))) => {
             let queues: serde_json::Map<String, Value> =
                 rows.into_iter().map(|(q, n)| (q, json!(n))).collect();
-            Json(json!({"status": "ready", "database": "ok", "queue_depth": queues}))
+            // Signals for an unserved kind are accepted and wait durably.
+            let kinds: serde_json::Map<String, Value> = st
+                .engine
+                .registry()
+                .kinds()
+                .into_iter()
+                .map(|k| {
+                    (
+                        k.to_string(),
+                        json!(if served.iter().any(|s| s == k) {
+                            "served"
+                        } else {
+                            "unserved"
+                        }),
+                    )
+                })
+                .collect();
+            Json(json!({"status": "ready", "database": "ok", "queue_depth": queues, "workflows": kinds}))
                 .into_response()
         }
         _ => (

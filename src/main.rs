@@ -31,6 +31,34 @@ enum Cmd {
         #[command(subcommand)]
         command: TenantCmd,
     },
+    /// Operations on the running system (needs DATABASE_URL).
+    Ops {
+        #[command(subcommand)]
+        command: OpsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum OpsCmd {
+    /// Bring in-flight workflows of a kind to this binary's definition version
+    /// (upcast as data, in batches, audited in each workflow's history).
+    MigrateWorkflows {
+        /// Workflow kind.
+        #[arg(long)]
+        kind: String,
+        /// Target definition version (must be this binary's).
+        #[arg(long)]
+        to: u32,
+        /// Show what would change; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Instances per transaction.
+        #[arg(long, default_value_t = 500)]
+        batch: i64,
+        /// Why (recorded in each migrated workflow's history).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -69,6 +97,29 @@ async fn main() -> anyhow::Result<()> {
             let pool = connect(&settings).await?;
             store::migrate(&pool).await.context("while migrating")?;
             eprintln!("migrations applied");
+            Ok(())
+        }
+        Cmd::Ops {
+            command:
+                OpsCmd::MigrateWorkflows {
+                    kind,
+                    to,
+                    dry_run,
+                    batch,
+                    reason,
+                },
+        } => {
+            let pool = connect(&settings).await?;
+            let engine = dispatch::Engine::new(
+                pool,
+                std::sync::Arc::new(dispatch::workflows::Registry::builtin()),
+                settings.engine.clone(),
+            );
+            let report = engine
+                .migrate_workflows(&kind, to, dry_run, batch, &reason)
+                .await
+                .context("while migrating workflows")?;
+            println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
         Cmd::Tenant { command } => {

@@ -171,7 +171,8 @@ impl Outbox {
                     after_attempts: Some(effect.attempts - 1),
                 };
                 let key = format!("eff:{}:slot:{}", effect.id, until.timestamp_micros());
-                jobs::enqueue_effect(&mut tx, &job, Some(wake), Some(key)).await?;
+                let kind = workflow_kind(&mut tx, &effect).await?;
+                jobs::enqueue_effect(&mut tx, &kind, &job, Some(wake), Some(key)).await?;
                 EffectOutcome::Deferred
             }
             Err(ChannelError::Transient {
@@ -197,7 +198,8 @@ impl Outbox {
                     after_attempts: Some(effect.attempts),
                 };
                 let key = format!("eff:{}:{}", effect.id, effect.attempts + 1);
-                jobs::enqueue_effect(&mut tx, &job, Some(next), Some(key)).await?;
+                let kind = workflow_kind(&mut tx, &effect).await?;
+                jobs::enqueue_effect(&mut tx, &kind, &job, Some(next), Some(key)).await?;
                 tracing::warn!(effect.name = %effect.name, attempt = effect.attempts, delay_ms = delay.as_millis() as u64, error = %message, "effect failed, retrying");
                 EffectOutcome::Retrying
             }
@@ -266,13 +268,19 @@ async fn reply_signal(
             tenant_id: effect.tenant_id,
             workflow_id: effect.workflow_id,
         };
-        let (kind,): (String,) =
-            sqlx::query_as("select kind from workflows where tenant_id = $1 and id = $2")
-                .bind(effect.tenant_id)
-                .bind(effect.workflow_id)
-                .fetch_one(&mut *conn)
-                .await?;
+        let kind = workflow_kind(&mut *conn, effect).await?;
         jobs::enqueue_apply(&mut *conn, &kind, &job, Some(key)).await?;
     }
     Ok(())
+}
+
+/// The kind of an effect's workflow (its jobs go to that kind's queues).
+async fn workflow_kind(conn: &mut PgConnection, effect: &EffectRow) -> Result<String, sqlx::Error> {
+    let (kind,): (String,) =
+        sqlx::query_as("select kind from workflows where tenant_id = $1 and id = $2")
+            .bind(effect.tenant_id)
+            .bind(effect.workflow_id)
+            .fetch_one(conn)
+            .await?;
+    Ok(kind)
 }

@@ -27,9 +27,7 @@ use uuid::Uuid;
 
 use crate::engine::{Engine, TIMER_CHANNEL};
 use crate::outbox::Outbox;
-use crate::store::jobs::{
-    self, ApplyJob, EffectJob, Envelope, InboundJob, EFFECT_QUEUE, INBOUND_QUEUE,
-};
+use crate::store::jobs::{self, ApplyJob, EffectJob, Envelope, InboundJob, INBOUND_QUEUE};
 use crate::store::{effects, signals, timers};
 
 /// Worker tuning.
@@ -312,14 +310,14 @@ pub async fn sweep_once(pool: &PgPool, cfg: &WorkerConfig) -> Result<usize, sqlx
         jobs::enqueue_inbound(&mut tx, &job, format!("sweep:in:{inbound_id}:{bucket}")).await?;
     }
     let lost = effects::recover(&mut tx, grace, 500).await?;
-    for (tenant_id, effect_id, attempts) in &lost {
+    for (tenant_id, effect_id, attempts, kind) in &lost {
         let job = EffectJob {
             tenant_id: *tenant_id,
             effect_id: *effect_id,
             after_attempts: Some(*attempts),
         };
         let key = format!("sweep:eff:{effect_id}:{attempts}:{bucket}");
-        jobs::enqueue_effect(&mut tx, &job, None, Some(key)).await?;
+        jobs::enqueue_effect(&mut tx, kind, &job, None, Some(key)).await?;
     }
     tx.commit().await?;
     let made = stale.len() + lost.len();
@@ -361,18 +359,17 @@ async fn sweep_loop(pool: PgPool, cfg: WorkerConfig, shutdown: CancellationToken
 pub fn spawn(
     engine: Engine,
     outbox: Outbox,
+    served: &[&str],
     cfg: WorkerConfig,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinSet<()> {
     let pool = engine.pool().clone();
-    // One apply queue per workflow kind this process runs; effects are shared.
-    let mut queues: Vec<String> = engine
-        .registry()
-        .kinds()
-        .into_iter()
-        .map(jobs::apply_queue)
+    // An apply and an effect queue per workflow kind this process serves
+    // (ENABLED_WORKFLOWS); intake is shared.
+    let mut queues: Vec<String> = served
+        .iter()
+        .flat_map(|kind| [jobs::apply_queue(kind), jobs::effect_queue(kind)])
         .collect();
-    queues.push(EFFECT_QUEUE.to_string());
     queues.push(INBOUND_QUEUE.to_string());
     let h = Arc::new(Handlers { engine, outbox });
     let mut set = tokio::task::JoinSet::new();

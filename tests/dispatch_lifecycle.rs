@@ -815,7 +815,9 @@ async fn a_stale_attempt_or_version_is_fenced_off() {
         async move {
             let mut c = pool.acquire().await.unwrap();
             let back = effects::recover(&mut c, 0, 10).await.unwrap();
-            back.iter().any(|(_, id, _)| *id == effect_id).then_some(())
+            back.iter()
+                .any(|(_, id, _, _)| *id == effect_id)
+                .then_some(())
         }
     })
     .await;

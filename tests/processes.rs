@@ -271,3 +271,111 @@ async fn read_listen_addr(child: &mut Child) -> String {
     })
     .await
 }
+
+/// Spawn `dispatch serve --role api` on a free port; returns the child and its address.
+async fn api_process(db: &str) -> (Child, String) {
+    let mut child = dispatch_cmd(db)
+        .args(["serve", "--role", "api"])
+        .env("DISPATCH_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr = read_listen_addr(&mut child).await;
+    (child, addr)
+}
+
+#[tokio::test]
+async fn two_apis_and_two_workers_drive_workflows_to_completion_with_every_effect_once() {
+    let db = fresh_database().await;
+    let pool = dispatch::store::connect(&db, 5).await.unwrap();
+    let keys = make_tenant(&pool, "acme").await;
+    let (mut api_a, a) = api_process(&db).await;
+    let (mut api_b, b) = api_process(&db).await;
+    let mut workers = [worker(&db, None), worker(&db, None)];
+    let apis = [a, b];
+    let http = reqwest::Client::new();
+    let signal = |api: &str, key: &str, lead: &str, name: &str, idem: String| {
+        http.post(format!(
+            "http://{api}/v1/workflows/dispatch/{lead}/signals?wait_ms=10000"
+        ))
+        .bearer_auth(key)
+        .header("Idempotency-Key", idem)
+        .json(&json!({"name": name}))
+        .send()
+    };
+    let leads: Vec<String> = (0..20).map(|_| Uuid::new_v4().to_string()).collect();
+    for (i, lead) in leads.iter().enumerate() {
+        let r = http
+            .post(format!("http://{}/v1/workflows", apis[i % 2]))
+            .bearer_auth(&keys.integration)
+            .json(&json!({"kind": "dispatch", "key": lead, "input": lead_input(None)}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    for (i, lead) in leads.iter().enumerate() {
+        let api = &apis[(i + 1) % 2];
+        wait_for(Duration::from_secs(30), "the post", || {
+            let r = http
+                .get(format!("http://{api}/v1/workflows/dispatch/{lead}"))
+                .bearer_auth(&keys.operator)
+                .send();
+            async move {
+                (r.await.ok()?.json::<Value>().await.ok()?["state"] == "PUBLISHED").then_some(())
+            }
+        })
+        .await;
+        let steps = [
+            (&keys.executor, "claim", "CLAIMED"),
+            (&keys.operator, "confirm", "OPERATOR_CONFIRMED"),
+            (&keys.operator, "invoice_sent", "INVOICE_SENT"),
+            (&keys.operator, "paid", "PAID"),
+            (&keys.operator, "release", "DETAILS_RELEASED"),
+        ];
+        for (j, (key, name, state)) in steps.iter().enumerate() {
+            let api = &apis[(i + j) % 2];
+            let r: Value = signal(api, key, lead, name, format!("{lead}-{name}"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(
+                (r["status"].as_str(), r["state"].as_str()),
+                (Some("applied"), Some(*state)),
+                "{lead} {name}: {r}"
+            );
+        }
+    }
+    wait_for(Duration::from_secs(30), "every effect delivered", || {
+        let pool = pool.clone();
+        async move {
+            let (open,): (i64,) =
+                sqlx::query_as("select count(*) from effects where status <> 'delivered'")
+                    .fetch_one(&pool)
+                    .await
+                    .ok()?;
+            (open == 0).then_some(())
+        }
+    })
+    .await;
+    let (deliveries, distinct): (i64, i64) =
+        sqlx::query_as("select count(*), count(distinct idempotency_key) from deliveries")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (deliveries, distinct),
+        (20 * 4, 20 * 4),
+        "publish, claim notice, reserved edit, release: each once"
+    );
+    for child in [&mut api_a, &mut api_b]
+        .into_iter()
+        .chain(workers.iter_mut())
+    {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}

@@ -245,7 +245,7 @@ pub async fn recover(
     conn: &mut PgConnection,
     grace_ms: i64,
     limit: i64,
-) -> Result<Vec<(Uuid, Uuid, i32)>, sqlx::Error> {
+) -> Result<Vec<(Uuid, Uuid, i32, String)>, sqlx::Error> {
     sqlx::query(
         "update effects set status = 'pending', lease_until = null, updated_at = now(), send_after = null,
                 last_error = coalesce(last_error, 'lease expired')
@@ -254,12 +254,15 @@ pub async fn recover(
     .execute(&mut *conn)
     .await?;
     sqlx::query_as(
-        "update effects e set next_attempt_at = now(), updated_at = now()
-         from (select tenant_id, id from effects
-               where status = 'pending' and next_attempt_at < now() - make_interval(secs => $1 / 1000.0)
-               order by next_attempt_at limit $2 for update skip locked) lost
-         where e.tenant_id = lost.tenant_id and e.id = lost.id
-         returning e.tenant_id, e.id, e.attempts",
+        "with lost as (
+             update effects e set next_attempt_at = now(), updated_at = now()
+             from (select tenant_id, id from effects
+                   where status = 'pending' and next_attempt_at < now() - make_interval(secs => $1 / 1000.0)
+                   order by next_attempt_at limit $2 for update skip locked) l
+             where e.tenant_id = l.tenant_id and e.id = l.id
+             returning e.tenant_id, e.id, e.attempts, e.workflow_id)
+         select lost.tenant_id, lost.id, lost.attempts, w.kind from lost
+         join workflows w on w.tenant_id = lost.tenant_id and w.id = lost.workflow_id",
     )
     .bind(grace_ms as f64)
     .bind(limit)

@@ -45,9 +45,6 @@ pub async fn enqueue_inbound(
     .await
 }
 
-/// The queue that runs effects.
-pub const EFFECT_QUEUE: &str = "dispatch.effect";
-
 /// Current envelope version.
 pub const ENVELOPE_V: u32 = 1;
 
@@ -135,15 +132,45 @@ pub async fn enqueue_apply(
     .await
 }
 
-/// Enqueue an effect job, optionally delayed.
+/// The queue that runs effects of one workflow kind: a process runs the
+/// effects of the kinds it serves only.
+pub fn effect_queue(kind: &str) -> String {
+    format!("dispatch.effect.{kind}")
+}
+
+/// Enqueue an effect job of a `kind` workflow, optionally delayed.
 pub async fn enqueue_effect(
     conn: &mut PgConnection,
+    kind: &str,
     job: &EffectJob,
     run_at: Option<DateTime<Utc>>,
     idempotency_key: Option<String>,
 ) -> Result<(), sqlx::Error> {
     let body = serde_json::to_value(job).expect("serializes");
-    push(conn, EFFECT_QUEUE, "effect", body, run_at, idempotency_key).await
+    push(
+        conn,
+        &effect_queue(kind),
+        "effect",
+        body,
+        run_at,
+        idempotency_key,
+    )
+    .await
+}
+
+/// Kinds whose apply queue has a live worker (heard from within `within_s`).
+pub async fn served_kinds(
+    conn: &mut PgConnection,
+    within_s: f64,
+) -> Result<Vec<String>, sqlx::Error> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "select distinct substr(worker_type, length('dispatch.apply.') + 1) from apalis.workers
+         where worker_type like 'dispatch.apply.%' and last_seen > now() - make_interval(secs => $1)",
+    )
+    .bind(within_s)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| r.0).collect())
 }
 
 /// Jobs waiting to run, per queue (for `/readyz`).

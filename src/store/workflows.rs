@@ -37,10 +37,12 @@ pub struct WorkflowRow {
     /// Hash of the start input (idempotent creation).
     #[serde(skip)]
     pub input_hash: Vec<u8>,
+    /// The definition version the state is in.
+    pub def_version: i32,
 }
 
 const COLS: &str =
-    "tenant_id, id, kind, key, state_name, state, status, version, attention, created_at, updated_at, input_hash";
+    "tenant_id, id, kind, key, state_name, state, status, version, attention, created_at, updated_at, input_hash, def_version";
 
 /// Fields of a new workflow.
 pub struct NewWorkflow<'a> {
@@ -56,6 +58,8 @@ pub struct NewWorkflow<'a> {
     pub state_name: &'a str,
     /// Initial state.
     pub state: &'a Value,
+    /// The definition version it starts in.
+    pub def_version: i32,
 }
 
 /// Insert a workflow; `None` if (tenant, kind, key) exists.
@@ -64,8 +68,8 @@ pub async fn insert(
     w: &NewWorkflow<'_>,
 ) -> Result<Option<WorkflowRow>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "insert into workflows (tenant_id, id, kind, key, input_hash, state_name, state)
-         values ($1, $2, $3, $4, $5, $6, $7)
+        "insert into workflows (tenant_id, id, kind, key, input_hash, state_name, state, def_version)
+         values ($1, $2, $3, $4, $5, $6, $7, $8)
          on conflict (tenant_id, kind, key) do nothing returning {COLS}"
     )))
     .bind(w.tenant_id)
@@ -75,6 +79,7 @@ pub async fn insert(
     .bind(w.input_hash)
     .bind(w.state_name)
     .bind(w.state)
+    .bind(w.def_version)
     .fetch_optional(conn)
     .await
 }
@@ -120,7 +125,8 @@ pub async fn update_state(
     expected_version: i64,
 ) -> Result<bool, sqlx::Error> {
     let r = sqlx::query(
-        "update workflows set state_name = $3, state = $4, status = $5, version = $6, updated_at = now()
+        "update workflows set state_name = $3, state = $4, status = $5, version = $6, def_version = $8,
+                updated_at = now()
          where tenant_id = $1 and id = $2 and version = $7",
     )
     .bind(w.tenant_id)
@@ -130,6 +136,7 @@ pub async fn update_state(
     .bind(&w.status)
     .bind(w.version)
     .bind(expected_version)
+    .bind(w.def_version)
     .execute(conn)
     .await?;
     Ok(r.rows_affected() == 1)
@@ -280,6 +287,29 @@ pub async fn history(
     )
     .bind(tenant_id)
     .bind(workflow_id)
+    .fetch_all(conn)
+    .await
+}
+
+/// Lock up to `limit` instances of `kind` older than definition `version`,
+/// skipping rows another transaction holds (batched ops migrations).
+pub async fn lock_older_than(
+    conn: &mut PgConnection,
+    kind: &str,
+    version: i32,
+    after: Option<(Uuid, Uuid)>,
+    limit: i64,
+) -> Result<Vec<WorkflowRow>, sqlx::Error> {
+    let (t, i) = after.unwrap_or((Uuid::nil(), Uuid::nil()));
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {COLS} from workflows where kind = $1 and def_version < $2 and (tenant_id, id) > ($3, $4)
+         order by tenant_id, id limit $5 for no key update skip locked"
+    )))
+    .bind(kind)
+    .bind(version)
+    .bind(t)
+    .bind(i)
+    .bind(limit)
     .fetch_all(conn)
     .await
 }

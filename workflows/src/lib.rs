@@ -224,4 +224,16 @@ pub trait Workflow {
     fn state_name(state: &Self::State) -> &'static str;
     /// Whether the state is final (accepts nothing).
     fn is_final(state: &Self::State) -> bool;
+
+    /// The definition's version. Instances record the version they were
+    /// started with; a definition whose state changes incompatibly bumps it and
+    /// ships an upcaster.
+    const VERSION: u32 = 1;
+
+    /// Upcast a stored state from `from` to `from + 1`, as data (no I/O).
+    /// The default knows no older versions.
+    fn upcast(from: u32, state: Value) -> Result<Value, String> {
+        let _ = state;
+        Err(format!("no upcaster from version {from}"))
+    }
 }

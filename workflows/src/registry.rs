@@ -49,6 +49,11 @@ pub trait DynWorkflow: Send + Sync {
     fn check_signal(&self, name: &str, payload: &Value) -> Result<(), ParseError>;
     /// See [`Workflow::allowed_roles`].
     fn allowed_roles(&self, name: &str) -> &'static [Role];
+    /// See [`Workflow::VERSION`].
+    fn version(&self) -> u32;
+    /// Upcast a stored state from version `from` to the current one, step by
+    /// step, and check that the result decodes.
+    fn upcast_to_current(&self, from: u32, state: Value) -> Result<Value, String>;
     /// Decode the state, apply the signal, encode the result.
     fn apply(
         &self,
@@ -77,6 +82,25 @@ impl<W: Workflow> DynWorkflow for Erased<W> {
 
     fn check_signal(&self, name: &str, payload: &Value) -> Result<(), ParseError> {
         W::parse_signal(name, payload).map(|_| ())
+    }
+
+    fn version(&self) -> u32 {
+        W::VERSION
+    }
+
+    fn upcast_to_current(&self, from: u32, mut state: Value) -> Result<Value, String> {
+        if from > W::VERSION {
+            return Err(format!(
+                "state version {from} is newer than this definition ({})",
+                W::VERSION
+            ));
+        }
+        for v in from..W::VERSION {
+            state = W::upcast(v, state)?;
+        }
+        serde_json::from_value::<W::State>(state.clone())
+            .map_err(|e| format!("upcast state does not decode: {e}"))?;
+        Ok(state)
     }
 
     fn allowed_roles(&self, name: &str) -> &'static [Role] {

@@ -1,0 +1,11 @@
+-- no-transaction
+-- The operator view lists a workflow's deliveries by effect. `deliveries`
+-- already holds rows, so the index is built concurrently (no write lock). That
+-- cannot run in a transaction, nor beside other statements (PostgreSQL wraps a
+-- multi-statement query in one), so this file holds this one statement only;
+-- it waits for running writes instead of blocking them, which is why it sets
+-- no timeout. It is idempotent: a failed run is simply run again (a failed
+-- concurrent build leaves an invalid index: drop it first).
+-- Rollback: `drop index concurrently if exists deliveries_effect;`
+-- squawk-ignore require-statement-timeout, require-lock-timeout
+create index concurrently if not exists deliveries_effect on deliveries (tenant_id, effect_id);
