@@ -205,6 +205,46 @@ async fn the_tenant_cli_prints_keys_that_authenticate() {
         .unwrap();
     assert!(!bad.status.success());
 
+    // Workflow migrations: a dry run for this binary's dispatch definition.
+    let out = dispatch_cmd(&db)
+        .args([
+            "ops",
+            "migrate-workflows",
+            "--kind",
+            "dispatch",
+            "--to",
+            "1",
+            "--dry-run",
+            "--reason",
+            "check",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (report["migrated"].as_u64(), report["dry_run"].as_bool()),
+        (Some(0), Some(true))
+    );
+    let wrong = dispatch_cmd(&db)
+        .args([
+            "ops",
+            "migrate-workflows",
+            "--kind",
+            "dispatch",
+            "--to",
+            "9",
+            "--reason",
+            "x",
+        ])
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success(), "only to this binary's version");
+
     // The printed keys work against a server on the same database.
     let mut server = dispatch_cmd(&db)
         .args(["serve", "--role", "all"])
