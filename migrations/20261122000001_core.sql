@@ -136,6 +136,7 @@ create table effects (
     payload          jsonb not null,
     reply            text,
     status           text not null default 'pending' check (status in ('pending', 'running', 'delivered', 'dead')),
+    -- attempt counters are bounded by max_attempts (default 8): int is ample
     -- squawk-ignore prefer-bigint-over-int
     attempts         integer not null default 0,
     -- squawk-ignore prefer-bigint-over-int

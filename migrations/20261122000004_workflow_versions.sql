@@ -7,6 +7,7 @@
 set local lock_timeout = '5s';
 set local statement_timeout = '30s';
 
+-- definition versions are small counters: int is ample
 -- squawk-ignore prefer-bigint-over-int
 alter table workflows add column def_version integer not null default 1;
 

@@ -146,12 +146,18 @@ impl Settings {
         ms("DISPATCH_SWEEP_MS", &mut s.workers.sweep_interval)?;
         ms("DISPATCH_SWEEP_GRACE_MS", &mut s.workers.sweep_grace)?;
         ms("DISPATCH_SHUTDOWN_GRACE_MS", &mut s.workers.shutdown_grace)?;
-        if s.db_pool < s.workers.concurrency as u32 * 2 + 4 {
+        // Each served kind has an apply and an effect queue, plus the intake
+        // queue; every handler may hold a connection.
+        let kinds = s
+            .enabled_workflows
+            .as_ref()
+            .map_or(workflows::Registry::builtin().kinds().len(), Vec::len);
+        let need = (2 * kinds + 1) * s.workers.concurrency + 4;
+        if (s.db_pool as usize) < need {
             return Err(ConfigError {
                 name: "DISPATCH_DB_POOL",
                 message: format!(
-                    "must be at least 2 × DISPATCH_WORKER_CONCURRENCY + 4 = {}",
-                    s.workers.concurrency * 2 + 4
+                    "must be at least (2 × kinds + 1) × DISPATCH_WORKER_CONCURRENCY + 4 = {need}"
                 ),
             });
         }

@@ -704,6 +704,8 @@ impl Engine {
             migrated: 0,
             failed: Vec::new(),
         };
+        // First pass: batches of rows nobody holds (skip locked), keyset-paged.
+        let mut seen = std::collections::HashSet::new();
         let mut after = None;
         loop {
             let mut tx = self.pool.begin().await?;
@@ -714,35 +716,31 @@ impl Engine {
                 break;
             };
             after = Some((last.tenant_id, last.id));
-            for mut row in rows {
-                match wf.upcast_to_current(row.def_version as u32, row.state.clone()) {
-                    Ok(state) => {
-                        let event = NewEvent {
-                            version: row.version,
-                            event: "migrated",
-                            signal_id: None,
-                            signal_name: None,
-                            actor_role: Some("ops"),
-                            actor_subject: None,
-                            from_state: Some(&row.state_name),
-                            to_state: Some(&row.state_name),
-                            reason: Some(&format!(
-                                "definition v{} -> v{to}: {reason}",
-                                row.def_version
-                            )),
-                            commands: json!([]),
-                        };
-                        store::workflows::append_history(&mut tx, row.tenant_id, row.id, &event)
-                            .await?;
-                        row.state = state;
-                        row.def_version = to as i32;
-                        if !store::workflows::update_state(&mut tx, &row, row.version).await? {
-                            return Err(EngineError::Fenced(row.id));
-                        }
-                        report.migrated += 1;
-                    }
-                    Err(e) => report.failed.push((row.tenant_id, row.key.clone(), e)),
-                }
+            for row in rows {
+                seen.insert((row.tenant_id, row.id));
+                migrate_one(&mut tx, wf, row, to, reason, &mut report).await?;
+            }
+            if dry_run {
+                tx.rollback().await?;
+            } else {
+                tx.commit().await?;
+            }
+        }
+        // Second pass: rows a transition held during the first pass, one by
+        // one, waiting for the lock, so every instance is migrated or listed.
+        let left: Vec<(Uuid, Uuid)> =
+            sqlx::query_as("select tenant_id, id from workflows where kind = $1 and def_version < $2 order by tenant_id, id")
+                .bind(kind)
+                .bind(to as i32)
+                .fetch_all(&self.pool)
+                .await?;
+        for (tenant_id, id) in left.into_iter().filter(|k| !seen.contains(k)) {
+            let mut tx = self.pool.begin().await?;
+            if let Some(row) = store::workflows::lock(&mut tx, tenant_id, id)
+                .await?
+                .filter(|r| r.def_version < to as i32)
+            {
+                migrate_one(&mut tx, wf, row, to, reason, &mut report).await?;
             }
             if dry_run {
                 tx.rollback().await?;
@@ -759,6 +757,45 @@ impl Engine {
         );
         Ok(report)
     }
+}
+
+/// Upcast one locked instance and record it, or list it as failed.
+async fn migrate_one(
+    conn: &mut PgConnection,
+    wf: &dyn workflows::DynWorkflow,
+    mut row: WorkflowRow,
+    to: u32,
+    reason: &str,
+    report: &mut MigrationReport,
+) -> Result<(), EngineError> {
+    match wf.upcast_to_current(row.def_version as u32, row.state.clone()) {
+        Ok(state) => {
+            let event = NewEvent {
+                version: row.version,
+                event: "migrated",
+                signal_id: None,
+                signal_name: None,
+                actor_role: Some("ops"),
+                actor_subject: None,
+                from_state: Some(&row.state_name),
+                to_state: Some(&row.state_name),
+                reason: Some(&format!(
+                    "definition v{} -> v{to}: {reason}",
+                    row.def_version
+                )),
+                commands: json!([]),
+            };
+            store::workflows::append_history(&mut *conn, row.tenant_id, row.id, &event).await?;
+            row.state = state;
+            row.def_version = to as i32;
+            if !store::workflows::update_state(&mut *conn, &row, row.version).await? {
+                return Err(EngineError::Fenced(row.id));
+            }
+            report.migrated += 1;
+        }
+        Err(e) => report.failed.push((row.tenant_id, row.key.clone(), e)),
+    }
+    Ok(())
 }
 
 /// The transaction's clock: one clock (the database's) for every process.

@@ -18,7 +18,8 @@ struct Cli {
 enum Cmd {
     /// Everything in one process; with DATABASE_URL unset, on a private embedded PostgreSQL.
     Dev,
-    /// Production: run the API, the workers, or both (needs DATABASE_URL).
+    /// Production: run the API, the workers, or both (needs DATABASE_URL and
+    /// a migrated database: run `dispatch migrate` first, from one place).
     Serve {
         /// Which parts to run.
         #[arg(long, value_enum, default_value = "all")]
@@ -40,6 +41,8 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum OpsCmd {
+    /// Each workflow kind: whether a live worker serves it, and the work waiting for it.
+    Kinds,
     /// Bring in-flight workflows of a kind to this binary's definition version
     /// (upcast as data, in batches, audited in each workflow's history).
     MigrateWorkflows {
@@ -90,7 +93,10 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Dev => dev(settings).await,
         Cmd::Serve { role } => {
             let pool = connect(&settings).await?;
-            store::migrate(&pool).await.context("while migrating")?;
+            // Migrating is a deploy step of its own (`dispatch migrate`), run once.
+            store::check_migrated(&pool)
+                .await
+                .context("while checking the schema")?;
             run(&settings, pool, role).await
         }
         Cmd::Migrate => {
@@ -120,6 +126,36 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("while migrating workflows")?;
             println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Cmd::Ops {
+            command: OpsCmd::Kinds,
+        } => {
+            let pool = connect(&settings).await?;
+            let mut conn = pool.acquire().await?;
+            let served = store::jobs::served_kinds(&mut conn, 15.0).await?;
+            let mut kinds = serde_json::Map::new();
+            for kind in dispatch::workflows::Registry::builtin().kinds() {
+                let (signals, effects): (i64, i64) = sqlx::query_as(
+                    "select (select count(*) from signals s join workflows w on w.tenant_id = s.tenant_id and w.id = s.workflow_id
+                             where w.kind = $1 and s.status = 'queued'),
+                            (select count(*) from effects e join workflows w on w.tenant_id = e.tenant_id and w.id = e.workflow_id
+                             where w.kind = $1 and e.status in ('pending', 'running'))",
+                )
+                .bind(kind)
+                .fetch_one(&mut *conn)
+                .await?;
+                let status = if served.iter().any(|s| s == kind) {
+                    "served"
+                } else {
+                    "unserved"
+                };
+                kinds.insert(
+                    kind.into(),
+                    json!({ "status": status, "queued_signals": signals, "open_effects": effects }),
+                );
+            }
+            println!("{}", json!({ "kinds": kinds }));
             Ok(())
         }
         Cmd::Tenant { command } => {

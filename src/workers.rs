@@ -54,7 +54,7 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
-            concurrency: 8,
+            concurrency: 4,
             batch_size: 20,
             poll_interval: Duration::from_millis(500),
             heartbeat: Duration::from_secs(5),
@@ -220,7 +220,12 @@ async fn supervise(
 /// Fires due timers: claims them (once across processes) and enqueues an
 /// apply job for their workflow. Sleeps until the next due time, a NOTIFY that
 /// a timer was armed, or the poll interval, whichever is first.
-async fn timer_loop(pool: PgPool, cfg: WorkerConfig, shutdown: CancellationToken) {
+async fn timer_loop(
+    pool: PgPool,
+    cfg: WorkerConfig,
+    kinds: Vec<String>,
+    shutdown: CancellationToken,
+) {
     let mut listener: Option<PgListener> = None;
     while !shutdown.is_cancelled() {
         if listener.is_none() {
@@ -233,7 +238,7 @@ async fn timer_loop(pool: PgPool, cfg: WorkerConfig, shutdown: CancellationToken
                 Err(e) => tracing::warn!(error = %e, "timer listener unavailable; polling"),
             }
         }
-        let wait = match fire_due_timers(&pool, &cfg).await {
+        let wait = match fire_due_timers(&pool, &cfg, &kinds).await {
             Ok(next) => next.unwrap_or(cfg.poll_interval).min(cfg.poll_interval),
             Err(e) => {
                 tracing::warn!(error = %e, "timer loop error");
@@ -250,13 +255,17 @@ async fn timer_loop(pool: PgPool, cfg: WorkerConfig, shutdown: CancellationToken
     }
 }
 
+/// Timers of the kinds this process serves only: another kind's timers are
+/// fired by its own workers (and wait while it has none).
 async fn fire_due_timers(
     pool: &PgPool,
     cfg: &WorkerConfig,
+    kinds: &[String],
 ) -> Result<Option<Duration>, sqlx::Error> {
     loop {
         let mut tx = pool.begin().await?;
-        let due = timers::claim_due(&mut tx, cfg.sweep_grace.as_millis() as i64, 500).await?;
+        let due =
+            timers::claim_due(&mut tx, cfg.sweep_grace.as_millis() as i64, 500, kinds).await?;
         for (tenant_id, workflow_id, kind, timer_id) in &due {
             let job = ApplyJob {
                 tenant_id: *tenant_id,
@@ -276,18 +285,24 @@ async fn fire_due_timers(
         }
     }
     let mut conn = pool.acquire().await?;
-    Ok(timers::next_due_in_ms(&mut conn)
+    Ok(timers::next_due_in_ms(&mut conn, kinds)
         .await?
         .map(|ms| Duration::from_millis(ms as u64 + 1)))
 }
 
 /// One sweep pass: re-enqueue what looks lost. Returns how many jobs it made.
-pub async fn sweep_once(pool: &PgPool, cfg: &WorkerConfig) -> Result<usize, sqlx::Error> {
+/// Only the `kinds` this process serves are swept: work of an unserved kind
+/// waits for a worker that serves it (whose sweep then picks it up).
+pub async fn sweep_once(
+    pool: &PgPool,
+    cfg: &WorkerConfig,
+    kinds: &[String],
+) -> Result<usize, sqlx::Error> {
     let grace = cfg.sweep_grace.as_millis() as i64;
     let mut tx = pool.begin().await?;
     // One sweep job per workflow per grace period, however many processes sweep.
     let bucket = chrono::Utc::now().timestamp_millis() / grace.max(1);
-    let stale = signals::stale_queued(&mut tx, grace, 500).await?;
+    let stale = signals::stale_queued(&mut tx, grace, 500, kinds).await?;
     for (tenant_id, workflow_id, kind) in &stale {
         let job = ApplyJob {
             tenant_id: *tenant_id,
@@ -309,7 +324,7 @@ pub async fn sweep_once(pool: &PgPool, cfg: &WorkerConfig) -> Result<usize, sqlx
         };
         jobs::enqueue_inbound(&mut tx, &job, format!("sweep:in:{inbound_id}:{bucket}")).await?;
     }
-    let lost = effects::recover(&mut tx, grace, 500).await?;
+    let lost = effects::recover(&mut tx, grace, 500, kinds).await?;
     for (tenant_id, effect_id, attempts, kind) in &lost {
         let job = EffectJob {
             tenant_id: *tenant_id,
@@ -331,14 +346,19 @@ pub async fn sweep_once(pool: &PgPool, cfg: &WorkerConfig) -> Result<usize, sqlx
     Ok(made)
 }
 
-async fn sweep_loop(pool: PgPool, cfg: WorkerConfig, shutdown: CancellationToken) {
+async fn sweep_loop(
+    pool: PgPool,
+    cfg: WorkerConfig,
+    kinds: Vec<String>,
+    shutdown: CancellationToken,
+) {
     let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(cfg.sweep_interval) => {}
         }
-        if let Err(e) = sweep_once(&pool, &cfg).await {
+        if let Err(e) = sweep_once(&pool, &cfg, &kinds).await {
             tracing::warn!(error = %e, "sweep failed");
         }
         ticks += 1;
@@ -382,7 +402,13 @@ pub fn spawn(
             shutdown.clone(),
         ));
     }
-    set.spawn(timer_loop(pool.clone(), cfg.clone(), shutdown.clone()));
-    set.spawn(sweep_loop(pool, cfg, shutdown));
+    let kinds: Vec<String> = served.iter().map(|k| k.to_string()).collect();
+    set.spawn(timer_loop(
+        pool.clone(),
+        cfg.clone(),
+        kinds.clone(),
+        shutdown.clone(),
+    ));
+    set.spawn(sweep_loop(pool, cfg, kinds, shutdown));
     set
 }

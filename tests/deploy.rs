@@ -405,18 +405,18 @@ async fn in_flight_workflows_migrate_to_a_new_definition_as_data() {
         "only to this binary's version"
     );
 
-    // Migrate "a" and "b" for real (in batches of 2); "c" stays behind to be upcast lazily on its next signal.
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::query("select 1 from workflows where key = 'c' for update")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    // Migrate for real, in batches of 2.
     let report = new
         .migrate_workflows("counter", 2, false, 2, "tally counts")
         .await
         .unwrap();
-    tx.rollback().await.unwrap();
-    assert_eq!((report.migrated, report.failed.len()), (2, 1), "{report:?}");
+    assert_eq!((report.migrated, report.failed.len()), (3, 1), "{report:?}");
+    // An old binary still running during the roll starts one more v1 instance;
+    // it is upcast lazily on its next signal.
+    old.start(&ops, tenant, "counter", "d", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(drive(&old, tenant, "d", "d-1").await, "OPEN");
     let rows: Vec<(String, i32, Value)> =
         sqlx::query_as("select key, def_version, state from workflows order by key")
             .fetch_all(&pool)
@@ -438,7 +438,7 @@ async fn in_flight_workflows_migrate_to_a_new_definition_as_data() {
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert_eq!(audit.len(), 2);
+    assert_eq!(audit.len(), 3);
     assert_eq!((audit[0].0.as_str(), audit[0].1.as_str()), ("a", "ops"));
     assert_eq!(
         audit[0].2.as_deref(),
@@ -446,7 +446,7 @@ async fn in_flight_workflows_migrate_to_a_new_definition_as_data() {
     );
 
     // The migrated instances, and the lazily upcast one, finish their lifecycle under v2.
-    for k in ["a", "b", "c"] {
+    for k in ["a", "b", "c", "d"] {
         assert_eq!(drive(&new, tenant, k, &format!("{k}-2")).await, "OPEN");
         assert_eq!(drive(&new, tenant, k, &format!("{k}-3")).await, "DONE");
     }
@@ -456,8 +456,8 @@ async fn in_flight_workflows_migrate_to_a_new_definition_as_data() {
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(done, 3);
-    let (upcasts,): (i64,) = sqlx::query_as("select count(*) from history h join workflows w on w.id = h.workflow_id where w.key = 'c' and h.event = 'upcast'").fetch_one(&pool).await.unwrap();
+    assert_eq!(done, 4);
+    let (upcasts,): (i64,) = sqlx::query_as("select count(*) from history h join workflows w on w.id = h.workflow_id where w.key = 'd' and h.event = 'upcast'").fetch_one(&pool).await.unwrap();
     assert_eq!(upcasts, 1);
     // The broken one is flagged for ops when a signal arrives, and its signal waits.
     let actor = Actor {

@@ -814,7 +814,9 @@ async fn a_stale_attempt_or_version_is_fenced_off() {
         let pool = app.pool.clone();
         async move {
             let mut c = pool.acquire().await.unwrap();
-            let back = effects::recover(&mut c, 0, 10).await.unwrap();
+            let back = effects::recover(&mut c, 0, 10, &["dispatch".to_string()])
+                .await
+                .unwrap();
             back.iter()
                 .any(|(_, id, _, _)| *id == effect_id)
                 .then_some(())

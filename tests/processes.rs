@@ -205,6 +205,17 @@ async fn the_tenant_cli_prints_keys_that_authenticate() {
         .unwrap();
     assert!(!bad.status.success());
 
+    // Which kinds are served: none without a worker.
+    let out = dispatch_cmd(&db).args(["ops", "kinds"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kinds: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(kinds["kinds"]["dispatch"]["status"], "unserved");
+    assert_eq!(kinds["kinds"]["lead_finalization"]["queued_signals"], 0);
+
     // Workflow migrations: a dry run for this binary's dispatch definition.
     let out = dispatch_cmd(&db)
         .args([

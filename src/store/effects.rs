@@ -245,6 +245,7 @@ pub async fn recover(
     conn: &mut PgConnection,
     grace_ms: i64,
     limit: i64,
+    kinds: &[String],
 ) -> Result<Vec<(Uuid, Uuid, i32, String)>, sqlx::Error> {
     sqlx::query(
         "update effects set status = 'pending', lease_until = null, updated_at = now(), send_after = null,
@@ -256,9 +257,11 @@ pub async fn recover(
     sqlx::query_as(
         "with lost as (
              update effects e set next_attempt_at = now(), updated_at = now()
-             from (select tenant_id, id from effects
-                   where status = 'pending' and next_attempt_at < now() - make_interval(secs => $1 / 1000.0)
-                   order by next_attempt_at limit $2 for update skip locked) l
+             from (select x.tenant_id, x.id from effects x
+                   join workflows w on w.tenant_id = x.tenant_id and w.id = x.workflow_id
+                   where x.status = 'pending' and x.next_attempt_at < now() - make_interval(secs => $1 / 1000.0)
+                     and w.kind = any($3)
+                   order by x.next_attempt_at limit $2 for update of x skip locked) l
              where e.tenant_id = l.tenant_id and e.id = l.id
              returning e.tenant_id, e.id, e.attempts, e.workflow_id)
          select lost.tenant_id, lost.id, lost.attempts, w.kind from lost
@@ -266,6 +269,7 @@ pub async fn recover(
     )
     .bind(grace_ms as f64)
     .bind(limit)
+    .bind(kinds)
     .fetch_all(conn)
     .await
 }

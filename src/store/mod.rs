@@ -44,11 +44,58 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreErr
 
 /// Apply our migrations and apalis' (which keep their own migration table in
 /// the `apalis` schema).
+///
+/// Run from one place only (`dispatch migrate`, a deploy step): a concurrent
+/// index build waits for every other transaction, so a second migrator queued
+/// on the migration lock would deadlock it.
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     apalis_postgres::PostgresStorage::setup(pool)
         .await
         .map_err(|e| StoreError::Queue(e.to_string()))?;
-    sqlx::migrate!("./migrations").run(pool).await?;
+    migrator().run(pool).await?;
+    // A cancelled concurrent build leaves an invalid index behind that a rerun
+    // (`if not exists`) would skip: say so instead of running without it.
+    let invalid: Vec<(String,)> = sqlx::query_as(
+        "select c.relname::text from pg_index i join pg_class c on c.oid = i.indexrelid
+         join pg_namespace n on n.oid = c.relnamespace
+         where not i.indisvalid and n.nspname = current_schema()",
+    )
+    .fetch_all(pool)
+    .await?;
+    if let Some((name,)) = invalid.first() {
+        return Err(StoreError::Queue(format!(
+            "index `{name}` is invalid (an interrupted concurrent build): run `drop index concurrently {name};` and migrate again"
+        )));
+    }
+    Ok(())
+}
+
+/// Our migrations. A binary tolerates migrations newer than itself (a rolled
+/// back binary against an expanded schema) but not missing ones.
+fn migrator() -> sqlx::migrate::Migrator {
+    let mut m = sqlx::migrate!("./migrations");
+    m.set_ignore_missing(true);
+    m
+}
+
+/// Check that every migration this binary knows is applied (for `serve`,
+/// which does not migrate). Newer applied migrations are fine.
+pub async fn check_migrated(pool: &PgPool) -> Result<(), StoreError> {
+    let applied: Vec<(i64,)> = sqlx::query_as("select version from _sqlx_migrations where success")
+        .fetch_all(pool)
+        .await
+        .map_err(|e| {
+            StoreError::Queue(format!(
+                "no migrations applied ({e}): run `dispatch migrate` first"
+            ))
+        })?;
+    let applied: std::collections::HashSet<i64> = applied.into_iter().map(|r| r.0).collect();
+    if let Some(m) = migrator().iter().find(|m| !applied.contains(&m.version)) {
+        return Err(StoreError::Queue(format!(
+            "migration {} ({}) is not applied: run `dispatch migrate` first",
+            m.version, m.description
+        )));
+    }
     Ok(())
 }
 

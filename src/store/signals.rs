@@ -170,19 +170,25 @@ pub async fn finish(
 }
 
 /// Workflows with signals queued longer than `older_than_ms` (lost jobs).
+/// Only `kinds` (those some worker serves) are considered, oldest first: work
+/// for an unserved kind waits for its worker, not for the sweep.
 pub async fn stale_queued(
     conn: &mut PgConnection,
     older_than_ms: i64,
     limit: i64,
+    kinds: &[String],
 ) -> Result<Vec<(Uuid, Uuid, String)>, sqlx::Error> {
     sqlx::query_as(
-        "select distinct s.tenant_id, s.workflow_id, w.kind from signals s
+        "select s.tenant_id, s.workflow_id, w.kind from signals s
          join workflows w on w.tenant_id = s.tenant_id and w.id = s.workflow_id
          where s.status = 'queued' and s.received_at < now() - make_interval(secs => $1 / 1000.0)
-         limit $2",
+           and w.kind = any($3)
+         group by s.tenant_id, s.workflow_id, w.kind
+         order by min(s.received_at) limit $2",
     )
     .bind(older_than_ms as f64)
     .bind(limit)
+    .bind(kinds)
     .fetch_all(conn)
     .await
 }

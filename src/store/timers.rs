@@ -94,13 +94,15 @@ pub async fn claim_due(
     conn: &mut PgConnection,
     retry_ms: i64,
     limit: i64,
+    kinds: &[String],
 ) -> Result<Vec<(Uuid, Uuid, String, Uuid)>, sqlx::Error> {
     sqlx::query_as(
         "with due as (
-             select tenant_id, id from timers
-             where status = 'pending' and due_at <= clock_timestamp()
-               and (enqueued_at is null or enqueued_at < now() - make_interval(secs => $1 / 1000.0))
-             order by due_at limit $2 for update skip locked),
+             select t.tenant_id, t.id from timers t
+             join workflows w on w.tenant_id = t.tenant_id and w.id = t.workflow_id
+             where t.status = 'pending' and t.due_at <= clock_timestamp() and w.kind = any($3)
+               and (t.enqueued_at is null or t.enqueued_at < now() - make_interval(secs => $1 / 1000.0))
+             order by t.due_at limit $2 for update of t skip locked),
          marked as (
              update timers t set enqueued_at = now() from due
              where t.tenant_id = due.tenant_id and t.id = due.id
@@ -110,16 +112,23 @@ pub async fn claim_due(
     )
     .bind(retry_ms as f64)
     .bind(limit)
+    .bind(kinds)
     .fetch_all(conn)
     .await
 }
 
-/// Milliseconds until the next pending, not yet enqueued timer (None if none).
-pub async fn next_due_in_ms(conn: &mut PgConnection) -> Result<Option<i64>, sqlx::Error> {
+/// Milliseconds until the next pending, not yet enqueued timer of `kinds`
+/// (None if none).
+pub async fn next_due_in_ms(
+    conn: &mut PgConnection,
+    kinds: &[String],
+) -> Result<Option<i64>, sqlx::Error> {
     let r: (Option<f64>,) = sqlx::query_as(
-        "select (extract(epoch from (min(due_at) - clock_timestamp())) * 1000)::float8 from timers
-         where status = 'pending' and enqueued_at is null",
+        "select (extract(epoch from (min(t.due_at) - clock_timestamp())) * 1000)::float8 from timers t
+         join workflows w on w.tenant_id = t.tenant_id and w.id = t.workflow_id
+         where t.status = 'pending' and t.enqueued_at is null and w.kind = any($1)",
     )
+    .bind(kinds)
     .fetch_one(conn)
     .await?;
     Ok(r.0.map(|ms| ms.max(0.0) as i64))
