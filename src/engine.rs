@@ -151,6 +151,11 @@ impl Engine {
         &self.registry
     }
 
+    /// Engine tuning.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
     /// Start a workflow, idempotently on (tenant, kind, key): the same input
     /// returns the existing workflow (`created = false`), a different one is
     /// [`EngineError::WorkflowExists`].
@@ -298,6 +303,61 @@ impl Engine {
         payload: &Value,
         origin: Option<&Value>,
     ) -> Result<SignalAnswer, EngineError> {
+        self.signal_inner(
+            actor,
+            tenant_id,
+            kind,
+            key,
+            idempotency_key,
+            name,
+            payload,
+            origin,
+            true,
+        )
+        .await
+    }
+
+    /// An ops override: send any signal of the workflow (system ones too, e.g.
+    /// `published` when the provider's answer was lost), whatever the signal's
+    /// roles. The caller audits it; the transition itself still decides.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn signal_override(
+        &self,
+        actor: &Actor,
+        tenant_id: Uuid,
+        kind: &str,
+        key: &str,
+        idempotency_key: &str,
+        name: &str,
+        payload: &Value,
+    ) -> Result<SignalAnswer, EngineError> {
+        self.signal_inner(
+            actor,
+            tenant_id,
+            kind,
+            key,
+            idempotency_key,
+            name,
+            payload,
+            None,
+            false,
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn signal_inner(
+        &self,
+        actor: &Actor,
+        tenant_id: Uuid,
+        kind: &str,
+        key: &str,
+        idempotency_key: &str,
+        name: &str,
+        payload: &Value,
+        origin: Option<&Value>,
+        enforce_roles: bool,
+    ) -> Result<SignalAnswer, EngineError> {
         let wf = self
             .registry
             .get(kind)
@@ -306,7 +366,7 @@ impl Engine {
         let empty = json!({});
         let payload = if payload.is_null() { &empty } else { payload };
         wf.check_signal(name, payload)?;
-        if !wf.allowed_roles(name).contains(&actor.role) {
+        if enforce_roles && !wf.allowed_roles(name).contains(&actor.role) {
             return Err(EngineError::Forbidden(
                 actor.role.as_str(),
                 format!("send `{name}`"),
@@ -423,7 +483,8 @@ impl Engine {
             }
         }
         for timer in timers::take_due(&mut tx, tenant_id, workflow_id).await? {
-            let payload = json!({});
+            // The timer's own due time travels with its signal (stale-timer checks).
+            let payload = json!({ "due": timer.due_at });
             let new = NewSignal {
                 tenant_id,
                 workflow_id,

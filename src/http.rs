@@ -498,6 +498,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/workflows/{kind}/{key}/signals", post(send_signal))
         .merge(crate::intake::routes::router())
         .merge(crate::admin::router())
+        .merge(crate::ops::router())
         .fallback(not_found)
         .with_state(state)
 }

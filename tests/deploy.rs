@@ -61,7 +61,7 @@ async fn a_kind_no_process_serves_waits_and_completes_once_one_starts() {
     assert_eq!(served["workflows"]["lead_finalization"], "unserved");
     // Lead finalization's own effects wait: no process runs them.
     let pending = || async {
-        sqlx::query_as::<_, (i64,)>("select count(*) from effects e join workflows w on w.id = e.workflow_id where w.kind = 'lead_finalization' and e.status = 'pending'")
+        sqlx::query_as::<_, (i64,)>("select count(*) from effects e join workflows w on w.id = e.workflow_id where w.kind = 'lead_finalization' and e.status in ('pending', 'running')")
             .fetch_one(&app.pool)
             .await
             .unwrap()

@@ -27,6 +27,8 @@ pub struct Principal {
     pub role: Role,
     /// Subject (executor id for executor keys).
     pub subject: Option<String>,
+    /// The key's id (names the actor in audit entries when it has no subject).
+    pub key_id: Uuid,
 }
 
 /// Generate a new random key: `dsp_` + 64 hex digits (256 bits).
@@ -112,17 +114,18 @@ pub async fn authenticate(
     conn: &mut PgConnection,
     key: &str,
 ) -> Result<Option<Principal>, sqlx::Error> {
-    let row: Option<(Uuid, String, Option<String>)> = sqlx::query_as(
-        "select tenant_id, role, subject from api_keys where key_hash = $1 and revoked_at is null",
+    let row: Option<(Uuid, String, Option<String>, Uuid)> = sqlx::query_as(
+        "select tenant_id, role, subject, id from api_keys where key_hash = $1 and revoked_at is null",
     )
     .bind(hash_key(key))
     .fetch_optional(conn)
     .await?;
-    Ok(row.and_then(|(tenant_id, role, subject)| {
+    Ok(row.and_then(|(tenant_id, role, subject, key_id)| {
         Some(Principal {
             tenant_id,
             role: Role::parse_api_role(&role)?,
             subject,
+            key_id,
         })
     }))
 }

@@ -78,7 +78,7 @@ pub async fn take_due(
 ) -> Result<Vec<TimerRow>, sqlx::Error> {
     sqlx::query_as(
         "update timers set status = 'fired', closed_at = now()
-         where tenant_id = $1 and workflow_id = $2 and status = 'pending' and due_at <= clock_timestamp()
+         where tenant_id = $1 and workflow_id = $2 and status = 'pending' and (due_at <= clock_timestamp() or fire_now)
          returning id, name, due_at, signal, status",
     )
     .bind(tenant_id)
@@ -100,7 +100,7 @@ pub async fn claim_due(
         "with due as (
              select t.tenant_id, t.id from timers t
              join workflows w on w.tenant_id = t.tenant_id and w.id = t.workflow_id
-             where t.status = 'pending' and t.due_at <= clock_timestamp() and w.kind = any($3)
+             where t.status = 'pending' and (t.due_at <= clock_timestamp() or t.fire_now) and w.kind = any($3)
                and (t.enqueued_at is null or t.enqueued_at < now() - make_interval(secs => $1 / 1000.0))
              order by t.due_at limit $2 for update of t skip locked),
          marked as (

@@ -322,7 +322,12 @@ pub enum DispatchSignal {
         reason: Option<String>,
     },
     /// The claim deadline timer fired.
-    Expire,
+    Expire {
+        /// The deadline the timer was armed for (the runtime sends it): a
+        /// timer of an earlier window is stale, the current one expires the
+        /// job even when ops fire it early. Without it, the clock decides.
+        due: Option<DateTime<Utc>>,
+    },
 }
 
 /// All signal names, for docs and tests.
@@ -341,6 +346,13 @@ pub const SIGNALS: &[&str] = &[
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Empty {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpirePayload {
+    #[serde(default)]
+    due: Option<DateTime<Utc>>,
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -505,7 +517,9 @@ impl Workflow for Dispatch {
             "cancel" => DispatchSignal::Cancel {
                 reason: reason_of(p)?,
             },
-            "expire" => payload::<Empty>(p).map(|_| DispatchSignal::Expire)?,
+            "expire" => DispatchSignal::Expire {
+                due: payload::<ExpirePayload>(p)?.due,
+            },
             other => return Err(ParseError::UnknownSignal(other.to_string())),
         })
     }
@@ -531,7 +545,7 @@ impl Workflow for Dispatch {
         use DispatchState as St;
         let now = ctx.now;
         if Self::is_final(state) {
-            return Outcome::reject(if signal == S::Expire {
+            return Outcome::reject(if matches!(signal, S::Expire { .. }) {
                 "stale_timer"
             } else {
                 "final_state"
@@ -790,10 +804,13 @@ impl Workflow for Dispatch {
 
             // A timer armed for an earlier window (before a rejected claim re-armed it)
             // may fire late in a batch: only the current deadline expires the job.
-            (St::Published { post, .. }, S::Expire) if now < post.deadline => {
+            // (The stored due time may be rounded to microseconds: 1 ms slack.)
+            (St::Published { post, .. }, S::Expire { due })
+                if due.unwrap_or(now) + Duration::milliseconds(1) < post.deadline =>
+            {
                 Outcome::reject("stale_timer")
             }
-            (St::Published { job, post }, S::Expire) => Outcome::Accept {
+            (St::Published { job, post }, S::Expire { .. }) => Outcome::Accept {
                 next: St::Expired {
                     job: job.clone(),
                     post: post.clone(),
@@ -810,9 +827,20 @@ impl Workflow for Dispatch {
                     Command::Complete,
                 ],
             },
-            (_, S::Expire) => Outcome::reject("stale_timer"),
+            (_, S::Expire { .. }) => Outcome::reject("stale_timer"),
         }
     }
+
+    /// A publish should come back within minutes; the operator should act on a
+    /// claim within a day, on a confirmed job within three, and a payment is
+    /// chased after two weeks. PUBLISHED has its own expiry timer.
+    const STUCK_AFTER: &'static [(&'static str, u64)] = &[
+        ("NEW", 10 * 60),
+        ("CLAIMED", 24 * 3600),
+        ("OPERATOR_CONFIRMED", 3 * 24 * 3600),
+        ("INVOICE_SENT", 14 * 24 * 3600),
+        ("PAID", 24 * 3600),
+    ];
 
     fn state_name(state: &DispatchState) -> &'static str {
         match state {

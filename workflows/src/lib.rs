@@ -225,6 +225,10 @@ pub trait Workflow {
     /// Whether the state is final (accepts nothing).
     fn is_final(state: &Self::State) -> bool;
 
+    /// How long an instance may sit in a state before ops call it stuck
+    /// (state name, seconds). States not listed never count as stuck by age.
+    const STUCK_AFTER: &'static [(&'static str, u64)] = &[];
+
     /// The definition's version. Instances record the version they were
     /// started with; a definition whose state changes incompatibly bumps it and
     /// ships an upcaster.

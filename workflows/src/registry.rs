@@ -51,6 +51,8 @@ pub trait DynWorkflow: Send + Sync {
     fn allowed_roles(&self, name: &str) -> &'static [Role];
     /// See [`Workflow::VERSION`].
     fn version(&self) -> u32;
+    /// See [`Workflow::STUCK_AFTER`].
+    fn stuck_after(&self) -> &'static [(&'static str, u64)];
     /// Upcast a stored state from version `from` to the current one, step by
     /// step, and check that the result decodes.
     fn upcast_to_current(&self, from: u32, state: Value) -> Result<Value, String>;
@@ -86,6 +88,10 @@ impl<W: Workflow> DynWorkflow for Erased<W> {
 
     fn version(&self) -> u32 {
         W::VERSION
+    }
+
+    fn stuck_after(&self) -> &'static [(&'static str, u64)] {
+        W::STUCK_AFTER
     }
 
     fn upcast_to_current(&self, from: u32, mut state: Value) -> Result<Value, String> {

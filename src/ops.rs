@@ -1,0 +1,637 @@
+//! The ops API: find stuck workflows, understand them, and fix them — every
+//! mutating action with a reason, recorded in the audit log (who, what, why,
+//! when, state before) and, through the engine, in the workflow's history.
+//!
+//! Roles: `ops` may do everything for its tenant; `operator` may list, show,
+//! send signals by hand and cancel (its tenant's business actions).
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sqlx::PgConnection;
+use uuid::Uuid;
+use workflows::{Actor, Role};
+
+use crate::http::{parse_body, ApiError, ApiState, Caller};
+use crate::store::jobs::{self, ApplyJob, EffectJob};
+use crate::store::{effects, timers, workflows as wf_store};
+
+/// A timer this far past due counts as overdue (stuck).
+const TIMER_OVERDUE_S: f64 = 60.0;
+
+fn require(caller: &Caller, roles: &[Role], what: &str) -> Result<(), ApiError> {
+    if roles.contains(&caller.0.role) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("role `{}` may not {what}", caller.0.role.as_str()),
+        ))
+    }
+}
+
+fn not_found(what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no such {what}"),
+    )
+}
+
+/// Every mutating action needs a reason (1..=500 characters).
+fn reason_of(body: &Value) -> Result<String, ApiError> {
+    body.get("reason")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|r| !r.is_empty() && r.chars().count() <= 500)
+        .map(str::to_string)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "reason_required",
+                "a `reason` (1..=500 characters) is required",
+            )
+        })
+}
+
+fn actor_name(caller: &Caller) -> String {
+    caller
+        .0
+        .subject
+        .clone()
+        .unwrap_or_else(|| format!("key:{}", caller.0.key_id))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn audit(
+    conn: &mut PgConnection,
+    caller: &Caller,
+    action: &str,
+    workflow_id: Option<Uuid>,
+    target: Option<&str>,
+    reason: &str,
+    before: Option<&str>,
+    detail: Value,
+) -> Result<Uuid, sqlx::Error> {
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "insert into audit_log (tenant_id, id, actor_role, actor_subject, action, workflow_id, target, reason, before_state, detail)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(caller.0.tenant_id)
+    .bind(id)
+    .bind(caller.0.role.as_str())
+    .bind(actor_name(caller))
+    .bind(action)
+    .bind(workflow_id)
+    .bind(target)
+    .bind(reason)
+    .bind(before)
+    .bind(detail)
+    .execute(conn)
+    .await?;
+    tracing::info!(ops.action = action, workflow.id = ?workflow_id, "ops action audited");
+    Ok(id)
+}
+
+// ---- list and show ----
+
+#[derive(Default)]
+struct ListQuery {
+    kind: Option<String>,
+    state: Option<String>,
+    status: Option<String>,
+    stuck: bool,
+    updated_before: Option<DateTime<Utc>>,
+    updated_after: Option<DateTime<Utc>>,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+}
+
+fn bad_query(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_query", message)
+}
+
+impl ListQuery {
+    fn parse(raw: Option<&str>) -> Result<Self, ApiError> {
+        let mut q = ListQuery {
+            limit: 50,
+            ..Default::default()
+        };
+        let time = |v: &str| {
+            DateTime::parse_from_rfc3339(v)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|_| bad_query("times are RFC 3339"))
+        };
+        for (k, v) in url::form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+            match k.as_ref() {
+                "kind" => q.kind = Some(v.into_owned()),
+                "state" => q.state = Some(v.into_owned()),
+                "status" => q.status = Some(v.into_owned()),
+                "stuck" => q.stuck = v == "true",
+                "updated_before" => q.updated_before = Some(time(&v)?),
+                "updated_after" => q.updated_after = Some(time(&v)?),
+                "limit" => {
+                    q.limit = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=500).contains(n))
+                        .ok_or_else(|| bad_query("limit is 1..=500"))?
+                }
+                "after" => {
+                    let (t, id) = v.split_once('~').ok_or_else(|| {
+                        bad_query("after is the `next` cursor of a previous page")
+                    })?;
+                    q.after = Some((time(t)?, id.parse().map_err(|_| bad_query("bad cursor"))?));
+                }
+                other => return Err(bad_query(format!("unknown parameter `{other}`"))),
+            }
+        }
+        Ok(q)
+    }
+}
+
+/// Why a workflow counts as stuck.
+fn stuck_reasons(effect_dead: bool, timer_overdue: bool, no_progress: bool) -> Vec<&'static str> {
+    [
+        (effect_dead, "effect_dead"),
+        (timer_overdue, "timer_overdue"),
+        (no_progress, "no_progress"),
+    ]
+    .into_iter()
+    .filter_map(|(on, why)| on.then_some(why))
+    .collect()
+}
+
+type ListRow = (
+    Uuid,
+    String,
+    String,
+    String,
+    String,
+    DateTime<Utc>,
+    Option<String>,
+    bool,
+    bool,
+    bool,
+);
+
+async fn list(
+    State(st): State<ApiState>,
+    caller: Caller,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    require(&caller, &[Role::Ops, Role::Operator], "list workflows")?;
+    let q = ListQuery::parse(raw.as_deref())?;
+    // Per-state deadlines the workflows declare, as three parallel arrays.
+    let (mut kinds, mut states, mut secs) = (Vec::new(), Vec::new(), Vec::new());
+    for kind in st.engine.registry().kinds() {
+        for (state, s) in st
+            .engine
+            .registry()
+            .get(kind)
+            .map(|w| w.stuck_after())
+            .unwrap_or(&[])
+        {
+            kinds.push(kind.to_string());
+            states.push(state.to_string());
+            secs.push(*s as f64);
+        }
+    }
+    let (after_t, after_id) = q.after.map_or((None, None), |(t, id)| (Some(t), Some(id)));
+    let rows: Vec<ListRow> = sqlx::query_as(
+        "select * from (
+           select w.id, w.kind, w.key, w.state_name, w.status, w.updated_at, w.attention,
+                  exists (select 1 from effects e where e.tenant_id = w.tenant_id and e.workflow_id = w.id and e.status = 'dead')
+                    as effect_dead,
+                  exists (select 1 from timers t where t.tenant_id = w.tenant_id and t.workflow_id = w.id and t.status = 'pending'
+                          and t.due_at < now() - make_interval(secs => $13)) as timer_overdue,
+                  coalesce(w.status = 'running' and w.updated_at < now() - make_interval(secs => d.secs), false) as no_progress
+           from workflows w
+           left join unnest($2::text[], $3::text[], $4::float8[]) as d(kind, state, secs)
+             on d.kind = w.kind and d.state = w.state_name
+           where w.tenant_id = $1
+             and ($5::text is null or w.kind = $5) and ($6::text is null or w.state_name = $6)
+             and ($7::text is null or w.status = $7)
+             and ($8::timestamptz is null or w.updated_at < $8) and ($9::timestamptz is null or w.updated_at > $9)
+             and ($10::timestamptz is null or (w.updated_at, w.id) > ($10, $11))
+           order by w.updated_at, w.id) x
+         where not $12 or x.effect_dead or x.timer_overdue or x.no_progress
+         order by updated_at, id
+         limit $14",
+    )
+    .bind(caller.0.tenant_id)
+    .bind(&kinds)
+    .bind(&states)
+    .bind(&secs)
+    .bind(&q.kind)
+    .bind(&q.state)
+    .bind(&q.status)
+    .bind(q.updated_before)
+    .bind(q.updated_after)
+    .bind(after_t)
+    .bind(after_id)
+    .bind(q.stuck)
+    .bind(TIMER_OVERDUE_S)
+    .bind(q.limit)
+    .fetch_all(st.engine.pool())
+    .await?;
+    let next = (rows.len() as i64 == q.limit)
+        .then(|| rows.last().map(|r| format!("{}~{}", r.5.to_rfc3339(), r.0)))
+        .flatten();
+    let items: Vec<Value> = rows
+        .into_iter()
+        .map(
+            |(id, kind, key, state, status, updated_at, attention, dead, overdue, stale)| {
+                json!({
+                    "id": id, "kind": kind, "key": key, "state": state, "status": status,
+                    "updated_at": updated_at, "attention": attention,
+                    "stuck": stuck_reasons(dead, overdue, stale),
+                })
+            },
+        )
+        .collect();
+    Ok(Json(json!({ "items": items, "next": next })))
+}
+
+async fn load(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    id: Uuid,
+) -> Result<wf_store::WorkflowRow, ApiError> {
+    let row: Option<(String, String)> =
+        sqlx::query_as("select kind, key from workflows where tenant_id = $1 and id = $2")
+            .bind(tenant_id)
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let (kind, key) = row.ok_or_else(|| not_found("workflow"))?;
+    wf_store::find(conn, tenant_id, &kind, &key)
+        .await?
+        .ok_or_else(|| not_found("workflow"))
+}
+
+async fn show(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+) -> Result<Json<Value>, ApiError> {
+    require(&caller, &[Role::Ops, Role::Operator], "inspect workflows")?;
+    let mut conn = st.engine.pool().acquire().await?;
+    let row = load(&mut conn, caller.0.tenant_id, id).await?;
+    // State holds no personal data by design; the start input and the sent
+    // messages (which do) are left out here.
+    let mut view = serde_json::to_value(&row).expect("serializes");
+    view["history"] = json!(wf_store::history(&mut conn, row.tenant_id, row.id).await?);
+    view["pending_timers"] = json!(timers::pending(&mut conn, row.tenant_id, row.id).await?);
+    view["effects"] = json!(effects::of_workflow(&mut conn, row.tenant_id, row.id).await?);
+    view["audit"] = json!(audit_rows(&mut conn, caller.0.tenant_id, Some(id), None).await?);
+    Ok(Json(view))
+}
+
+// ---- actions ----
+
+async fn retry_effect(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path((id, effect_id)): Path<(Uuid, Uuid)>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    require(&caller, &[Role::Ops], "retry effects")?;
+    let reason = reason_of(&parse_body(&body)?)?;
+    let mut tx = st.engine.pool().begin().await?;
+    let row = load(&mut tx, caller.0.tenant_id, id).await?;
+    // A dead effect gets a fresh allowance of attempts; its key still keeps it from sending twice.
+    let revived: Option<(i32, String)> = sqlx::query_as(
+        "update effects set status = 'pending', next_attempt_at = now(), send_after = null,
+                max_attempts = attempts + $4, updated_at = now()
+         where tenant_id = $1 and workflow_id = $2 and id = $3 and status = 'dead'
+         returning attempts, name",
+    )
+    .bind(caller.0.tenant_id)
+    .bind(id)
+    .bind(effect_id)
+    .bind(st.engine.config().effect_max_attempts)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((attempts, name)) = revived else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_dead",
+            "only a dead-lettered effect of this workflow can be retried",
+        ));
+    };
+    let job = EffectJob {
+        tenant_id: caller.0.tenant_id,
+        effect_id,
+        after_attempts: Some(attempts),
+    };
+    jobs::enqueue_effect(
+        &mut tx,
+        &row.kind,
+        &job,
+        None,
+        Some(format!("ops:{effect_id}:{attempts}:{}", Uuid::now_v7())),
+    )
+    .await?;
+    let (dead_left,): (i64,) = sqlx::query_as("select count(*) from effects where tenant_id = $1 and workflow_id = $2 and status = 'dead'")
+        .bind(caller.0.tenant_id)
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if dead_left == 0 {
+        sqlx::query("update workflows set attention = null where tenant_id = $1 and id = $2")
+            .bind(caller.0.tenant_id)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let audit_id = audit(
+        &mut tx,
+        &caller,
+        "retry_effect",
+        Some(id),
+        Some(&name),
+        &reason,
+        Some(&row.state_name),
+        json!({ "effect_id": effect_id }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(
+        json!({ "status": "queued", "effect_id": effect_id, "audit_id": audit_id }),
+    ))
+}
+
+async fn fire_timer(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path((id, timer_id)): Path<(Uuid, Uuid)>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    require(&caller, &[Role::Ops], "fire timers")?;
+    let reason = reason_of(&parse_body(&body)?)?;
+    let mut tx = st.engine.pool().begin().await?;
+    let row = load(&mut tx, caller.0.tenant_id, id).await?;
+    let fired: Option<(String,)> = sqlx::query_as(
+        "update timers set fire_now = true, enqueued_at = now()
+         where tenant_id = $1 and workflow_id = $2 and id = $3 and status = 'pending' returning name",
+    )
+    .bind(caller.0.tenant_id)
+    .bind(id)
+    .bind(timer_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((name,)) = fired else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_pending",
+            "only a pending timer of this workflow can be fired",
+        ));
+    };
+    let job = ApplyJob {
+        tenant_id: caller.0.tenant_id,
+        workflow_id: id,
+    };
+    jobs::enqueue_apply(
+        &mut tx,
+        &row.kind,
+        &job,
+        Some(format!("ops:tmr:{timer_id}")),
+    )
+    .await?;
+    let audit_id = audit(
+        &mut tx,
+        &caller,
+        "fire_timer",
+        Some(id),
+        Some(&name),
+        &reason,
+        Some(&row.state_name),
+        json!({ "timer_id": timer_id }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(
+        json!({ "status": "queued", "timer_id": timer_id, "audit_id": audit_id }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct SignalBody {
+    name: String,
+    #[serde(default)]
+    payload: Value,
+    /// Read through [`reason_of`] (checked before the body's shape).
+    reason: String,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send(
+    st: &ApiState,
+    caller: &Caller,
+    id: Uuid,
+    name: &str,
+    payload: &Value,
+    reason: &str,
+    idem: &str,
+    action: &str,
+) -> Result<Value, ApiError> {
+    let mut conn = st.engine.pool().acquire().await?;
+    let row = load(&mut conn, caller.0.tenant_id, id).await?;
+    let actor = Actor {
+        role: caller.0.role,
+        subject: Some(actor_name(caller)),
+    };
+    let answer = st
+        .engine
+        .signal_override(
+            &actor,
+            caller.0.tenant_id,
+            &row.kind,
+            &row.key,
+            idem,
+            name,
+            payload,
+        )
+        .await?;
+    let detail = json!({ "signal_id": answer.signal_id, "signal": name });
+    let audit_id = audit(
+        &mut conn,
+        caller,
+        action,
+        Some(id),
+        Some(name),
+        reason,
+        Some(&row.state_name),
+        detail,
+    )
+    .await?;
+    Ok(json!({ "signal_id": answer.signal_id, "status": answer.status, "audit_id": audit_id }))
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
+    headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .map(|k| format!("ops:{k}"))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "idempotency_key_required",
+                "an `Idempotency-Key` header is required",
+            )
+        })
+}
+
+async fn signal(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    require(
+        &caller,
+        &[Role::Ops, Role::Operator],
+        "send signals by hand",
+    )?;
+    let raw: Value = parse_body(&body)?;
+    let reason = reason_of(&raw)?;
+    let b: SignalBody = serde_json::from_value(raw).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            e.to_string(),
+        )
+    })?;
+    let out = send(
+        &st,
+        &caller,
+        id,
+        &b.name,
+        &b.payload,
+        &reason,
+        &idempotency_key(&headers)?,
+        "signal",
+    )
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(out)).into_response())
+}
+
+async fn cancel(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    require(&caller, &[Role::Ops, Role::Operator], "cancel workflows")?;
+    let reason = reason_of(&parse_body(&body)?)?;
+    let out = send(
+        &st,
+        &caller,
+        id,
+        "cancel",
+        &json!({ "reason": reason }),
+        &reason,
+        &idempotency_key(&headers)?,
+        "cancel",
+    )
+    .await?;
+    Ok((StatusCode::ACCEPTED, Json(out)).into_response())
+}
+
+// ---- audit ----
+
+type AuditRow = (
+    Uuid,
+    DateTime<Utc>,
+    String,
+    Option<String>,
+    String,
+    Option<Uuid>,
+    Option<String>,
+    String,
+    Option<String>,
+    Value,
+);
+
+async fn audit_rows(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    workflow_id: Option<Uuid>,
+    actor: Option<&str>,
+) -> Result<Vec<Value>, sqlx::Error> {
+    let rows: Vec<AuditRow> = sqlx::query_as(
+        "select id, at, actor_role, actor_subject, action, workflow_id, target, reason, before_state, detail from audit_log
+         where tenant_id = $1 and ($2::uuid is null or workflow_id = $2) and ($3::text is null or actor_subject = $3)
+         order by at desc limit 500",
+    )
+    .bind(tenant_id)
+    .bind(workflow_id)
+    .bind(actor)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, at, role, subject, action, wf, target, reason, before, detail)| {
+            json!({ "id": id, "at": at, "actor_role": role, "actor": subject, "action": action, "workflow_id": wf,
+                    "target": target, "reason": reason, "before_state": before, "detail": detail })
+        })
+        .collect())
+}
+
+async fn audit_log(
+    State(st): State<ApiState>,
+    caller: Caller,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    require(&caller, &[Role::Ops], "read the audit log")?;
+    let (mut workflow, mut actor) = (None, None);
+    for (k, v) in url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+        match k.as_ref() {
+            "workflow_id" => {
+                workflow = Some(
+                    v.parse::<Uuid>()
+                        .map_err(|_| bad_query("workflow_id is a UUID"))?,
+                )
+            }
+            "actor" => actor = Some(v.into_owned()),
+            other => return Err(bad_query(format!("unknown parameter `{other}`"))),
+        }
+    }
+    let mut conn = st.engine.pool().acquire().await?;
+    Ok(Json(
+        json!({ "items": audit_rows(&mut conn, caller.0.tenant_id, workflow, actor.as_deref()).await? }),
+    ))
+}
+
+/// The ops routes.
+pub fn router() -> Router<ApiState> {
+    Router::new()
+        .route("/v1/ops/workflows", get(list))
+        .route("/v1/ops/workflows/{id}", get(show))
+        .route(
+            "/v1/ops/workflows/{id}/effects/{effect_id}/retry",
+            post(retry_effect),
+        )
+        .route(
+            "/v1/ops/workflows/{id}/timers/{timer_id}/fire",
+            post(fire_timer),
+        )
+        .route("/v1/ops/workflows/{id}/signals", post(signal))
+        .route("/v1/ops/workflows/{id}/cancel", post(cancel))
+        .route("/v1/ops/audit", get(audit_log))
+}

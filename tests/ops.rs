@@ -1,0 +1,280 @@
+//! The ops API: stuck workflows found and fixed, every action with a reason
+//! and an audit entry.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+async fn ops_get(app: &TestApp, key: &str, path: &str) -> (u16, Value) {
+    let r = app
+        .http
+        .get(format!("{}{path}", app.url))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+async fn ops_post(
+    app: &TestApp,
+    key: &str,
+    path: &str,
+    body: Value,
+    idem: Option<&str>,
+) -> (u16, Value) {
+    let mut r = app
+        .http
+        .post(format!("{}{path}", app.url))
+        .bearer_auth(key)
+        .json(&body);
+    if let Some(i) = idem {
+        r = r.header("Idempotency-Key", i);
+    }
+    let r = r.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+async fn start(app: &TestApp, deadline: Option<u64>) -> (String, Uuid) {
+    let lead = Uuid::new_v4().to_string();
+    let (code, body) = app
+        .start(
+            &app.keys.integration,
+            "dispatch",
+            &lead,
+            lead_input(deadline),
+        )
+        .await;
+    assert_eq!(code, 201);
+    (lead, body["id"].as_str().unwrap().parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_dead_effect_is_found_as_stuck_and_retried_with_an_audited_reason() {
+    let app = TestApp::spawn().await;
+    app.set_config(json!({"log_channel": {"fail_first": 100, "failure": "permanent"}}))
+        .await;
+    let (lead, id) = start(&app, None).await;
+    app.wait_effects_settled().await;
+    let (code, list) = ops_get(&app, &app.keys.ops, "/v1/ops/workflows?stuck=true").await;
+    assert_eq!(code, 200, "{list}");
+    let item = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["key"] == lead.as_str())
+        .expect("listed as stuck")
+        .clone();
+    assert_eq!(item["stuck"], json!(["effect_dead"]));
+    let (_, shown) = ops_get(&app, &app.keys.ops, &format!("/v1/ops/workflows/{id}")).await;
+    assert!(
+        shown.get("input").is_none(),
+        "no personal data in the ops view"
+    );
+    let effect = shown["effects"][0]["id"].as_str().unwrap().to_string();
+    let retry = format!("/v1/ops/workflows/{id}/effects/{effect}/retry");
+    let (code, body) = ops_post(&app, &app.keys.ops, &retry, json!({}), None).await;
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (400, Some("reason_required"))
+    );
+    let (code, _) = ops_post(
+        &app,
+        &app.keys.operator,
+        &retry,
+        json!({"reason": "x"}),
+        None,
+    )
+    .await;
+    assert_eq!(code, 403, "retrying is an ops action");
+    app.set_config(json!({})).await;
+    let (code, body) = ops_post(
+        &app,
+        &app.keys.ops,
+        &retry,
+        json!({"reason": "provider outage over"}),
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let wf = app.wait_state(&lead, "PUBLISHED").await;
+    assert!(wf["attention"].is_null(), "attention cleared");
+    assert_eq!(wf["effects"][0]["status"], "delivered");
+    let (code, again) = ops_post(
+        &app,
+        &app.keys.ops,
+        &retry,
+        json!({"reason": "twice"}),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (code, again["error"]["code"].as_str()),
+        (409, Some("not_dead"))
+    );
+    let (_, audit) = ops_get(
+        &app,
+        &app.keys.ops,
+        &format!("/v1/ops/audit?workflow_id={id}"),
+    )
+    .await;
+    let entry = &audit["items"][0];
+    assert_eq!(
+        (entry["action"].as_str(), entry["reason"].as_str()),
+        (Some("retry_effect"), Some("provider outage over"))
+    );
+    assert_eq!(
+        (entry["actor_role"].as_str(), entry["before_state"].as_str()),
+        (Some("ops"), Some("NEW"))
+    );
+    assert!(entry["actor"].as_str().unwrap().starts_with("key:"));
+    let (_, stuck) = ops_get(&app, &app.keys.ops, "/v1/ops/workflows?stuck=true").await;
+    assert!(
+        stuck["items"].as_array().unwrap().is_empty(),
+        "nothing stuck any more: {stuck}"
+    );
+}
+
+#[tokio::test]
+async fn timers_fire_on_demand_and_workflows_are_cancelled_or_signalled_by_hand() {
+    let app = TestApp::spawn().await;
+    let (lead, id) = start(&app, Some(3600)).await;
+    let wf = app.wait_state(&lead, "PUBLISHED").await;
+    let timer = wf["pending_timers"][0]["id"].as_str().unwrap().to_string();
+    let fire = format!("/v1/ops/workflows/{id}/timers/{timer}/fire");
+    let (code, _) = ops_post(&app, &app.keys.ops, &fire, json!({"reason": ""}), None).await;
+    assert_eq!(code, 400);
+    let (code, body) = ops_post(
+        &app,
+        &app.keys.ops,
+        &fire,
+        json!({"reason": "crew called: nobody can take it"}),
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    app.wait_state(&lead, "EXPIRED").await;
+
+    // Cancel by hand (operator), with the reason in the audit and in the signal.
+    let (lead2, id2) = start(&app, None).await;
+    app.wait_state(&lead2, "PUBLISHED").await;
+    let (code, body) = ops_post(
+        &app,
+        &app.keys.operator,
+        &format!("/v1/ops/workflows/{id2}/cancel"),
+        json!({"reason": "client moved the date"}),
+        Some("c-1"),
+    )
+    .await;
+    assert_eq!(code, 202, "{body}");
+    let wf = app.wait_state(&lead2, "CANCELLED").await;
+    assert_eq!(wf["data"]["reason"], "client moved the date");
+    // A system signal by hand: `published` for a workflow whose provider answer was lost.
+    app.set_config(json!({"log_channel": {"fail_first": 100, "failure": "permanent"}}))
+        .await;
+    let (lead3, id3) = start(&app, None).await;
+    app.wait_effects_settled().await;
+    let path = format!("/v1/ops/workflows/{id3}/signals");
+    let (code, _) = ops_post(
+        &app,
+        &app.keys.executor,
+        &path,
+        json!({"name": "published", "payload": {"message_id": "m-9"}, "reason": "x"}),
+        Some("p-1"),
+    )
+    .await;
+    assert_eq!(code, 403);
+    let (code, _) = ops_post(&app, &app.keys.ops, &path, json!({"name": "published", "payload": {"message_id": "m-9"}, "reason": "posted by hand in the group"}), None).await;
+    assert_eq!(code, 400, "an Idempotency-Key is required");
+    let (code, body) = ops_post(&app, &app.keys.ops, &path, json!({"name": "published", "payload": {"message_id": "m-9"}, "reason": "posted by hand in the group"}), Some("p-1")).await;
+    assert_eq!(code, 202, "{body}");
+    let wf = app.wait_state(&lead3, "PUBLISHED").await;
+    assert_eq!(wf["data"]["post"]["message_id"], "m-9");
+    let applied = wf["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["signal_name"] == "published")
+        .unwrap()
+        .clone();
+    assert_eq!(applied["actor_role"], "ops");
+
+    let (_, audit) = ops_get(&app, &app.keys.ops, "/v1/ops/audit").await;
+    let actions: Vec<&str> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["signal", "cancel", "fire_timer"], "newest first");
+    let (_, by_op) = ops_get(&app, &app.keys.ops, "/v1/ops/audit?actor=op-1").await;
+    assert_eq!(
+        by_op["items"].as_array().unwrap().len(),
+        1,
+        "the operator's cancel"
+    );
+}
+
+#[tokio::test]
+async fn the_list_filters_pages_and_flags_workflows_without_progress() {
+    let app = TestApp::spawn().await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let (lead, id) = start(&app, None).await;
+        app.wait_state(&lead, "PUBLISHED").await;
+        ids.push(id);
+    }
+    let mut seen = Vec::new();
+    let mut path = "/v1/ops/workflows?kind=dispatch&state=PUBLISHED&limit=2".to_string();
+    loop {
+        let (code, page) = ops_get(&app, &app.keys.operator, &path).await;
+        assert_eq!(code, 200, "{page}");
+        seen.extend(
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["id"].as_str().unwrap().parse::<Uuid>().unwrap()),
+        );
+        match page["next"].as_str() {
+            Some(next) => {
+                path = format!(
+                    "/v1/ops/workflows?kind=dispatch&state=PUBLISHED&limit=2&after={}",
+                    url_encode(next)
+                )
+            }
+            None => break,
+        }
+    }
+    seen.sort();
+    ids.sort();
+    assert_eq!(seen, ids, "every workflow once across pages");
+    let (code, _) = ops_get(&app, &app.keys.ops, "/v1/ops/workflows?limit=0").await;
+    assert_eq!(code, 400);
+    // A claim nobody confirmed for two days is stuck by the workflow's own deadline.
+    sqlx::query("update workflows set state_name = 'CLAIMED', updated_at = now() - interval '2 days' where id = $1").bind(ids[0]).execute(&app.pool).await.unwrap();
+    let (_, stuck) = ops_get(&app, &app.keys.ops, "/v1/ops/workflows?stuck=true").await;
+    let items = stuck["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{stuck}");
+    assert_eq!(items[0]["stuck"], json!(["no_progress"]));
+    // Other tenants and executors see nothing.
+    let other = make_tenant(&app.pool, "other").await;
+    assert_eq!(
+        ops_get(&app, &other.ops, &format!("/v1/ops/workflows/{}", ids[1]))
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        ops_get(&app, &app.keys.executor, "/v1/ops/workflows")
+            .await
+            .0,
+        403
+    );
+}
+
+fn url_encode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
