@@ -32,10 +32,24 @@ enum Cmd {
         #[command(subcommand)]
         command: TenantCmd,
     },
+    /// Workflow definitions.
+    Workflows {
+        #[command(subcommand)]
+        command: WorkflowsCmd,
+    },
     /// Operations on the running system (needs DATABASE_URL).
     Ops {
         #[command(subcommand)]
         command: OpsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkflowsCmd {
+    /// Print a workflow's state diagram (Mermaid), generated from its definition.
+    Diagram {
+        /// Workflow kind (`dispatch`, `lead_finalization`).
+        kind: String,
     },
 }
 
@@ -126,6 +140,19 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("while migrating workflows")?;
             println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Cmd::Workflows {
+            command: WorkflowsCmd::Diagram { kind },
+        } => {
+            let registry = dispatch::workflows::Registry::builtin();
+            let Some(wf) = registry.get(&kind) else {
+                bail!(
+                    "unknown workflow kind `{kind}` (known: {})",
+                    registry.kinds().join(", ")
+                );
+            };
+            print!("{}", dispatch::workflows::mermaid(wf.edges()));
             Ok(())
         }
         Cmd::Ops {

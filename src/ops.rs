@@ -553,6 +553,156 @@ async fn cancel(
     Ok((StatusCode::ACCEPTED, Json(out)).into_response())
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct ForceBody {
+    state: String,
+    reason: String,
+}
+
+/// Force a workflow along an edge its definition declares (and allows
+/// forcing), by sending that edge's signal as an audited ops override.
+async fn force(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path(id): Path<Uuid>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    require(&caller, &[Role::Ops], "force transitions")?;
+    let raw: Value = parse_body(&body)?;
+    let reason = reason_of(&raw)?;
+    let b: ForceBody = serde_json::from_value(raw).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            e.to_string(),
+        )
+    })?;
+    let idem = idempotency_key(&headers)?;
+    let mut conn = st.engine.pool().acquire().await?;
+    let row = load(&mut conn, caller.0.tenant_id, id).await?;
+    drop(conn);
+    let wf = st
+        .engine
+        .registry()
+        .get(&row.kind)
+        .ok_or_else(|| not_found("workflow kind"))?;
+    let (signal, payload) = wf
+        .force_signal(&row.state, &row.state_name, &b.state)
+        .map_err(crate::engine::EngineError::from)?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "undeclared_target",
+                format!(
+                    "`{}` is not a state `{}` may be forced into from `{}`",
+                    b.state, row.kind, row.state_name
+                ),
+            )
+        })?;
+    let mut out = send(&st, &caller, id, signal, &payload, &reason, &idem, "force").await?;
+    out["target"] = json!(b.state);
+    Ok((StatusCode::ACCEPTED, Json(out)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct BulkRetry {
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    effect: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+    reason: String,
+}
+
+/// Retry every dead effect matching a filter; with `dry_run`, only count them.
+async fn bulk_retry(
+    State(st): State<ApiState>,
+    caller: Caller,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    require(&caller, &[Role::Ops], "retry effects")?;
+    let raw: Value = parse_body(&body)?;
+    let reason = reason_of(&raw)?;
+    let b: BulkRetry = serde_json::from_value(raw).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_body",
+            e.to_string(),
+        )
+    })?;
+    let dead: Vec<(Uuid, Uuid, i32, String, String, String)> = sqlx::query_as(
+        "select e.workflow_id, e.id, e.attempts, e.name, w.kind, w.state_name from effects e
+         join workflows w on w.tenant_id = e.tenant_id and w.id = e.workflow_id
+         where e.tenant_id = $1 and e.status = 'dead' and ($2::text is null or w.kind = $2) and ($3::text is null or e.name = $3)
+         order by e.updated_at limit 10000",
+    )
+    .bind(caller.0.tenant_id)
+    .bind(&b.kind)
+    .bind(&b.effect)
+    .fetch_all(st.engine.pool())
+    .await?;
+    if b.dry_run {
+        return Ok(Json(json!({ "dry_run": true, "matched": dead.len() })));
+    }
+    let mut tx = st.engine.pool().begin().await?;
+    let mut retried = 0;
+    for (workflow_id, effect_id, attempts, name, kind, state) in &dead {
+        let r = sqlx::query(
+            "update effects set status = 'pending', next_attempt_at = now(), send_after = null,
+                    max_attempts = attempts + $3, updated_at = now()
+             where tenant_id = $1 and id = $2 and status = 'dead'",
+        )
+        .bind(caller.0.tenant_id)
+        .bind(effect_id)
+        .bind(st.engine.config().effect_max_attempts)
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() == 0 {
+            continue;
+        }
+        let job = EffectJob {
+            tenant_id: caller.0.tenant_id,
+            effect_id: *effect_id,
+            after_attempts: Some(*attempts),
+        };
+        jobs::enqueue_effect(
+            &mut tx,
+            kind,
+            &job,
+            None,
+            Some(format!("ops:{effect_id}:{attempts}:{}", Uuid::now_v7())),
+        )
+        .await?;
+        sqlx::query("update workflows set attention = null where tenant_id = $1 and id = $2")
+            .bind(caller.0.tenant_id)
+            .bind(workflow_id)
+            .execute(&mut *tx)
+            .await?;
+        audit(
+            &mut tx,
+            &caller,
+            "retry_effect",
+            Some(*workflow_id),
+            Some(name),
+            &reason,
+            Some(state),
+            json!({ "effect_id": effect_id, "bulk": true }),
+        )
+        .await?;
+        retried += 1;
+    }
+    tx.commit().await?;
+    Ok(Json(
+        json!({ "dry_run": false, "matched": dead.len(), "retried": retried }),
+    ))
+}
+
 // ---- audit ----
 
 type AuditRow = (
@@ -633,5 +783,7 @@ pub fn router() -> Router<ApiState> {
         )
         .route("/v1/ops/workflows/{id}/signals", post(signal))
         .route("/v1/ops/workflows/{id}/cancel", post(cancel))
+        .route("/v1/ops/workflows/{id}/force", post(force))
+        .route("/v1/ops/effects/retry", post(bulk_retry))
         .route("/v1/ops/audit", get(audit_log))
 }

@@ -278,3 +278,130 @@ async fn the_list_filters_pages_and_flags_workflows_without_progress() {
 fn url_encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
+
+#[tokio::test]
+async fn force_moves_only_along_declared_edges_and_bulk_retry_counts_first() {
+    let app = TestApp::spawn().await;
+    let (lead, id) = start(&app, None).await;
+    app.wait_state(&lead, "PUBLISHED").await;
+    let force = format!("/v1/ops/workflows/{id}/force");
+    let (code, body) = ops_post(
+        &app,
+        &app.keys.ops,
+        &force,
+        json!({"state": "PAID", "reason": "x"}),
+        Some("f-0"),
+    )
+    .await;
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (422, Some("undeclared_target")),
+        "PUBLISHED has no edge to PAID"
+    );
+    let (code, body) = ops_post(
+        &app,
+        &app.keys.ops,
+        &force,
+        json!({"state": "EXPIRED"}),
+        Some("f-1"),
+    )
+    .await;
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (400, Some("reason_required"))
+    );
+    let (code, _) = ops_post(
+        &app,
+        &app.keys.operator,
+        &force,
+        json!({"state": "EXPIRED", "reason": "x"}),
+        Some("f-1"),
+    )
+    .await;
+    assert_eq!(code, 403);
+    let (code, body) = ops_post(
+        &app,
+        &app.keys.ops,
+        &force,
+        json!({"state": "EXPIRED", "reason": "job withdrawn by phone"}),
+        Some("f-1"),
+    )
+    .await;
+    assert_eq!(code, 202, "{body}");
+    app.wait_state(&lead, "EXPIRED").await;
+    let (_, audit) = ops_get(
+        &app,
+        &app.keys.ops,
+        &format!("/v1/ops/audit?workflow_id={id}"),
+    )
+    .await;
+    assert_eq!(
+        (
+            audit["items"][0]["action"].as_str(),
+            audit["items"][0]["before_state"].as_str()
+        ),
+        (Some("force"), Some("PUBLISHED"))
+    );
+
+    // Bulk retry: a dry run counts, the real run retries and audits each.
+    app.set_config(json!({"log_channel": {"fail_first": 100, "failure": "permanent"}}))
+        .await;
+    for _ in 0..3 {
+        start(&app, None).await;
+    }
+    app.wait_effects_settled().await;
+    let (code, dry) = ops_post(
+        &app,
+        &app.keys.ops,
+        "/v1/ops/effects/retry",
+        json!({"effect": "dispatch_publish", "dry_run": true, "reason": "outage over"}),
+        None,
+    )
+    .await;
+    assert_eq!((code, dry["matched"].as_u64()), (200, Some(3)), "{dry}");
+    let (stuck,): (i64,) = sqlx::query_as("select count(*) from effects where status = 'dead'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(stuck, 3, "a dry run changes nothing");
+    app.set_config(json!({})).await;
+    let (_, real) = ops_post(
+        &app,
+        &app.keys.ops,
+        "/v1/ops/effects/retry",
+        json!({"effect": "dispatch_publish", "reason": "outage over"}),
+        None,
+    )
+    .await;
+    assert_eq!(real["retried"], 3);
+    app.wait_effects_settled().await;
+    let (dead,): (i64,) = sqlx::query_as("select count(*) from effects where status = 'dead'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(dead, 0);
+    let (_, audit) = ops_get(&app, &app.keys.ops, "/v1/ops/audit").await;
+    assert_eq!(
+        audit["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == "retry_effect")
+            .count(),
+        3
+    );
+}
+
+#[test]
+fn the_readme_embeds_the_generated_diagrams() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let registry = dispatch::workflows::Registry::builtin();
+    for kind in registry.kinds() {
+        let diagram = dispatch::workflows::mermaid(registry.get(kind).unwrap().edges());
+        assert!(
+            readme.contains(&diagram),
+            "README is missing the generated `{kind}` diagram:\n{diagram}"
+        );
+    }
+}

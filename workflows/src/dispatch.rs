@@ -831,6 +831,72 @@ impl Workflow for Dispatch {
         }
     }
 
+    const EDGES: &'static [(&'static str, &'static str, &'static str)] = &[
+        ("[*]", "NEW", "start (integration)"),
+        ("NEW", "PUBLISHED", "published (effect result)"),
+        ("PUBLISHED", "CLAIMED", "claim (executor)"),
+        ("CLAIMED", "PUBLISHED", "reject_claim (operator)"),
+        ("CLAIMED", "OPERATOR_CONFIRMED", "confirm (operator)"),
+        (
+            "OPERATOR_CONFIRMED",
+            "INVOICE_SENT",
+            "invoice_sent (operator)",
+        ),
+        ("INVOICE_SENT", "PAID", "paid (operator, integration)"),
+        (
+            "INVOICE_SENT",
+            "DETAILS_RELEASED",
+            "paid, tenant auto-release",
+        ),
+        ("PAID", "DETAILS_RELEASED", "release (operator)"),
+        (
+            "CLAIMED",
+            "DETAILS_RELEASED",
+            "release + reason (audited override)",
+        ),
+        (
+            "OPERATOR_CONFIRMED",
+            "DETAILS_RELEASED",
+            "release + reason (audited override)",
+        ),
+        (
+            "INVOICE_SENT",
+            "DETAILS_RELEASED",
+            "release + reason (audited override)",
+        ),
+        ("PUBLISHED", "EXPIRED", "expire (claim deadline timer)"),
+        ("NEW", "CANCELLED", "cancel (operator)"),
+        ("PUBLISHED", "CANCELLED", "cancel"),
+        ("CLAIMED", "CANCELLED", "cancel"),
+        ("OPERATOR_CONFIRMED", "CANCELLED", "cancel"),
+        ("INVOICE_SENT", "CANCELLED", "cancel"),
+        ("PAID", "CANCELLED", "cancel"),
+        ("DETAILS_RELEASED", "[*]", ""),
+        ("CANCELLED", "[*]", ""),
+        ("EXPIRED", "[*]", ""),
+    ];
+
+    /// Ops may force: cancel, expire now, un-claim, confirm, mark invoiced,
+    /// mark paid. Never a release (personal data) and never `published`
+    /// (it needs the provider's message id: send it by hand instead).
+    fn force_signal(state: &DispatchState, target: &str) -> Option<(&'static str, Value)> {
+        Some(match (state, target) {
+            (_, "CANCELLED") => ("cancel", json!({ "reason": "forced by ops" })),
+            (DispatchState::Published { post, .. }, "EXPIRED") => {
+                ("expire", json!({ "due": post.deadline }))
+            }
+            (DispatchState::Claimed { .. }, "PUBLISHED") => {
+                ("reject_claim", json!({ "reason": "forced by ops" }))
+            }
+            (DispatchState::Claimed { .. }, "OPERATOR_CONFIRMED") => ("confirm", json!({})),
+            (DispatchState::OperatorConfirmed { .. }, "INVOICE_SENT") => {
+                ("invoice_sent", json!({}))
+            }
+            (DispatchState::InvoiceSent { .. }, "PAID") => ("paid", json!({})),
+            _ => return None,
+        })
+    }
+
     /// A publish should come back within minutes; the operator should act on a
     /// claim within a day, on a confirmed job within three, and a payment is
     /// chased after two weeks. PUBLISHED has its own expiry timer.
@@ -863,5 +929,36 @@ impl Workflow for Dispatch {
                 | DispatchState::Cancelled { .. }
                 | DispatchState::Expired { .. }
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_generated_diagram_names_every_state_and_ends_in_the_final_ones() {
+        let diagram = crate::mermaid(Dispatch::EDGES);
+        for state in [
+            "NEW",
+            "PUBLISHED",
+            "CLAIMED",
+            "OPERATOR_CONFIRMED",
+            "INVOICE_SENT",
+            "PAID",
+            "DETAILS_RELEASED",
+            "CANCELLED",
+            "EXPIRED",
+        ] {
+            assert!(diagram.contains(state), "{state} missing");
+        }
+        for end in [
+            "DETAILS_RELEASED --> [*]",
+            "CANCELLED --> [*]",
+            "EXPIRED --> [*]",
+        ] {
+            assert!(diagram.contains(end));
+        }
+        assert!(diagram.starts_with("stateDiagram-v2\n    [*] --> NEW: start (integration)"));
     }
 }

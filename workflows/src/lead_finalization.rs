@@ -128,6 +128,11 @@ impl Workflow for LeadFinalization {
         Ok((state, commands))
     }
 
+    const EDGES: &'static [(&'static str, &'static str, &'static str)] = &[
+        ("[*]", "FINALIZED", "start = LeadFinalized (integration)"),
+        ("FINALIZED", "[*]", ""),
+    ];
+
     fn parse_signal(name: &str, _payload: &Value) -> Result<Self::Signal, ParseError> {
         Err(ParseError::UnknownSignal(name.to_string()))
     }

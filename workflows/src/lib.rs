@@ -199,6 +199,19 @@ pub fn parse_lead_key(kind: &str, key: &str) -> Result<uuid::Uuid, ParseError> {
         })
 }
 
+/// A Mermaid state diagram from a workflow's [`Workflow::EDGES`].
+pub fn mermaid(edges: &[(&str, &str, &str)]) -> String {
+    let mut out = String::from("stateDiagram-v2\n");
+    for (from, to, label) in edges {
+        if label.is_empty() {
+            out.push_str(&format!("    {from} --> {to}\n"));
+        } else {
+            out.push_str(&format!("    {from} --> {to}: {label}\n"));
+        }
+    }
+    out
+}
+
 /// A lifecycle: the typed interface every workflow module implements.
 pub trait Workflow {
     /// The kind name used on the wire and in the database.
@@ -224,6 +237,18 @@ pub trait Workflow {
     fn state_name(state: &Self::State) -> &'static str;
     /// Whether the state is final (accepts nothing).
     fn is_final(state: &Self::State) -> bool;
+
+    /// The state diagram as data: `(from, to, label)`, with `[*]` for the start
+    /// and the end. Drives the generated Mermaid diagram and which states ops
+    /// may force a workflow into.
+    const EDGES: &'static [(&'static str, &'static str, &'static str)] = &[];
+
+    /// The signal that moves `state` to `target` by hand (ops "force"), if the
+    /// workflow allows forcing that edge. Personal-data releases never are.
+    fn force_signal(state: &Self::State, target: &str) -> Option<(&'static str, Value)> {
+        let _ = (state, target);
+        None
+    }
 
     /// How long an instance may sit in a state before ops call it stuck
     /// (state name, seconds). States not listed never count as stuck by age.

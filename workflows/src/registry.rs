@@ -53,6 +53,16 @@ pub trait DynWorkflow: Send + Sync {
     fn version(&self) -> u32;
     /// See [`Workflow::STUCK_AFTER`].
     fn stuck_after(&self) -> &'static [(&'static str, u64)];
+    /// See [`Workflow::EDGES`].
+    fn edges(&self) -> &'static [(&'static str, &'static str, &'static str)];
+    /// See [`Workflow::force_signal`]; `None` also when the target is not an
+    /// edge out of the current state.
+    fn force_signal(
+        &self,
+        state: &Value,
+        state_name: &str,
+        target: &str,
+    ) -> Result<Option<(&'static str, Value)>, ParseError>;
     /// Upcast a stored state from version `from` to the current one, step by
     /// step, and check that the result decodes.
     fn upcast_to_current(&self, from: u32, state: Value) -> Result<Value, String>;
@@ -92,6 +102,27 @@ impl<W: Workflow> DynWorkflow for Erased<W> {
 
     fn stuck_after(&self) -> &'static [(&'static str, u64)] {
         W::STUCK_AFTER
+    }
+
+    fn edges(&self) -> &'static [(&'static str, &'static str, &'static str)] {
+        W::EDGES
+    }
+
+    fn force_signal(
+        &self,
+        state: &Value,
+        state_name: &str,
+        target: &str,
+    ) -> Result<Option<(&'static str, Value)>, ParseError> {
+        if !W::EDGES
+            .iter()
+            .any(|(from, to, _)| *from == state_name && *to == target)
+        {
+            return Ok(None);
+        }
+        let state: W::State = serde_json::from_value(state.clone())
+            .map_err(|e| ParseError::StoredState(e.to_string()))?;
+        Ok(W::force_signal(&state, target))
     }
 
     fn upcast_to_current(&self, from: u32, mut state: Value) -> Result<Value, String> {
