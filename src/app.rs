@@ -84,6 +84,7 @@ pub async fn launch(
     // Every process knows every workflow (the API accepts signals for any kind,
     // durably); it runs the jobs of the kinds it serves only.
     let served = registry(settings)?;
+    crate::metrics::handle();
     let engine = Engine::new(
         pool.clone(),
         Arc::new(Registry::builtin()),

@@ -17,6 +17,7 @@ use tracing::instrument;
 use uuid::Uuid;
 use workflows::{Actor, Command, Ctx, ParseError, Registry, Role, Transition};
 
+use crate::metrics as m;
 use crate::store::jobs::{self, ApplyJob, EffectJob};
 use crate::store::signals::{NewSignal, SignalRow};
 use crate::store::workflows::{NewEvent, NewWorkflow, WorkflowRow};
@@ -391,6 +392,7 @@ impl Engine {
             received_at: None,
             origin,
         };
+        let mut received = false;
         let answer = match signals::insert(&mut tx, &new).await? {
             Some(sig) => {
                 let job = ApplyJob {
@@ -398,6 +400,7 @@ impl Engine {
                     workflow_id: row.id,
                 };
                 jobs::enqueue_apply(&mut tx, kind, &job, Some(format!("sig:{}", sig.id))).await?;
+                received = true;
                 SignalAnswer::from(&sig)
             }
             None => {
@@ -411,6 +414,9 @@ impl Engine {
             }
         };
         tx.commit().await?;
+        if received {
+            metrics::counter!(m::SIGNALS_RECEIVED, "kind" => kind.to_string()).increment(1);
+        }
         Ok(answer)
     }
 
@@ -482,7 +488,14 @@ impl Engine {
                 }
             }
         }
+        let mut lateness = Vec::new();
         for timer in timers::take_due(&mut tx, tenant_id, workflow_id).await? {
+            let late = (db_now(&mut tx).await? - timer.due_at)
+                .num_microseconds()
+                .unwrap_or(0);
+            if late >= 0 {
+                lateness.push(late as f64 / 1e6);
+            }
             // The timer's own due time travels with its signal (stale-timer checks).
             let payload = json!({ "due": timer.due_at });
             let new = NewSignal {
@@ -503,6 +516,7 @@ impl Engine {
             signals::queued(&mut tx, tenant_id, workflow_id, self.config.apply_batch + 1).await?;
         let more = queued.len() as i64 > self.config.apply_batch;
         let config = tenants::config(&mut tx, tenant_id).await?;
+        let mut entered: Vec<&'static str> = Vec::new();
         let mut report = ApplyReport {
             more,
             ..Default::default()
@@ -574,6 +588,7 @@ impl Engine {
                     self.answer_origin(&mut tx, &row, sig, "applied", None, state_name)
                         .await?;
                     report.applied += 1;
+                    entered.push(state_name);
                     tracing::info!(signal.name = %sig.name, from = %from_state, to = state_name, "signal applied");
                 }
                 Transition::Reject { reason } => {
@@ -613,6 +628,18 @@ impl Engine {
             .await?;
         }
         tx.commit().await?;
+        // Counted once committed.
+        let kind = row.kind.clone();
+        for s in entered {
+            metrics::counter!(m::TRANSITIONS, "kind" => kind.clone(), "state" => s).increment(1);
+        }
+        metrics::counter!(m::SIGNALS_APPLIED, "kind" => kind.clone())
+            .increment(report.applied as u64);
+        metrics::counter!(m::SIGNALS_REJECTED, "kind" => kind.clone())
+            .increment(report.rejected as u64);
+        for l in lateness {
+            metrics::histogram!(m::TIMER_LATENESS, "kind" => kind.clone()).record(l);
+        }
         Ok(report)
     }
 

@@ -446,6 +446,48 @@ async fn readyz(State(st): State<ApiState>) -> Response {
     }
 }
 
+/// Prometheus exposition; gauges are sampled from the database at scrape.
+async fn metrics_endpoint(State(st): State<ApiState>) -> Response {
+    let handle = crate::metrics::handle();
+    let sample = async {
+        let mut conn = st.engine.pool().acquire().await?;
+        let depth = jobs::queue_depth(&mut conn).await?;
+        let (stuck,): (i64,) = sqlx::query_as(
+            "select count(distinct w.id) from workflows w
+             where exists (select 1 from effects e where e.tenant_id = w.tenant_id and e.workflow_id = w.id and e.status = 'dead')
+                or exists (select 1 from timers t where t.tenant_id = w.tenant_id and t.workflow_id = w.id
+                           and t.status = 'pending' and t.due_at < now() - interval '60 seconds')",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok::<_, sqlx::Error>((depth, stuck))
+    };
+    if let Ok(Ok((depth, stuck))) = tokio::time::timeout(Duration::from_secs(3), sample).await {
+        // Every queue this deployment knows, so an emptied one reads 0.
+        let mut queues: Vec<String> = vec![jobs::INBOUND_QUEUE.to_string()];
+        for kind in st.engine.registry().kinds() {
+            queues.push(jobs::apply_queue(kind));
+            queues.push(jobs::effect_queue(kind));
+        }
+        for queue in queues {
+            let n = depth
+                .iter()
+                .find(|(q, _)| *q == queue)
+                .map_or(0, |(_, n)| *n);
+            metrics::gauge!(crate::metrics::QUEUE_DEPTH, "queue" => queue).set(n as f64);
+        }
+        metrics::gauge!(crate::metrics::STUCK_WORKFLOWS).set(stuck as f64);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        handle.render(),
+    )
+        .into_response()
+}
+
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
@@ -493,6 +535,7 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_endpoint))
         .route("/v1/workflows", post(start_workflow))
         .route("/v1/workflows/{kind}/{key}", get(get_workflow))
         .route("/v1/workflows/{kind}/{key}/signals", post(send_signal))

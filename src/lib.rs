@@ -14,6 +14,7 @@ pub mod config;
 pub mod engine;
 pub mod http;
 pub mod intake;
+pub mod metrics;
 pub mod ops;
 pub mod outbox;
 pub mod pg;

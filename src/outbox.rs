@@ -19,6 +19,7 @@ use uuid::Uuid;
 use crate::channels::route::Router;
 pub use crate::channels::ChannelError;
 use crate::engine::EngineError;
+use crate::metrics as m;
 use crate::store::effects::{self, EffectRow};
 use crate::store::jobs::{self, ApplyJob, EffectJob};
 use crate::store::signals::{self, NewSignal};
@@ -129,6 +130,7 @@ impl Outbox {
         // An attempt must end inside its lease, or the sweep would hand the
         // effect to another worker while this one may still be sending.
         let budget = self.config.lease.mul_f64(0.8);
+        let started = std::time::Instant::now();
         let result = match tokio::time::timeout(
             budget,
             self.router.deliver(&mut conn, &effect, effect.send_after),
@@ -141,6 +143,12 @@ impl Outbox {
             )),
         };
         drop(conn);
+        let name = effect.name.clone();
+        if !matches!(result, Err(ChannelError::Deferred { .. })) {
+            metrics::counter!(m::EFFECT_ATTEMPTS, "effect" => name.clone()).increment(1);
+            metrics::histogram!(m::EFFECT_LATENCY, "effect" => name.clone())
+                .record(started.elapsed().as_secs_f64());
+        }
         fault("after_delivery");
         let mut tx = self.pool.begin().await?;
         let outcome = match result {
@@ -201,6 +209,7 @@ impl Outbox {
                 let kind = workflow_kind(&mut tx, &effect).await?;
                 jobs::enqueue_effect(&mut tx, &kind, &job, Some(next), Some(key)).await?;
                 tracing::warn!(effect.name = %effect.name, attempt = effect.attempts, delay_ms = delay.as_millis() as u64, error = %message, "effect failed, retrying");
+                metrics::counter!(m::EFFECT_FAILURES, "effect" => name.clone(), "class" => "transient").increment(1);
                 EffectOutcome::Retrying
             }
             Err(e) => {
@@ -236,6 +245,8 @@ impl Outbox {
                 )
                 .await?;
                 tracing::error!(effect.name = %effect.name, attempt = effect.attempts, error = %message, "effect dead-lettered");
+                metrics::counter!(m::EFFECT_FAILURES, "effect" => name.clone(), "class" => "dead")
+                    .increment(1);
                 EffectOutcome::Dead
             }
         };

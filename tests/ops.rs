@@ -405,3 +405,59 @@ fn the_readme_embeds_the_generated_diagrams() {
         );
     }
 }
+
+#[tokio::test]
+async fn metrics_expose_the_runtime_series_and_nothing_personal() {
+    let app = TestApp::spawn().await;
+    app.set_config(json!({"log_channel": {"fail_first": 1, "failure": "transient"}}))
+        .await;
+    let (lead, _) = start(&app, Some(1)).await;
+    app.wait_state(&lead, "EXPIRED").await;
+    let (lead2, _) = start(&app, None).await;
+    app.wait_state(&lead2, "PUBLISHED").await;
+    let (_, body) = app
+        .signal(
+            &app.keys.executor,
+            &lead2,
+            "m-1",
+            "claim",
+            json!({}),
+            Some(10_000),
+        )
+        .await;
+    assert_eq!(body["state"], "CLAIMED");
+    app.wait_effects_settled().await;
+    let text = app
+        .http
+        .get(format!("{}/metrics", app.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no `{series}` in:\n{text}"))
+    };
+    assert!(value(r#"dispatch_signals_received_total{kind="dispatch"}"#) >= 1.0);
+    assert!(value(r#"dispatch_transitions_total{kind="dispatch",state="PUBLISHED"}"#) >= 1.0);
+    assert!(value(r#"dispatch_transitions_total{kind="dispatch",state="EXPIRED"}"#) >= 1.0);
+    assert!(value(r#"dispatch_signals_applied_total{kind="dispatch"}"#) >= 2.0);
+    assert!(value(r#"dispatch_effect_attempts_total{effect="dispatch_publish"}"#) >= 2.0);
+    assert!(
+        value(r#"dispatch_effect_failures_total{effect="dispatch_publish",class="transient"}"#)
+            >= 1.0
+    );
+    assert!(value(r#"dispatch_effect_latency_seconds_count{effect="dispatch_publish"}"#) >= 2.0);
+    assert!(value(r#"dispatch_timer_lateness_seconds_count{kind="dispatch"}"#) >= 1.0);
+    assert!(value(r#"dispatch_queue_depth{queue="dispatch.apply.dispatch"}"#) >= 0.0);
+    assert_eq!(value("dispatch_stuck_workflows"), 0.0);
+    for canary in CANARIES {
+        assert!(!text.contains(canary));
+    }
+    assert!(!text.contains(&lead), "no workflow keys in labels");
+}
