@@ -16,6 +16,7 @@ pub mod http;
 pub mod intake;
 pub mod metrics;
 pub mod ops;
+pub mod ops_cli;
 pub mod outbox;
 pub mod pg;
 pub mod store;

@@ -44,6 +44,20 @@ enum Cmd {
     },
 }
 
+/// Where the ops API is and the key to use.
+#[derive(clap::Args)]
+struct Api {
+    /// API base URL.
+    #[arg(long, env = "DISPATCH_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// An ops (or operator) key.
+    #[arg(long, env = "DISPATCH_KEY", hide_env_values = true)]
+    key: String,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum WorkflowsCmd {
     /// Print a workflow's state diagram (Mermaid), generated from its definition.
@@ -57,6 +71,117 @@ enum WorkflowsCmd {
 enum OpsCmd {
     /// Each workflow kind: whether a live worker serves it, and the work waiting for it.
     Kinds,
+    /// List workflows (over the ops API).
+    List {
+        #[command(flatten)]
+        api: Api,
+        /// Only this kind.
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only this status (running, completed, failed).
+        #[arg(long)]
+        status: Option<String>,
+        /// Only stuck workflows (dead effect, overdue timer, no progress).
+        #[arg(long)]
+        stuck: bool,
+        /// Page size.
+        #[arg(long)]
+        limit: Option<u32>,
+        /// The `next` cursor of the previous page.
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// Show one workflow: state, effects, timers, history.
+    Show {
+        #[command(flatten)]
+        api: Api,
+        /// Workflow id.
+        id: String,
+    },
+    /// Retry a dead-lettered effect.
+    Retry {
+        #[command(flatten)]
+        api: Api,
+        /// Workflow id.
+        id: String,
+        /// Effect id.
+        effect: String,
+        /// Why (audited).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Fire a pending timer now.
+    Fire {
+        #[command(flatten)]
+        api: Api,
+        /// Workflow id.
+        id: String,
+        /// Timer id.
+        timer: String,
+        /// Why (audited).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Send a signal by hand.
+    Signal {
+        #[command(flatten)]
+        api: Api,
+        /// Workflow id.
+        id: String,
+        /// Signal name.
+        name: String,
+        /// Payload (JSON).
+        #[arg(long, default_value = "{}")]
+        payload: String,
+        /// Why (audited).
+        #[arg(long)]
+        reason: String,
+        /// Idempotency key (default: a fresh one).
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Cancel a workflow.
+    Cancel {
+        #[command(flatten)]
+        api: Api,
+        /// Workflow id.
+        id: String,
+        /// Why (audited).
+        #[arg(long)]
+        reason: String,
+        /// Idempotency key (default: a fresh one).
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Force a workflow into a state its definition declares reachable.
+    Force {
+        #[command(flatten)]
+        api: Api,
+        /// Workflow id.
+        id: String,
+        /// Target state.
+        state: String,
+        /// Why (audited).
+        #[arg(long)]
+        reason: String,
+        /// Idempotency key (default: a fresh one).
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// The audit log (by workflow or actor).
+    Audit {
+        #[command(flatten)]
+        api: Api,
+        /// Only this workflow.
+        #[arg(long)]
+        workflow: Option<String>,
+        /// Only this actor.
+        #[arg(long)]
+        actor: Option<String>,
+    },
     /// Bring in-flight workflows of a kind to this binary's definition version
     /// (upcast as data, in batches, audited in each workflow's history).
     MigrateWorkflows {
@@ -185,6 +310,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", json!({ "kinds": kinds }));
             Ok(())
         }
+        Cmd::Ops { command } => ops_api(command).await,
         Cmd::Tenant { command } => {
             let pool = connect(&settings).await?;
             let mut conn = pool.acquire().await?;
@@ -269,6 +395,131 @@ async fn dev(mut settings: Settings) -> anyhow::Result<()> {
     }
     drop(conn);
     run(&settings, pool, ProcessRole::All).await
+}
+
+async fn ops_api(command: OpsCmd) -> anyhow::Result<()> {
+    use dispatch::ops_cli::OpsCall;
+    let fresh = |k: Option<String>| k.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let opt = |name: &str, v: Option<String>| v.map(|v| (name.to_string(), v));
+    let (api, call) = match command {
+        OpsCmd::List {
+            api,
+            kind,
+            state,
+            status,
+            stuck,
+            limit,
+            after,
+        } => {
+            let q = [
+                opt("kind", kind),
+                opt("state", state),
+                opt("status", status),
+                stuck.then(|| ("stuck".to_string(), "true".to_string())),
+                opt("limit", limit.map(|l| l.to_string())),
+                opt("after", after),
+            ];
+            (api, OpsCall::List(q.into_iter().flatten().collect()))
+        }
+        OpsCmd::Show { api, id } => (api, OpsCall::Show(id)),
+        OpsCmd::Retry {
+            api,
+            id,
+            effect,
+            reason,
+        } => (
+            api,
+            OpsCall::Retry {
+                workflow: id,
+                effect,
+                reason,
+            },
+        ),
+        OpsCmd::Fire {
+            api,
+            id,
+            timer,
+            reason,
+        } => (
+            api,
+            OpsCall::Fire {
+                workflow: id,
+                timer,
+                reason,
+            },
+        ),
+        OpsCmd::Signal {
+            api,
+            id,
+            name,
+            payload,
+            reason,
+            idempotency_key,
+        } => {
+            let payload = serde_json::from_str(&payload).context("--payload is not JSON")?;
+            (
+                api,
+                OpsCall::Signal {
+                    workflow: id,
+                    name,
+                    payload,
+                    reason,
+                    idempotency_key: fresh(idempotency_key),
+                },
+            )
+        }
+        OpsCmd::Cancel {
+            api,
+            id,
+            reason,
+            idempotency_key,
+        } => (
+            api,
+            OpsCall::Cancel {
+                workflow: id,
+                reason,
+                idempotency_key: fresh(idempotency_key),
+            },
+        ),
+        OpsCmd::Force {
+            api,
+            id,
+            state,
+            reason,
+            idempotency_key,
+        } => (
+            api,
+            OpsCall::Force {
+                workflow: id,
+                state,
+                reason,
+                idempotency_key: fresh(idempotency_key),
+            },
+        ),
+        OpsCmd::Audit {
+            api,
+            workflow,
+            actor,
+        } => (
+            api,
+            OpsCall::Audit(
+                [opt("workflow_id", workflow), opt("actor", actor)]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+            ),
+        ),
+        OpsCmd::Kinds | OpsCmd::MigrateWorkflows { .. } => {
+            unreachable!("handled with database access")
+        }
+    };
+    match dispatch::ops_cli::run(&api.url, &api.key, call, api.json).await {
+        Ok(out) => {
+            print!("{out}");
+            Ok(())
+        }
+        Err(e) => bail!(e),
+    }
 }
 
 fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> {

@@ -461,3 +461,54 @@ async fn metrics_expose_the_runtime_series_and_nothing_personal() {
     }
     assert!(!text.contains(&lead), "no workflow keys in labels");
 }
+
+#[tokio::test]
+async fn the_ops_cli_drives_the_same_api() {
+    let app = TestApp::spawn().await;
+    let (lead, id) = start(&app, None).await;
+    app.wait_state(&lead, "PUBLISHED").await;
+    // Async: the app under test runs on this test's runtime.
+    let cli = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_dispatch"));
+        cmd.arg("ops")
+            .args(args)
+            .env("DISPATCH_URL", &app.url)
+            .env("DISPATCH_KEY", &app.keys.ops)
+            .env("RUST_LOG", "off");
+        async move {
+            let out = cmd.output().await.unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let (ok, table, err) = cli(&["list", "--kind", "dispatch"]).await;
+    assert!(ok, "{err}");
+    assert!(
+        table.starts_with("ID") && table.contains(&lead) && table.contains("PUBLISHED"),
+        "{table}"
+    );
+    let (ok, shown, _) = cli(&["show", &id.to_string(), "--json"]).await;
+    assert!(ok);
+    let shown: Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["state"], "PUBLISHED");
+    let (ok, _, err) = cli(&["force", &id.to_string(), "PAID", "--reason", "x"]).await;
+    assert!(!ok && err.contains("undeclared_target"), "{err}");
+    let (ok, _, err) = cli(&[
+        "force",
+        &id.to_string(),
+        "CANCELLED",
+        "--reason",
+        "duplicate lead",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    app.wait_state(&lead, "CANCELLED").await;
+    let (ok, audit, _) = cli(&["audit", "--workflow", &id.to_string()]).await;
+    assert!(
+        ok && audit.contains("force") && audit.contains("duplicate lead"),
+        "{audit}"
+    );
+}
