@@ -298,6 +298,71 @@ async fn show(
 
 // ---- actions ----
 
+/// The workflow an ops action is about.
+struct Target<'a> {
+    workflow_id: Uuid,
+    kind: &'a str,
+    state: &'a str,
+}
+
+/// Give a dead effect a fresh allowance of attempts and a job, clear the
+/// workflow's attention when it has no other dead effect, and audit it.
+/// `None` when the effect is not dead (or not this workflow's). Its key still
+/// keeps it from sending what already went out.
+async fn revive(
+    tx: &mut PgConnection,
+    st: &ApiState,
+    caller: &Caller,
+    target: &Target<'_>,
+    effect_id: Uuid,
+    reason: &str,
+    mut detail: Value,
+) -> Result<Option<Uuid>, ApiError> {
+    let revived: Option<(i32, String)> = sqlx::query_as(
+        "update effects set status = 'pending', next_attempt_at = now(), send_after = null,
+                max_attempts = attempts + $4, updated_at = now()
+         where tenant_id = $1 and workflow_id = $2 and id = $3 and status = 'dead'
+         returning attempts, name",
+    )
+    .bind(caller.0.tenant_id)
+    .bind(target.workflow_id)
+    .bind(effect_id)
+    .bind(st.engine.config().effect_max_attempts)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((attempts, name)) = revived else {
+        return Ok(None);
+    };
+    let job = EffectJob {
+        tenant_id: caller.0.tenant_id,
+        effect_id,
+        after_attempts: Some(attempts),
+    };
+    let key = format!("ops:{effect_id}:{attempts}:{}", Uuid::now_v7());
+    jobs::enqueue_effect(&mut *tx, target.kind, &job, None, Some(key)).await?;
+    sqlx::query(
+        "update workflows set attention = null where tenant_id = $1 and id = $2
+           and not exists (select 1 from effects where tenant_id = $1 and workflow_id = $2 and status = 'dead')",
+    )
+    .bind(caller.0.tenant_id)
+    .bind(target.workflow_id)
+    .execute(&mut *tx)
+    .await?;
+    detail["effect_id"] = json!(effect_id);
+    let id = audit(
+        tx,
+        caller,
+        "retry_effect",
+        Some(target.workflow_id),
+        Some(&name),
+        reason,
+        Some(target.state),
+        detail,
+    )
+    .await?;
+    Ok(Some(id))
+}
+
 async fn retry_effect(
     State(st): State<ApiState>,
     caller: Caller,
@@ -308,62 +373,28 @@ async fn retry_effect(
     let reason = reason_of(&parse_body(&body)?)?;
     let mut tx = st.engine.pool().begin().await?;
     let row = load(&mut tx, caller.0.tenant_id, id).await?;
-    // A dead effect gets a fresh allowance of attempts; its key still keeps it from sending twice.
-    let revived: Option<(i32, String)> = sqlx::query_as(
-        "update effects set status = 'pending', next_attempt_at = now(), send_after = null,
-                max_attempts = attempts + $4, updated_at = now()
-         where tenant_id = $1 and workflow_id = $2 and id = $3 and status = 'dead'
-         returning attempts, name",
+    let target = Target {
+        workflow_id: id,
+        kind: &row.kind,
+        state: &row.state_name,
+    };
+    let Some(audit_id) = revive(
+        &mut tx,
+        &st,
+        &caller,
+        &target,
+        effect_id,
+        &reason,
+        json!({}),
     )
-    .bind(caller.0.tenant_id)
-    .bind(id)
-    .bind(effect_id)
-    .bind(st.engine.config().effect_max_attempts)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some((attempts, name)) = revived else {
+    .await?
+    else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "not_dead",
             "only a dead-lettered effect of this workflow can be retried",
         ));
     };
-    let job = EffectJob {
-        tenant_id: caller.0.tenant_id,
-        effect_id,
-        after_attempts: Some(attempts),
-    };
-    jobs::enqueue_effect(
-        &mut tx,
-        &row.kind,
-        &job,
-        None,
-        Some(format!("ops:{effect_id}:{attempts}:{}", Uuid::now_v7())),
-    )
-    .await?;
-    let (dead_left,): (i64,) = sqlx::query_as("select count(*) from effects where tenant_id = $1 and workflow_id = $2 and status = 'dead'")
-        .bind(caller.0.tenant_id)
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
-    if dead_left == 0 {
-        sqlx::query("update workflows set attention = null where tenant_id = $1 and id = $2")
-            .bind(caller.0.tenant_id)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-    }
-    let audit_id = audit(
-        &mut tx,
-        &caller,
-        "retry_effect",
-        Some(id),
-        Some(&name),
-        &reason,
-        Some(&row.state_name),
-        json!({ "effect_id": effect_id }),
-    )
-    .await?;
     tx.commit().await?;
     Ok(Json(
         json!({ "status": "queued", "effect_id": effect_id, "audit_id": audit_id }),
@@ -636,8 +667,8 @@ async fn bulk_retry(
             e.to_string(),
         )
     })?;
-    let dead: Vec<(Uuid, Uuid, i32, String, String, String)> = sqlx::query_as(
-        "select e.workflow_id, e.id, e.attempts, e.name, w.kind, w.state_name from effects e
+    let dead: Vec<(Uuid, Uuid, String, String)> = sqlx::query_as(
+        "select e.workflow_id, e.id, w.kind, w.state_name from effects e
          join workflows w on w.tenant_id = e.tenant_id and w.id = e.workflow_id
          where e.tenant_id = $1 and e.status = 'dead' and ($2::text is null or w.kind = $2) and ($3::text is null or e.name = $3)
          order by e.updated_at limit 10000",
@@ -652,50 +683,26 @@ async fn bulk_retry(
     }
     let mut tx = st.engine.pool().begin().await?;
     let mut retried = 0;
-    for (workflow_id, effect_id, attempts, name, kind, state) in &dead {
-        let r = sqlx::query(
-            "update effects set status = 'pending', next_attempt_at = now(), send_after = null,
-                    max_attempts = attempts + $3, updated_at = now()
-             where tenant_id = $1 and id = $2 and status = 'dead'",
-        )
-        .bind(caller.0.tenant_id)
-        .bind(effect_id)
-        .bind(st.engine.config().effect_max_attempts)
-        .execute(&mut *tx)
-        .await?;
-        if r.rows_affected() == 0 {
-            continue;
-        }
-        let job = EffectJob {
-            tenant_id: caller.0.tenant_id,
-            effect_id: *effect_id,
-            after_attempts: Some(*attempts),
-        };
-        jobs::enqueue_effect(
-            &mut tx,
+    for (workflow_id, effect_id, kind, state) in &dead {
+        let target = Target {
+            workflow_id: *workflow_id,
             kind,
-            &job,
-            None,
-            Some(format!("ops:{effect_id}:{attempts}:{}", Uuid::now_v7())),
-        )
-        .await?;
-        sqlx::query("update workflows set attention = null where tenant_id = $1 and id = $2")
-            .bind(caller.0.tenant_id)
-            .bind(workflow_id)
-            .execute(&mut *tx)
-            .await?;
-        audit(
+            state,
+        };
+        if revive(
             &mut tx,
+            &st,
             &caller,
-            "retry_effect",
-            Some(*workflow_id),
-            Some(name),
+            &target,
+            *effect_id,
             &reason,
-            Some(state),
-            json!({ "effect_id": effect_id, "bulk": true }),
+            json!({ "bulk": true }),
         )
-        .await?;
-        retried += 1;
+        .await?
+        .is_some()
+        {
+            retried += 1;
+        }
     }
     tx.commit().await?;
     Ok(Json(
