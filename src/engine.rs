@@ -318,34 +318,6 @@ impl Engine {
         .await
     }
 
-    /// An ops override: send any signal of the workflow (system ones too, e.g.
-    /// `published` when the provider's answer was lost), whatever the signal's
-    /// roles. The caller audits it; the transition itself still decides.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn signal_override(
-        &self,
-        actor: &Actor,
-        tenant_id: Uuid,
-        kind: &str,
-        key: &str,
-        idempotency_key: &str,
-        name: &str,
-        payload: &Value,
-    ) -> Result<SignalAnswer, EngineError> {
-        self.signal_inner(
-            actor,
-            tenant_id,
-            kind,
-            key,
-            idempotency_key,
-            name,
-            payload,
-            None,
-            false,
-        )
-        .await
-    }
-
     #[allow(clippy::too_many_arguments)]
     async fn signal_inner(
         &self,
@@ -373,11 +345,89 @@ impl Engine {
                 format!("send `{name}`"),
             ));
         }
+        let mut tx = self.pool.begin().await?;
+        let (answer, received) = self
+            .queue_signal(
+                &mut tx,
+                actor,
+                tenant_id,
+                kind,
+                key,
+                idempotency_key,
+                name,
+                payload,
+                origin,
+            )
+            .await?;
+        tx.commit().await?;
+        if received {
+            metrics::counter!(m::SIGNALS_RECEIVED, "kind" => kind.to_string()).increment(1);
+        }
+        Ok(answer)
+    }
+
+    /// Queue a signal inside the caller's transaction, so the caller can write
+    /// its own record (e.g. an ops audit entry) atomically with it. Checks the
+    /// signal parses and, with `enforce_roles`, that the actor may send it.
+    /// Returns the answer and whether this call stored a new signal (false for
+    /// a replay of the idempotency key).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn queue_signal_in(
+        &self,
+        conn: &mut PgConnection,
+        actor: &Actor,
+        tenant_id: Uuid,
+        kind: &str,
+        key: &str,
+        idempotency_key: &str,
+        name: &str,
+        payload: &Value,
+        enforce_roles: bool,
+    ) -> Result<(SignalAnswer, bool), EngineError> {
+        let wf = self
+            .registry
+            .get(kind)
+            .ok_or_else(|| EngineError::UnknownKind(kind.into()))?;
+        let empty = json!({});
+        let payload = if payload.is_null() { &empty } else { payload };
+        wf.check_signal(name, payload)?;
+        if enforce_roles && !wf.allowed_roles(name).contains(&actor.role) {
+            return Err(EngineError::Forbidden(
+                actor.role.as_str(),
+                format!("send `{name}`"),
+            ));
+        }
+        self.queue_signal(
+            conn,
+            actor,
+            tenant_id,
+            kind,
+            key,
+            idempotency_key,
+            name,
+            payload,
+            None,
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn queue_signal(
+        &self,
+        tx: &mut PgConnection,
+        actor: &Actor,
+        tenant_id: Uuid,
+        kind: &str,
+        key: &str,
+        idempotency_key: &str,
+        name: &str,
+        payload: &Value,
+        origin: Option<&Value>,
+    ) -> Result<(SignalAnswer, bool), EngineError> {
         let request_hash = hash_json(&json!({
             "name": name, "payload": payload, "role": actor.role, "subject": actor.subject,
         }));
-        let mut tx = self.pool.begin().await?;
-        let row = store::workflows::find(&mut tx, tenant_id, kind, key)
+        let row = store::workflows::find(&mut *tx, tenant_id, kind, key)
             .await?
             .ok_or(EngineError::NotFound)?;
         let new = NewSignal {
@@ -392,32 +442,25 @@ impl Engine {
             received_at: None,
             origin,
         };
-        let mut received = false;
-        let answer = match signals::insert(&mut tx, &new).await? {
+        match signals::insert(&mut *tx, &new).await? {
             Some(sig) => {
                 let job = ApplyJob {
                     tenant_id,
                     workflow_id: row.id,
                 };
-                jobs::enqueue_apply(&mut tx, kind, &job, Some(format!("sig:{}", sig.id))).await?;
-                received = true;
-                SignalAnswer::from(&sig)
+                jobs::enqueue_apply(&mut *tx, kind, &job, Some(format!("sig:{}", sig.id))).await?;
+                Ok((SignalAnswer::from(&sig), true))
             }
             None => {
-                let first = signals::by_key(&mut tx, tenant_id, row.id, idempotency_key)
+                let first = signals::by_key(&mut *tx, tenant_id, row.id, idempotency_key)
                     .await?
                     .ok_or(EngineError::NotFound)?;
                 if first.request_hash != request_hash {
                     return Err(EngineError::IdempotencyKeyReused);
                 }
-                SignalAnswer::from(&first)
+                Ok((SignalAnswer::from(&first), false))
             }
-        };
-        tx.commit().await?;
-        if received {
-            metrics::counter!(m::SIGNALS_RECEIVED, "kind" => kind.to_string()).increment(1);
         }
-        Ok(answer)
     }
 
     /// The current answer for a signal.

@@ -50,13 +50,13 @@ fn reason_of(body: &Value) -> Result<String, ApiError> {
     body.get("reason")
         .and_then(Value::as_str)
         .map(str::trim)
-        .filter(|r| !r.is_empty() && r.chars().count() <= 500)
+        .filter(|r| !r.is_empty() && r.chars().count() <= 500 && !r.chars().any(char::is_control))
         .map(str::to_string)
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "reason_required",
-                "a `reason` (1..=500 characters) is required",
+                "a `reason` (1..=500 printable characters) is required",
             )
         })
 }
@@ -291,8 +291,21 @@ async fn show(
     let mut view = serde_json::to_value(&row).expect("serializes");
     view["history"] = json!(wf_store::history(&mut conn, row.tenant_id, row.id).await?);
     view["pending_timers"] = json!(timers::pending(&mut conn, row.tenant_id, row.id).await?);
-    view["effects"] = json!(effects::of_workflow(&mut conn, row.tenant_id, row.id).await?);
-    view["audit"] = json!(audit_rows(&mut conn, caller.0.tenant_id, Some(id), None).await?);
+    // Effects without payloads and results: those can hold a sender's phone
+    // (a chat reply's origin) or an executor's address (a release's chat id).
+    let effects: Vec<Value> = effects::of_workflow(&mut conn, row.tenant_id, row.id)
+        .await?
+        .into_iter()
+        .map(|e| {
+            json!({ "id": e.id, "name": e.name, "idempotency_key": e.idempotency_key, "status": e.status,
+                    "attempts": e.attempts, "max_attempts": e.max_attempts, "last_error": e.last_error,
+                    "next_attempt_at": e.next_attempt_at, "created_at": e.created_at, "updated_at": e.updated_at })
+        })
+        .collect();
+    view["effects"] = json!(effects);
+    if caller.0.role == Role::Ops {
+        view["audit"] = json!(audit_rows(&mut conn, caller.0.tenant_id, Some(id), None).await?);
+    }
     Ok(Json(view))
 }
 
@@ -341,7 +354,7 @@ async fn revive(
     let key = format!("ops:{effect_id}:{attempts}:{}", Uuid::now_v7());
     jobs::enqueue_effect(&mut *tx, target.kind, &job, None, Some(key)).await?;
     sqlx::query(
-        "update workflows set attention = null where tenant_id = $1 and id = $2
+        "update workflows set attention = null where tenant_id = $1 and id = $2 and attention like '%dead-lettered'
            and not exists (select 1 from effects where tenant_id = $1 and workflow_id = $2 and status = 'dead')",
     )
     .bind(caller.0.tenant_id)
@@ -477,15 +490,21 @@ async fn send(
     idem: &str,
     action: &str,
 ) -> Result<Value, ApiError> {
-    let mut conn = st.engine.pool().acquire().await?;
-    let row = load(&mut conn, caller.0.tenant_id, id).await?;
+    // The signal and its audit entry commit together; a replay of the
+    // Idempotency-Key audits nothing new.
+    let mut tx = st.engine.pool().begin().await?;
+    let row = load(&mut tx, caller.0.tenant_id, id).await?;
     let actor = Actor {
         role: caller.0.role,
         subject: Some(actor_name(caller)),
     };
-    let answer = st
+    // Ops may send any signal (system ones too: an audited override);
+    // operators only what their role may send anyway.
+    let enforce_roles = caller.0.role != Role::Ops;
+    let (answer, new) = st
         .engine
-        .signal_override(
+        .queue_signal_in(
+            &mut tx,
             &actor,
             caller.0.tenant_id,
             &row.kind,
@@ -493,20 +512,28 @@ async fn send(
             idem,
             name,
             payload,
+            enforce_roles,
         )
         .await?;
-    let detail = json!({ "signal_id": answer.signal_id, "signal": name });
-    let audit_id = audit(
-        &mut conn,
-        caller,
-        action,
-        Some(id),
-        Some(name),
-        reason,
-        Some(&row.state_name),
-        detail,
-    )
-    .await?;
+    let audit_id = if new {
+        let detail = json!({ "signal_id": answer.signal_id, "signal": name });
+        Some(
+            audit(
+                &mut tx,
+                caller,
+                action,
+                Some(id),
+                Some(name),
+                reason,
+                Some(&row.state_name),
+                detail,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    tx.commit().await?;
     Ok(json!({ "signal_id": answer.signal_id, "status": answer.status, "audit_id": audit_id }))
 }
 

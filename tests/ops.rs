@@ -512,3 +512,81 @@ async fn the_ops_cli_drives_the_same_api() {
         "{audit}"
     );
 }
+
+#[tokio::test]
+async fn operators_send_only_what_their_role_may_and_every_action_stays_in_its_tenant() {
+    let app = TestApp::spawn().await;
+    app.set_config(json!({"log_channel": {"fail_first": 100, "failure": "permanent"}}))
+        .await;
+    let (_, id) = start(&app, None).await;
+    app.wait_effects_settled().await;
+    let path = format!("/v1/ops/workflows/{id}/signals");
+    let published = json!({"name": "published", "payload": {"message_id": "x"}, "reason": "try"});
+    let (code, _) = ops_post(
+        &app,
+        &app.keys.operator,
+        &path,
+        published.clone(),
+        Some("op-1"),
+    )
+    .await;
+    assert_eq!(code, 403, "a system signal is an ops override only");
+    // A replayed ops command is audited once.
+    for _ in 0..2 {
+        let (code, _) =
+            ops_post(&app, &app.keys.ops, &path, published.clone(), Some("ops-1")).await;
+        assert_eq!(code, 202);
+    }
+    let (_, audit) = ops_get(
+        &app,
+        &app.keys.ops,
+        &format!("/v1/ops/audit?workflow_id={id}"),
+    )
+    .await;
+    assert_eq!(audit["items"].as_array().unwrap().len(), 1);
+    let (code, body) = ops_post(
+        &app,
+        &app.keys.ops,
+        &path,
+        json!({"name": "cancel", "reason": "bad\u{0}reason"}),
+        Some("ops-2"),
+    )
+    .await;
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (400, Some("reason_required"))
+    );
+    // The ops view carries no effect payloads or results.
+    let (_, shown) = ops_get(&app, &app.keys.ops, &format!("/v1/ops/workflows/{id}")).await;
+    assert!(shown["effects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e.get("payload").is_none() && e.get("result").is_none()));
+    // Another tenant's ops key reaches nothing of this one.
+    let other = make_tenant(&app.pool, "other").await;
+    let effect = shown["effects"][0]["id"].as_str().unwrap().to_string();
+    let attempts = [
+        (
+            format!("/v1/ops/workflows/{id}/effects/{effect}/retry"),
+            json!({"reason": "x"}),
+        ),
+        (
+            format!("/v1/ops/workflows/{id}/cancel"),
+            json!({"reason": "x"}),
+        ),
+        (
+            format!("/v1/ops/workflows/{id}/force"),
+            json!({"state": "CANCELLED", "reason": "x"}),
+        ),
+        (path.clone(), json!({"name": "cancel", "reason": "x"})),
+    ];
+    for (p, body) in attempts {
+        let (code, _) = ops_post(&app, &other.ops, &p, body, Some("t-1")).await;
+        assert_eq!(code, 404, "{p}");
+    }
+    let (_, theirs) = ops_get(&app, &other.ops, "/v1/ops/workflows").await;
+    assert!(theirs["items"].as_array().unwrap().is_empty());
+    let (_, their_audit) = ops_get(&app, &other.ops, "/v1/ops/audit").await;
+    assert!(their_audit["items"].as_array().unwrap().is_empty());
+}

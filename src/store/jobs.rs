@@ -174,13 +174,11 @@ pub async fn served_kinds(
 }
 
 /// Jobs waiting to run, per queue (for `/readyz`).
-/// Counts waiting (`Pending`) jobs only, through apalis' partial fetch index,
-/// and stops counting at 10 000 per probe so readiness stays cheap under load.
+/// Counts waiting (`Pending`) jobs only, through apalis' partial fetch index.
 pub async fn queue_depth(conn: &mut PgConnection) -> Result<Vec<(String, i64)>, sqlx::Error> {
     sqlx::query_as(
-        "select job_type, count(*) from (
-             select job_type from apalis.jobs
-             where status = 'Pending' and job_type like 'dispatch.%' limit 10000) waiting
+        "select job_type, count(*) from apalis.jobs
+         where status = 'Pending' and job_type like 'dispatch.%'
          group by job_type order by job_type",
     )
     .fetch_all(conn)
