@@ -499,22 +499,15 @@ impl Engine {
             // bring forward is a runtime fault: signals stay queued, ops are told.
             match wf.upcast_to_current(row.def_version as u32, row.state.clone()) {
                 Ok(state) => {
-                    let event = NewEvent {
-                        version: row.version,
-                        event: "upcast",
-                        signal_id: None,
-                        signal_name: None,
-                        actor_role: Some("system"),
-                        actor_subject: None,
-                        from_state: Some(&row.state_name),
-                        to_state: Some(&row.state_name),
-                        reason: Some(&format!(
-                            "definition v{} -> v{}",
-                            row.def_version,
-                            wf.version()
-                        )),
-                        commands: json!([]),
-                    };
+                    let why = format!("definition v{} -> v{}", row.def_version, wf.version());
+                    let event = NewEvent::note(
+                        row.version,
+                        "upcast",
+                        "system",
+                        &row.state_name,
+                        &why,
+                        json!([]),
+                    );
                     store::workflows::append_history(&mut tx, tenant_id, workflow_id, &event)
                         .await?;
                     row.state = state;
@@ -901,21 +894,15 @@ async fn migrate_one(
 ) -> Result<(), EngineError> {
     match wf.upcast_to_current(row.def_version as u32, row.state.clone()) {
         Ok(state) => {
-            let event = NewEvent {
-                version: row.version,
-                event: "migrated",
-                signal_id: None,
-                signal_name: None,
-                actor_role: Some("ops"),
-                actor_subject: None,
-                from_state: Some(&row.state_name),
-                to_state: Some(&row.state_name),
-                reason: Some(&format!(
-                    "definition v{} -> v{to}: {reason}",
-                    row.def_version
-                )),
-                commands: json!([]),
-            };
+            let why = format!("definition v{} -> v{to}: {reason}", row.def_version);
+            let event = NewEvent::note(
+                row.version,
+                "migrated",
+                "ops",
+                &row.state_name,
+                &why,
+                json!([]),
+            );
             store::workflows::append_history(&mut *conn, row.tenant_id, row.id, &event).await?;
             row.state = state;
             row.def_version = to as i32;

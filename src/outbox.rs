@@ -230,18 +230,14 @@ impl Outbox {
                     &mut tx,
                     tenant_id,
                     effect.workflow_id,
-                    &wf_store::NewEvent {
+                    &wf_store::NewEvent::note(
                         version,
-                        event: "effect_dead",
-                        signal_id: None,
-                        signal_name: None,
-                        actor_role: Some("system"),
-                        actor_subject: None,
-                        from_state: Some(&state),
-                        to_state: Some(&state),
-                        reason: Some(&message),
-                        commands: json!([{"effect": effect.name, "idempotency_key": effect.idempotency_key}]),
-                    },
+                        "effect_dead",
+                        "system",
+                        &state,
+                        &message,
+                        json!([{"effect": effect.name, "idempotency_key": effect.idempotency_key}]),
+                    ),
                 )
                 .await?;
                 tracing::error!(effect.name = %effect.name, attempt = effect.attempts, error = %message, "effect dead-lettered");

@@ -344,6 +344,7 @@ async fn force_moves_only_along_declared_edges_and_bulk_retry_counts_first() {
     );
 
     // Bulk retry: a dry run counts, the real run retries and audits each.
+    app.wait_effects_settled().await;
     app.set_config(json!({"log_channel": {"fail_first": 100, "failure": "permanent"}}))
         .await;
     for _ in 0..3 {
@@ -359,10 +360,12 @@ async fn force_moves_only_along_declared_edges_and_bulk_retry_counts_first() {
     )
     .await;
     assert_eq!((code, dry["matched"].as_u64()), (200, Some(3)), "{dry}");
-    let (stuck,): (i64,) = sqlx::query_as("select count(*) from effects where status = 'dead'")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let (stuck,): (i64,) = sqlx::query_as(
+        "select count(*) from effects where status = 'dead' and name = 'dispatch_publish'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
     assert_eq!(stuck, 3, "a dry run changes nothing");
     app.set_config(json!({})).await;
     let (_, real) = ops_post(

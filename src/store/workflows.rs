@@ -245,6 +245,32 @@ pub struct NewEvent<'a> {
     pub commands: Value,
 }
 
+impl<'a> NewEvent<'a> {
+    /// An event that changes no state (an upcast, a migration, a dead
+    /// letter): `actor_role` did it in `state`, for `reason`.
+    pub fn note(
+        version: i64,
+        event: &'a str,
+        actor_role: &'a str,
+        state: &'a str,
+        reason: &'a str,
+        commands: Value,
+    ) -> Self {
+        NewEvent {
+            version,
+            event,
+            signal_id: None,
+            signal_name: None,
+            actor_role: Some(actor_role),
+            actor_subject: None,
+            from_state: Some(state),
+            to_state: Some(state),
+            reason: Some(reason),
+            commands,
+        }
+    }
+}
+
 /// Append to the history.
 pub async fn append_history(
     conn: &mut PgConnection,
