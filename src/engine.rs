@@ -160,7 +160,7 @@ impl Engine {
     /// Start a workflow, idempotently on (tenant, kind, key): the same input
     /// returns the existing workflow (`created = false`), a different one is
     /// [`EngineError::WorkflowExists`].
-    #[instrument(skip_all, fields(workflow.kind = kind))]
+    #[instrument(skip_all, fields(tenant.id = %tenant_id, workflow.kind = kind))]
     pub async fn start(
         &self,
         actor: &Actor,
@@ -291,7 +291,7 @@ impl Engine {
     /// [`Engine::signal`] for a signal that came from a chat: once applied or
     /// rejected, the sender is answered at `origin` (a `signal_reply` effect
     /// written in the same transaction as the outcome).
-    #[instrument(skip_all, fields(workflow.kind = kind, signal.name = name))]
+    #[instrument(skip_all, fields(tenant.id = %tenant_id, workflow.kind = kind, signal.name = name))]
     #[allow(clippy::too_many_arguments)]
     pub async fn signal_from(
         &self,
@@ -477,7 +477,7 @@ impl Engine {
     }
 
     /// Apply the queued signals (and due timers) of one workflow, in one transaction.
-    #[instrument(skip_all, fields(workflow.id = %workflow_id))]
+    #[instrument(skip_all, fields(tenant.id = %tenant_id, workflow.id = %workflow_id, workflow.kind = tracing::field::Empty))]
     pub async fn apply_pending(
         &self,
         tenant_id: Uuid,
@@ -487,6 +487,7 @@ impl Engine {
         let Some(mut row) = store::workflows::lock(&mut tx, tenant_id, workflow_id).await? else {
             return Ok(ApplyReport::default());
         };
+        tracing::Span::current().record("workflow.kind", row.kind.as_str());
         let read_version = row.version;
         let read_def_version = row.def_version;
         let wf = self

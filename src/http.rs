@@ -452,12 +452,21 @@ async fn metrics_endpoint(State(st): State<ApiState>) -> Response {
     let sample = async {
         let mut conn = st.engine.pool().acquire().await?;
         let depth = jobs::queue_depth(&mut conn).await?;
+        // The same three reasons as the ops list: dead effect, overdue timer,
+        // no progress past the workflow's own deadline for its state.
+        let (kinds, states, secs) = crate::ops::stuck_deadlines(st.engine.registry());
         let (stuck,): (i64,) = sqlx::query_as(
-            "select count(distinct w.id) from workflows w
+            "select count(*) from workflows w
+             left join unnest($1::text[], $2::text[], $3::float8[]) as d(kind, state, secs)
+               on d.kind = w.kind and d.state = w.state_name
              where exists (select 1 from effects e where e.tenant_id = w.tenant_id and e.workflow_id = w.id and e.status = 'dead')
                 or exists (select 1 from timers t where t.tenant_id = w.tenant_id and t.workflow_id = w.id
-                           and t.status = 'pending' and t.due_at < now() - interval '60 seconds')",
+                           and t.status = 'pending' and t.due_at < now() - interval '60 seconds')
+                or (w.status = 'running' and w.updated_at < now() - make_interval(secs => d.secs))",
         )
+        .bind(&kinds)
+        .bind(&states)
+        .bind(&secs)
         .fetch_one(&mut *conn)
         .await?;
         Ok::<_, sqlx::Error>((depth, stuck))

@@ -158,6 +158,22 @@ impl ListQuery {
     }
 }
 
+/// The per-state deadlines the workflows declare, as three parallel arrays
+/// (kind, state, seconds) for an `unnest` join.
+pub(crate) fn stuck_deadlines(
+    registry: &workflows::Registry,
+) -> (Vec<String>, Vec<String>, Vec<f64>) {
+    let (mut kinds, mut states, mut secs) = (Vec::new(), Vec::new(), Vec::new());
+    for kind in registry.kinds() {
+        for (state, s) in registry.get(kind).map(|w| w.stuck_after()).unwrap_or(&[]) {
+            kinds.push(kind.to_string());
+            states.push(state.to_string());
+            secs.push(*s as f64);
+        }
+    }
+    (kinds, states, secs)
+}
+
 /// Why a workflow counts as stuck.
 fn stuck_reasons(effect_dead: bool, timer_overdue: bool, no_progress: bool) -> Vec<&'static str> {
     [
@@ -190,21 +206,7 @@ async fn list(
 ) -> Result<Json<Value>, ApiError> {
     require(&caller, &[Role::Ops, Role::Operator], "list workflows")?;
     let q = ListQuery::parse(raw.as_deref())?;
-    // Per-state deadlines the workflows declare, as three parallel arrays.
-    let (mut kinds, mut states, mut secs) = (Vec::new(), Vec::new(), Vec::new());
-    for kind in st.engine.registry().kinds() {
-        for (state, s) in st
-            .engine
-            .registry()
-            .get(kind)
-            .map(|w| w.stuck_after())
-            .unwrap_or(&[])
-        {
-            kinds.push(kind.to_string());
-            states.push(state.to_string());
-            secs.push(*s as f64);
-        }
-    }
+    let (kinds, states, secs) = stuck_deadlines(st.engine.registry());
     let (after_t, after_id) = q.after.map_or((None, None), |(t, id)| (Some(t), Some(id)));
     let rows: Vec<ListRow> = sqlx::query_as(
         "select * from (

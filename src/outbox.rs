@@ -111,7 +111,7 @@ impl Outbox {
     }
 
     /// Run one attempt of an effect.
-    #[instrument(skip_all, fields(effect.id = %effect_id, workflow.id = tracing::field::Empty))]
+    #[instrument(skip_all, fields(tenant.id = %tenant_id, effect.id = %effect_id, workflow.id = tracing::field::Empty))]
     pub async fn run(
         &self,
         tenant_id: Uuid,

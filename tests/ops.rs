@@ -459,6 +459,25 @@ async fn metrics_expose_the_runtime_series_and_nothing_personal() {
     assert!(value(r#"dispatch_timer_lateness_seconds_count{kind="dispatch"}"#) >= 1.0);
     assert!(value(r#"dispatch_queue_depth{queue="dispatch.apply.dispatch"}"#) >= 0.0);
     assert_eq!(value("dispatch_stuck_workflows"), 0.0);
+    // A claim unconfirmed for two days is stuck by the workflow's own deadline.
+    sqlx::query("update workflows set updated_at = now() - interval '2 days' where key = $1")
+        .bind(&lead2)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let again = app
+        .http
+        .get(format!("{}/metrics", app.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        again.lines().any(|l| l == "dispatch_stuck_workflows 1"),
+        "{again}"
+    );
     for canary in CANARIES {
         assert!(!text.contains(canary));
     }
