@@ -195,6 +195,9 @@ pub(crate) async fn provider(
         .ok_or_else(|| ChannelError::permanent(format!("{name} is not configured for this tenant")))
 }
 
+/// How much wider than a provider's limit sends are spaced.
+pub const PACING_MARGIN: f64 = 1.1;
+
 /// One rate limit: one send per `interval_ms` under a shared key.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limit {
@@ -216,9 +219,12 @@ pub async fn pace(
     if limits.is_empty() {
         return Ok(());
     }
+    // Slots are spaced 10 % wider than the limit: a send leaves its slot a
+    // little late now and then (scheduling, network), and the margin keeps a
+    // late one and the next on-time one inside the provider's window.
     let keys: Vec<(String, f64)> = limits
         .iter()
-        .map(|l| (l.key.clone(), l.interval_ms))
+        .map(|l| (l.key.clone(), l.interval_ms * PACING_MARGIN))
         .collect();
     let (slot, now) = providers::reserve_slots(conn, tenant_id, &keys).await?;
     sleep_until(slot, now, horizon).await
