@@ -355,16 +355,23 @@ impl Router {
             edit: None,
         };
         let config = tenants::config(&mut *conn, tenant_id).await?;
-        self.send(
-            conn,
-            &effect,
-            &m,
-            dest,
-            &RateConfig::from_tenant(&config),
-            None,
-        )
-        .await
-        .map(|_| ())
+        // A one-off reply has no outbox row to keep a reserved slot across a
+        // deferral, so it waits for its slot here (a busy group allows 20 a minute).
+        let patient = Router {
+            http: self.http.clone(),
+            horizon: Duration::from_secs(30),
+        };
+        patient
+            .send(
+                conn,
+                &effect,
+                &m,
+                dest,
+                &RateConfig::from_tenant(&config),
+                None,
+            )
+            .await
+            .map(|_| ())
     }
 }
 
