@@ -5,10 +5,11 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
-use axum::{Json, Router};
+use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 use workflows::Role;
 
@@ -47,7 +48,7 @@ async fn own_tenant(st: &ApiState, caller: &Caller, name: &str) -> Result<Uuid, 
 
 // ---- people ----
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PersonBody {
     #[serde(default)]
@@ -160,6 +161,7 @@ async fn upsert(
     Ok((status, Json(json!(person))).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/people", tag = "admin", request_body = PersonBody, security(("bearer" = [])), responses((status = 201, description = "Created", body = serde_json::Value), (status = 200, description = "Updated", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn create_person(
     State(st): State<ApiState>,
     caller: Caller,
@@ -168,6 +170,7 @@ async fn create_person(
     upsert(&st, &caller, None, &body).await
 }
 
+#[utoipa::path(put, path = "/v1/people/{id}", tag = "admin", params(("id" = String, Path, description = "Person id")), request_body = PersonBody, security(("bearer" = [])), responses((status = 201, description = "Created", body = serde_json::Value), (status = 200, description = "Updated", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn put_person(
     State(st): State<ApiState>,
     caller: Caller,
@@ -177,6 +180,7 @@ async fn put_person(
     upsert(&st, &caller, Some(id), &body).await
 }
 
+#[utoipa::path(get, path = "/v1/people", tag = "admin", security(("bearer" = [])), responses((status = 200, description = "People of the caller's tenant", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn list_people(State(st): State<ApiState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     require(&caller, &[Role::Ops, Role::Operator], "list people")?;
     let mut conn = st.engine.pool().acquire().await?;
@@ -185,6 +189,7 @@ async fn list_people(State(st): State<ApiState>, caller: Caller) -> Result<Json<
     ))
 }
 
+#[utoipa::path(get, path = "/v1/people/{id}", tag = "admin", params(("id" = String, Path, description = "Person id")), security(("bearer" = [])), responses((status = 200, description = "The person", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn get_person(
     State(st): State<ApiState>,
     caller: Caller,
@@ -198,6 +203,7 @@ async fn get_person(
     Ok(Json(json!(p)))
 }
 
+#[utoipa::path(delete, path = "/v1/people/{id}", tag = "admin", params(("id" = String, Path, description = "Person id")), security(("bearer" = [])), responses((status = 204, description = "Deleted"), crate::openapi::ClientErrors))]
 async fn delete_person(
     State(st): State<ApiState>,
     caller: Caller,
@@ -362,6 +368,7 @@ fn validate_config(doc: &Value) -> Result<(), ApiError> {
     Ok(())
 }
 
+#[utoipa::path(get, path = "/v1/tenants/{tenant}/config", tag = "admin", params(("tenant" = String, Path, description = "Tenant name (the caller's own)")), security(("bearer" = [])), responses((status = 200, description = "The tenant configuration", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn get_config(
     State(st): State<ApiState>,
     caller: Caller,
@@ -377,6 +384,7 @@ async fn get_config(
     Ok(Json(tenants::config(&mut conn, tenant_id).await?))
 }
 
+#[utoipa::path(put, path = "/v1/tenants/{tenant}/config", tag = "admin", params(("tenant" = String, Path, description = "Tenant name (the caller's own)")), request_body(content = serde_json::Value, description = "The whole configuration document (validated)"), security(("bearer" = [])), responses((status = 200, description = "Stored; takes effect without a restart", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn put_config(
     State(st): State<ApiState>,
     caller: Caller,
@@ -426,6 +434,7 @@ fn provider_view(provider: &str, settings: &Value, secrets: &Value) -> Value {
     json!({ "provider": provider, "settings": settings, "secrets_set": set })
 }
 
+#[utoipa::path(put, path = "/v1/tenants/{tenant}/providers/{provider}", tag = "admin", params(("tenant" = String, Path, description = "Tenant name (the caller's own)"), ("provider" = String, Path, description = "telegram, whatsapp, twilio, resend or sendgrid")), request_body(content = std::collections::HashMap<String, String>, description = "Settings and write-only secrets, merged into what is stored"), security(("bearer" = [])), responses((status = 200, description = "Settings and the names of the secrets set", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn put_provider(
     State(st): State<ApiState>,
     caller: Caller,
@@ -472,6 +481,7 @@ async fn put_provider(
     Ok(Json(provider_view(&provider, &settings, &merged)))
 }
 
+#[utoipa::path(get, path = "/v1/tenants/{tenant}/providers/{provider}", tag = "admin", params(("tenant" = String, Path, description = "Tenant name (the caller's own)"), ("provider" = String, Path, description = "telegram, whatsapp, twilio, resend or sendgrid")), security(("bearer" = [])), responses((status = 200, description = "Settings and the names of the secrets set (never their values)", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn get_provider(
     State(st): State<ApiState>,
     caller: Caller,
@@ -493,19 +503,10 @@ async fn get_provider(
 }
 
 /// The administration routes.
-pub fn router() -> Router<ApiState> {
-    Router::new()
-        .route("/v1/people", get(list_people).post(create_person))
-        .route(
-            "/v1/people/{id}",
-            get(get_person).put(put_person).delete(delete_person),
-        )
-        .route(
-            "/v1/tenants/{tenant}/config",
-            get(get_config).put(put_config),
-        )
-        .route(
-            "/v1/tenants/{tenant}/providers/{provider}",
-            put(put_provider).get(get_provider),
-        )
+pub fn router() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_people, create_person))
+        .routes(routes!(get_person, put_person, delete_person))
+        .routes(routes!(get_config, put_config))
+        .routes(routes!(put_provider, get_provider))
 }

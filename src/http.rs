@@ -8,11 +8,12 @@ use axum::extract::{FromRequestParts, Path, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 use workflows::{Actor, ParseError, Role};
 
@@ -185,20 +186,27 @@ pub(crate) fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct StartRequest {
+    /// Workflow kind, e.g. `dispatch`.
     kind: String,
+    /// Business key, unique per tenant and kind (1..=200 characters).
     key: String,
+    /// The kind's start input.
     #[serde(default)]
+    #[schema(value_type = Object)]
     input: Value,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct SignalRequest {
+    /// Signal name, e.g. `claim`.
     name: String,
+    /// The signal's payload.
     #[serde(default)]
+    #[schema(value_type = Object)]
     payload: Value,
 }
 
@@ -235,6 +243,7 @@ fn check_key(key: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+#[utoipa::path(post, path = "/v1/workflows", tag = "workflows", request_body = StartRequest, security(("bearer" = [])), responses((status = 201, description = "Started", body = serde_json::Value), (status = 200, description = "Already started with this key and the same input", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn start_workflow(
     State(st): State<ApiState>,
     caller: Caller,
@@ -261,6 +270,7 @@ async fn start_workflow(
     Ok((status, Json(view)).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/workflows/{kind}/{key}", tag = "workflows", params(("kind" = String, Path, description = "Workflow kind"), ("key" = String, Path, description = "Business key (1..=200 characters)")), security(("bearer" = [])), responses((status = 200, description = "The workflow as the caller's role may see it", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn get_workflow(
     State(st): State<ApiState>,
     caller: Caller,
@@ -312,6 +322,7 @@ async fn workflow_view(
     Ok(view)
 }
 
+#[utoipa::path(post, path = "/v1/workflows/{kind}/{key}/signals", tag = "workflows", params(("kind" = String, Path, description = "Workflow kind"), ("key" = String, Path, description = "Business key"), ("Idempotency-Key" = String, Header, description = "One key per intended signal (1..=255 characters)"), ("wait_ms" = Option<u64>, Query, description = "Wait up to this long (≤ 30000) for the outcome")), request_body = SignalRequest, security(("bearer" = [])), responses((status = 200, description = "Decided: applied or rejected", body = serde_json::Value), (status = 202, description = "Accepted and queued durably", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn send_signal(
     State(st): State<ApiState>,
     caller: Caller,
@@ -402,10 +413,12 @@ async fn wait_for(
     Ok(current)
 }
 
+#[utoipa::path(get, path = "/healthz", tag = "service", responses((status = 200, description = "The process is up", body = serde_json::Value)))]
 async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
+#[utoipa::path(get, path = "/readyz", tag = "service", responses((status = 200, description = "Ready: database reachable; queue depth and served kinds", body = serde_json::Value), (status = 503, description = "The database is unreachable", body = serde_json::Value)))]
 async fn readyz(State(st): State<ApiState>) -> Response {
     let probe = async {
         let mut conn = st.engine.pool().acquire().await?;
@@ -447,6 +460,7 @@ async fn readyz(State(st): State<ApiState>) -> Response {
 }
 
 /// Prometheus exposition; gauges are sampled from the database at scrape.
+#[utoipa::path(get, path = "/metrics", tag = "service", responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain")))]
 async fn metrics_endpoint(State(st): State<ApiState>) -> Response {
     let handle = crate::metrics::handle();
     let sample = async {
@@ -498,7 +512,7 @@ async fn metrics_endpoint(State(st): State<ApiState>) -> Response {
 }
 
 async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+    ApiError::new(StatusCode::NOT_FOUND, "no_such_route", "no such route")
 }
 
 /// Forward signal-applied notifications to waiting requests. Reconnects with
@@ -539,18 +553,36 @@ pub fn spawn_signal_listener(
     });
 }
 
-/// Build the router.
-pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_endpoint))
-        .route("/v1/workflows", post(start_workflow))
-        .route("/v1/workflows/{kind}/{key}", get(get_workflow))
-        .route("/v1/workflows/{kind}/{key}/signals", post(send_signal))
+#[utoipa::path(get, path = "/openapi.json", tag = "service", responses((status = 200, description = "This OpenAPI 3 document", body = serde_json::Value)))]
+async fn openapi_json() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        crate::openapi::document_json(),
+    )
+        .into_response()
+}
+
+/// Every route with its OpenAPI description: the router and `/openapi.json`
+/// come from this one list, so neither can miss a route.
+pub fn api_router() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::with_openapi(crate::openapi::base())
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics_endpoint))
+        .routes(routes!(openapi_json))
+        .routes(routes!(crate::console::index))
+        .routes(routes!(crate::console::script))
+        .routes(routes!(crate::console::style))
+        .routes(routes!(start_workflow))
+        .routes(routes!(get_workflow))
+        .routes(routes!(send_signal))
         .merge(crate::intake::routes::router())
         .merge(crate::admin::router())
         .merge(crate::ops::router())
-        .fallback(not_found)
-        .with_state(state)
+}
+
+/// Build the router.
+pub fn router(state: ApiState) -> Router {
+    let (router, _) = api_router().split_for_parts();
+    router.fallback(not_found).with_state(state)
 }

@@ -482,9 +482,10 @@ pub mod routes {
     use axum::extract::{Path, RawQuery, State};
     use axum::http::{header, HeaderMap, StatusCode};
     use axum::response::{IntoResponse, Response};
-    use axum::routing::post;
-    use axum::{Json, Router};
+    use axum::Json;
     use serde_json::{json, Value};
+    use utoipa_axum::router::OpenApiRouter;
+    use utoipa_axum::routes;
     use uuid::Uuid;
 
     use crate::http::{ApiError, ApiState};
@@ -563,6 +564,7 @@ pub mod routes {
         })
     }
 
+    #[utoipa::path(post, path = "/v1/intake/telegram/{tenant}", tag = "intake", params(("tenant" = String, Path, description = "Tenant name"), ("X-Telegram-Bot-Api-Secret-Token" = String, Header)), request_body(content = serde_json::Value, description = "A Telegram Update"), responses((status = 200, description = "Stored (or a verified duplicate)", body = serde_json::Value), crate::openapi::ClientErrors))]
     async fn telegram(
         State(st): State<ApiState>,
         Path(tenant): Path<String>,
@@ -596,6 +598,7 @@ pub mod routes {
         ))
     }
 
+    #[utoipa::path(get, path = "/v1/intake/whatsapp/{tenant}", tag = "intake", params(("tenant" = String, Path, description = "Tenant name"), ("hub.mode" = Option<String>, Query), ("hub.verify_token" = Option<String>, Query), ("hub.challenge" = Option<String>, Query)), responses((status = 200, description = "The challenge, echoed", body = String, content_type = "text/plain"), crate::openapi::ClientErrors))]
     async fn whatsapp_handshake(
         State(st): State<ApiState>,
         Path(tenant): Path<String>,
@@ -619,6 +622,7 @@ pub mod routes {
         Ok(([(header::CONTENT_TYPE, "text/plain")], challenge).into_response())
     }
 
+    #[utoipa::path(post, path = "/v1/intake/whatsapp/{tenant}", tag = "intake", params(("tenant" = String, Path, description = "Tenant name"), ("X-Hub-Signature-256" = String, Header)), request_body(content = serde_json::Value, description = "A WhatsApp Cloud webhook payload"), responses((status = 200, description = "Stored (or a verified duplicate)", body = serde_json::Value), crate::openapi::ClientErrors))]
     async fn whatsapp(
         State(st): State<ApiState>,
         Path(tenant): Path<String>,
@@ -655,6 +659,7 @@ pub mod routes {
         Ok(Json(store(&st, tenant_id, "whatsapp", events).await?))
     }
 
+    #[utoipa::path(post, path = "/v1/intake/twilio/{tenant}", tag = "intake", params(("tenant" = String, Path, description = "Tenant name"), ("X-Twilio-Signature" = String, Header)), request_body(content = std::collections::HashMap<String, String>, content_type = "application/x-www-form-urlencoded", description = "A Twilio messaging webhook"), responses((status = 200, description = "TwiML (empty response)", body = String, content_type = "text/xml"), crate::openapi::ClientErrors))]
     async fn twilio(
         State(st): State<ApiState>,
         Path(tenant): Path<String>,
@@ -725,13 +730,10 @@ pub mod routes {
     }
 
     /// The intake routes.
-    pub fn router() -> Router<ApiState> {
-        Router::new()
-            .route("/v1/intake/telegram/{tenant}", post(telegram))
-            .route(
-                "/v1/intake/whatsapp/{tenant}",
-                post(whatsapp).get(whatsapp_handshake),
-            )
-            .route("/v1/intake/twilio/{tenant}", post(twilio))
+    pub fn router() -> OpenApiRouter<ApiState> {
+        OpenApiRouter::new()
+            .routes(routes!(telegram))
+            .routes(routes!(whatsapp, whatsapp_handshake))
+            .routes(routes!(twilio))
     }
 }

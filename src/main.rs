@@ -37,6 +37,8 @@ enum Cmd {
         #[command(subcommand)]
         command: WorkflowsCmd,
     },
+    /// Print the HTTP API's OpenAPI 3 document (the same as `GET /openapi.json`).
+    Openapi,
     /// Operations on the running system (needs DATABASE_URL).
     Ops {
         #[command(subcommand)]
@@ -265,6 +267,10 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("while migrating workflows")?;
             println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Cmd::Openapi => {
+            println!("{}", dispatch::openapi::document_json());
             Ok(())
         }
         Cmd::Workflows {

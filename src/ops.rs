@@ -9,12 +9,13 @@ use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sqlx::PgConnection;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 use workflows::{Actor, Role};
 
@@ -199,6 +200,7 @@ type ListRow = (
     bool,
 );
 
+#[utoipa::path(get, path = "/v1/ops/workflows", tag = "ops", params(("kind" = Option<String>, Query), ("state" = Option<String>, Query), ("status" = Option<String>, Query, description = "running, completed, cancelled"), ("stuck" = Option<bool>, Query, description = "Only stuck workflows"), ("updated_before" = Option<String>, Query, format = DateTime), ("updated_after" = Option<String>, Query, format = DateTime), ("after" = Option<String>, Query, description = "The `next` cursor of the previous page"), ("limit" = Option<i64>, Query, minimum = 1, maximum = 500)), security(("bearer" = [])), responses((status = 200, description = "A page of workflows, each with why it is stuck", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn list(
     State(st): State<ApiState>,
     caller: Caller,
@@ -280,6 +282,7 @@ async fn load(
         .ok_or_else(|| not_found("workflow"))
 }
 
+#[utoipa::path(get, path = "/v1/ops/workflows/{id}", tag = "ops", params(("id" = Uuid, Path, description = "Workflow id")), security(("bearer" = [])), responses((status = 200, description = "State, history, timers, effects, audit; personal data left out", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn show(
     State(st): State<ApiState>,
     caller: Caller,
@@ -305,6 +308,25 @@ async fn show(
         })
         .collect();
     view["effects"] = json!(effects);
+    if let Some(wf) = st.engine.registry().get(&row.kind) {
+        // The definition's graph (for the console's diagram) and where ops may
+        // force this workflow from its current state.
+        let edges: Vec<Value> = wf
+            .edges()
+            .iter()
+            .map(|(from, to, label)| json!({ "from": from, "to": to, "label": label }))
+            .collect();
+        let mut targets: Vec<&str> = wf
+            .edges()
+            .iter()
+            .flat_map(|(from, to, _)| [*from, *to])
+            .filter(|s| matches!(wf.force_signal(&row.state, &row.state_name, s), Ok(Some(_))))
+            .collect();
+        targets.sort_unstable();
+        targets.dedup();
+        view["diagram"] = json!({ "edges": edges, "mermaid": workflows::mermaid(wf.edges()) });
+        view["force_targets"] = json!(targets);
+    }
     if caller.0.role == Role::Ops {
         view["audit"] = json!(audit_rows(&mut conn, caller.0.tenant_id, Some(id), None).await?);
     }
@@ -378,6 +400,7 @@ async fn revive(
     Ok(Some(id))
 }
 
+#[utoipa::path(post, path = "/v1/ops/workflows/{id}/effects/{effect_id}/retry", tag = "ops", params(("id" = Uuid, Path, description = "Workflow id"), ("effect_id" = Uuid, Path)), request_body = crate::openapi::ReasonBody, security(("bearer" = [])), responses((status = 200, description = "Queued again", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn retry_effect(
     State(st): State<ApiState>,
     caller: Caller,
@@ -416,6 +439,7 @@ async fn retry_effect(
     ))
 }
 
+#[utoipa::path(post, path = "/v1/ops/workflows/{id}/timers/{timer_id}/fire", tag = "ops", params(("id" = Uuid, Path, description = "Workflow id"), ("timer_id" = Uuid, Path)), request_body = crate::openapi::ReasonBody, security(("bearer" = [])), responses((status = 200, description = "The timer fires now", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn fire_timer(
     State(st): State<ApiState>,
     caller: Caller,
@@ -470,14 +494,16 @@ async fn fire_timer(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 struct SignalBody {
     name: String,
     #[serde(default)]
+    #[schema(value_type = Object)]
     payload: Value,
-    /// Read through [`reason_of`] (checked before the body's shape).
+    /// Why (1..=500 printable characters); audited. Read through `reason_of`,
+    /// which is checked before the body's shape.
     reason: String,
 }
 
@@ -555,6 +581,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
         })
 }
 
+#[utoipa::path(post, path = "/v1/ops/workflows/{id}/signals", tag = "ops", params(("id" = Uuid, Path, description = "Workflow id"), ("Idempotency-Key" = String, Header, description = "One key per intended action")), request_body = SignalBody, security(("bearer" = [])), responses((status = 202, description = "Signal queued (audited)", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn signal(
     State(st): State<ApiState>,
     caller: Caller,
@@ -590,6 +617,7 @@ async fn signal(
     Ok((StatusCode::ACCEPTED, Json(out)).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/ops/workflows/{id}/cancel", tag = "ops", params(("id" = Uuid, Path, description = "Workflow id"), ("Idempotency-Key" = String, Header, description = "One key per intended action")), request_body = crate::openapi::ReasonBody, security(("bearer" = [])), responses((status = 202, description = "Cancel queued (audited)", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn cancel(
     State(st): State<ApiState>,
     caller: Caller,
@@ -613,7 +641,7 @@ async fn cancel(
     Ok((StatusCode::ACCEPTED, Json(out)).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 struct ForceBody {
@@ -623,6 +651,7 @@ struct ForceBody {
 
 /// Force a workflow along an edge its definition declares (and allows
 /// forcing), by sending that edge's signal as an audited ops override.
+#[utoipa::path(post, path = "/v1/ops/workflows/{id}/force", tag = "ops", params(("id" = Uuid, Path, description = "Workflow id"), ("Idempotency-Key" = String, Header, description = "One key per intended action")), request_body = ForceBody, security(("bearer" = [])), responses((status = 202, description = "Forced transition queued (audited)", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn force(
     State(st): State<ApiState>,
     caller: Caller,
@@ -667,7 +696,7 @@ async fn force(
     Ok((StatusCode::ACCEPTED, Json(out)).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 struct BulkRetry {
@@ -681,6 +710,7 @@ struct BulkRetry {
 }
 
 /// Retry every dead effect matching a filter; with `dry_run`, only count them.
+#[utoipa::path(post, path = "/v1/ops/effects/retry", tag = "ops", request_body = BulkRetry, security(("bearer" = [])), responses((status = 200, description = "How many dead effects matched (and were retried unless dry_run)", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn bulk_retry(
     State(st): State<ApiState>,
     caller: Caller,
@@ -779,6 +809,7 @@ async fn audit_rows(
         .collect())
 }
 
+#[utoipa::path(get, path = "/v1/ops/audit", tag = "ops", params(("workflow_id" = Option<Uuid>, Query), ("actor" = Option<String>, Query)), security(("bearer" = [])), responses((status = 200, description = "Audit entries, newest first", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn audit_log(
     State(st): State<ApiState>,
     caller: Caller,
@@ -805,21 +836,15 @@ async fn audit_log(
 }
 
 /// The ops routes.
-pub fn router() -> Router<ApiState> {
-    Router::new()
-        .route("/v1/ops/workflows", get(list))
-        .route("/v1/ops/workflows/{id}", get(show))
-        .route(
-            "/v1/ops/workflows/{id}/effects/{effect_id}/retry",
-            post(retry_effect),
-        )
-        .route(
-            "/v1/ops/workflows/{id}/timers/{timer_id}/fire",
-            post(fire_timer),
-        )
-        .route("/v1/ops/workflows/{id}/signals", post(signal))
-        .route("/v1/ops/workflows/{id}/cancel", post(cancel))
-        .route("/v1/ops/workflows/{id}/force", post(force))
-        .route("/v1/ops/effects/retry", post(bulk_retry))
-        .route("/v1/ops/audit", get(audit_log))
+pub fn router() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(show))
+        .routes(routes!(retry_effect))
+        .routes(routes!(fire_timer))
+        .routes(routes!(signal))
+        .routes(routes!(cancel))
+        .routes(routes!(force))
+        .routes(routes!(bulk_retry))
+        .routes(routes!(audit_log))
 }
