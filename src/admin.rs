@@ -17,7 +17,7 @@ use crate::http::{parse_body, ApiError, ApiState, Caller};
 use crate::store::providers::{self, Person};
 use crate::store::tenants;
 
-fn require(caller: &Caller, roles: &[Role], what: &str) -> Result<(), ApiError> {
+pub(crate) fn require(caller: &Caller, roles: &[Role], what: &str) -> Result<(), ApiError> {
     if roles.contains(&caller.0.role) {
         Ok(())
     } else {
@@ -420,7 +420,8 @@ fn provider_fields(provider: &str) -> Option<(&'static [&'static str], &'static 
             &["access_token", "app_secret", "verify_token"],
         ),
         "twilio" => (&["base_url", "account_sid", "from"], &["auth_token"]),
-        "resend" | "sendgrid" => (&["base_url", "from"], &["api_key"]),
+        "resend" => (&["base_url", "from"], &["api_key", "webhook_secret"]),
+        "sendgrid" => (&["base_url", "from", "webhook_public_key"], &["api_key"]),
         _ => return None,
     })
 }

@@ -40,6 +40,10 @@ pub fn registry(settings: &Settings) -> Result<Registry, AppError> {
             "lead_finalization" => {
                 reg = reg.with::<workflows::lead_finalization::LeadFinalization>()
             }
+            "driver_registration" => {
+                reg = reg.with::<workflows::driver_registration::DriverRegistration>()
+            }
+            "route_dispatch" => reg = reg.with::<workflows::route_dispatch::RouteDispatch>(),
             other => return Err(AppError::UnknownWorkflow(other.to_string())),
         }
     }
@@ -71,6 +75,28 @@ impl Running {
         self.shutdown.cancelled().await;
         while self.tasks.join_next().await.is_some() {}
     }
+}
+
+/// Embedded deploy mode: Dispatch inside a host application's process. The
+/// workers of the enabled kinds run as tasks of this process, and the API is
+/// returned as a router for the host to mount under a prefix
+/// (`host_router.nest("/dispatch", router)`); the host serves it. Stop the
+/// returned [`Running`] on shutdown to drain the workers.
+pub async fn embed(settings: &Settings, pool: PgPool) -> Result<(axum::Router, Running), AppError> {
+    let running = launch(settings, pool.clone(), ProcessRole::Worker, None).await?;
+    let engine = Engine::new(
+        pool.clone(),
+        Arc::new(Registry::builtin()),
+        settings.engine.clone(),
+    );
+    let (applied, _) = broadcast::channel(4096);
+    http::spawn_signal_listener(pool, applied.clone(), running.shutdown.clone());
+    let router = http::router(ApiState {
+        engine,
+        applied,
+        public_url: settings.public_url.clone(),
+    });
+    Ok((router, running))
 }
 
 /// Start the parts of `role` over a migrated pool. With `listener` unset the

@@ -57,7 +57,7 @@ pub struct Settings {
     pub listen: String,
     /// `DISPATCH_DATA_DIR` (default `.dispatch`): the embedded server lives in `<dir>/pg`.
     pub data_dir: String,
-    /// `DISPATCH_DB_POOL` (default 32).
+    /// `DISPATCH_DB_POOL` (default: 32, or what the served kinds need if more).
     pub db_pool: u32,
     /// `DISPATCH_PUBLIC_URL`: the base URL providers call (Twilio signs it).
     pub public_url: Option<String>,
@@ -124,7 +124,8 @@ impl Settings {
             s.data_dir = v;
         }
         s.public_url = var("DISPATCH_PUBLIC_URL").map(|u| u.trim_end_matches('/').to_string());
-        if let Some(v) = num("DISPATCH_DB_POOL")? {
+        let pool_set = num("DISPATCH_DB_POOL")?;
+        if let Some(v) = pool_set {
             s.db_pool = v;
         }
         s.enabled_workflows = var("ENABLED_WORKFLOWS").map(|v| {
@@ -153,7 +154,10 @@ impl Settings {
             .as_ref()
             .map_or(workflows::Registry::builtin().kinds().len(), Vec::len);
         let need = (2 * kinds + 1) * s.workers.concurrency + 4;
-        if (s.db_pool as usize) < need {
+        if pool_set.is_none() {
+            // Unset: large enough for what this process serves.
+            s.db_pool = s.db_pool.max(need as u32);
+        } else if (s.db_pool as usize) < need {
             return Err(ConfigError {
                 name: "DISPATCH_DB_POOL",
                 message: format!(

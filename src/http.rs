@@ -53,6 +53,14 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The same error, its message prefixed (e.g. with the batch item it is about).
+    pub(crate) fn prefixed(mut self, prefix: &str) -> Self {
+        self.message = format!("{prefix}{}", self.message);
+        self
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
@@ -579,6 +587,7 @@ pub fn api_router() -> OpenApiRouter<ApiState> {
         .merge(crate::intake::routes::router())
         .merge(crate::admin::router())
         .merge(crate::ops::router())
+        .merge(crate::courier::router())
 }
 
 /// Build the router.

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use sqlx::PgConnection;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
-use workflows::{Actor, Role};
+use workflows::{Actor, Role, Workflow};
 
 use crate::channels::route::Router;
 use crate::channels::ChannelError;
@@ -79,6 +79,122 @@ pub fn twilio_ok(
     header: Option<&str>,
 ) -> bool {
     header.is_some_and(|h| ct_eq(&twilio_signature(auth_token, url, params), h.trim()))
+}
+
+/// Svix's signature (Resend webhooks): `svix-signature` holds space-separated
+/// `v1,<base64(HMAC-SHA256(secret, id.timestamp.body))>`; the secret is
+/// `whsec_<base64>`. Timestamps more than 5 minutes off `now` are refused.
+pub fn svix_ok(
+    secret: &str,
+    id: Option<&str>,
+    timestamp: Option<&str>,
+    body: &[u8],
+    header: Option<&str>,
+    now: i64,
+) -> bool {
+    let (Some(id), Some(timestamp), Some(header)) = (id, timestamp, header) else {
+        return false;
+    };
+    let Ok(ts) = timestamp.trim().parse::<i64>() else {
+        return false;
+    };
+    if (now - ts).abs() > 300 {
+        return false;
+    }
+    let Ok(key) = base64::engine::general_purpose::STANDARD
+        .decode(secret.strip_prefix("whsec_").unwrap_or(secret))
+    else {
+        return false;
+    };
+    if key.is_empty() {
+        return false;
+    }
+    let mut mac =
+        <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&key).expect("HMAC takes any key");
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.trim().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    header
+        .split_whitespace()
+        .filter_map(|part| part.strip_prefix("v1,"))
+        .any(|given| ct_eq(&expected, given))
+}
+
+/// SendGrid's signed event webhook: `X-Twilio-Email-Event-Webhook-Signature`
+/// is a base64 DER ECDSA P-256 signature of SHA-256(timestamp + body), checked
+/// with the verification key (base64 DER public key) from SendGrid's settings.
+pub fn sendgrid_ok(
+    public_key_b64: &str,
+    timestamp: Option<&str>,
+    body: &[u8],
+    signature_b64: Option<&str>,
+) -> bool {
+    use p256::ecdsa::signature::Verifier;
+    use p256::pkcs8::DecodePublicKey;
+    let (Some(timestamp), Some(signature)) = (timestamp, signature_b64) else {
+        return false;
+    };
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let (Ok(der), Ok(sig)) = (
+        b64.decode(public_key_b64.trim()),
+        b64.decode(signature.trim()),
+    ) else {
+        return false;
+    };
+    let (Ok(key), Ok(sig)) = (
+        p256::ecdsa::VerifyingKey::from_public_key_der(&der),
+        p256::ecdsa::Signature::from_der(&sig),
+    ) else {
+        return false;
+    };
+    let mut signed = timestamp.as_bytes().to_vec();
+    signed.extend_from_slice(body);
+    key.verify(&signed, &sig).is_ok()
+}
+
+/// What a provider delivery event says about an email we sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryEvent {
+    /// The provider's message id (as our ledger recorded it).
+    pub message_id: String,
+    /// `delivered`, or `failed` with a reason.
+    pub outcome: Result<(), String>,
+}
+
+/// Read a Resend or SendGrid event; `None` for events that change nothing
+/// (sent, opened, delayed…).
+pub fn read_delivery_event(provider: &str, payload: &Value) -> Option<DeliveryEvent> {
+    let (message_id, outcome) = match provider {
+        "resend" => {
+            let id = payload["data"]["email_id"].as_str()?;
+            let outcome = match payload["type"].as_str()? {
+                "email.delivered" => Ok(()),
+                "email.bounced" => Err("bounced".to_string()),
+                "email.failed" => Err("failed".to_string()),
+                _ => return None,
+            };
+            (id.to_string(), outcome)
+        }
+        "sendgrid" => {
+            // `sg_message_id` is our `X-Message-Id` followed by `.filter…`.
+            let id = payload["sg_message_id"].as_str()?.split('.').next()?;
+            let outcome = match payload["event"].as_str()? {
+                "delivered" => Ok(()),
+                "bounce" => Err("bounced".to_string()),
+                "dropped" => Err("dropped".to_string()),
+                _ => return None,
+            };
+            (id.to_string(), outcome)
+        }
+        _ => return None,
+    };
+    Some(DeliveryEvent {
+        message_id,
+        outcome,
+    })
 }
 
 /// A chat command.
@@ -225,6 +341,13 @@ pub async fn process(
         return Ok("not_queued");
     };
     let mut conn = engine.pool().acquire().await?;
+    if matches!(row.provider.as_str(), "resend" | "sendgrid") {
+        let outcome = delivery_event(engine, &mut conn, tenant_id, &row).await?;
+        providers::finish_inbound(&mut tx, tenant_id, inbound_id, outcome).await?;
+        tx.commit().await?;
+        tracing::info!(inbound.provider = %row.provider, outcome, "delivery event processed");
+        return Ok(outcome);
+    }
     let outcome = match read_event(&row.provider, &row.payload) {
         None => "ignored",
         Some(inbound) => {
@@ -269,6 +392,199 @@ pub async fn process(
     Ok(outcome)
 }
 
+/// A provider's report on an email: update the dispatch it belongs to. An
+/// event that arrives before our ledger has the message (the provider answered
+/// the send, we have not recorded it yet) waits: it stays queued for the sweep
+/// for up to 10 minutes.
+async fn delivery_event(
+    engine: &Engine,
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    row: &providers::InboundRow,
+) -> Result<&'static str, EngineError> {
+    let Some(event) = read_delivery_event(&row.provider, &row.payload) else {
+        return Ok("ignored");
+    };
+    let found: Option<(String, String, String)> = sqlx::query_as(
+        "select w.kind, w.key, coalesce(e.payload->>'channel', '')
+         from deliveries d
+         join effects e on e.tenant_id = d.tenant_id and e.id = d.effect_id
+         join workflows w on w.tenant_id = e.tenant_id and w.id = e.workflow_id
+         where d.tenant_id = $1 and d.channel = $2 and d.provider_message_id = $3
+         limit 1",
+    )
+    .bind(tenant_id)
+    .bind(&row.provider)
+    .bind(&event.message_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((kind, key, channel)) = found else {
+        let (old,): (bool,) = sqlx::query_as(
+            "select received_at < now() - interval '10 minutes' from inbound_events where tenant_id = $1 and id = $2",
+        )
+        .bind(tenant_id)
+        .bind(row.id)
+        .fetch_one(&mut *conn)
+        .await?;
+        if old {
+            return Ok("unknown_message");
+        }
+        return Err(EngineError::Db(sqlx::Error::Protocol(
+            "delivery event for a message not in the ledger yet".into(),
+        )));
+    };
+    if kind != workflows::route_dispatch::RouteDispatch::KIND {
+        return Ok("not_tracked");
+    }
+    let (signal, payload) = match &event.outcome {
+        Ok(()) => ("delivered", json!({ "channel": channel })),
+        Err(reason) => (
+            "delivery_failed",
+            json!({ "channel": channel, "reason": reason }),
+        ),
+    };
+    let idem = format!("{}:{}", row.provider, row.event_id);
+    engine
+        .signal(
+            &Actor::system(),
+            tenant_id,
+            &kind,
+            &key,
+            &idem,
+            signal,
+            &payload,
+        )
+        .await?;
+    Ok("signalled")
+}
+
+/// `/start <token>` (a deep link): the token, if well-formed; `Some("")` for a
+/// bare `/start`.
+fn start_token(text: &str) -> Option<&str> {
+    let mut parts = text.split_whitespace();
+    let command = parts.next()?;
+    let name = command.split('@').next()?;
+    if name != "/start" {
+        return None;
+    }
+    let token = parts.next().unwrap_or("");
+    (token.len() <= 64
+        && token
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+    .then_some(token)
+}
+
+/// `/start <token>` from a driver's private chat: bind it through the
+/// registration workflow (which answers: welcome, or why not).
+async fn start_registration(
+    engine: &Engine,
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    event_id: &str,
+    inbound: &Inbound,
+    token: &str,
+) -> Result<(&'static str, Option<&'static str>), EngineError> {
+    const INVALID: &str =
+        "This registration link is not valid. Please ask the office for a new one.";
+    let Sender::Telegram(user) = inbound.sender else {
+        return Ok(("ignored", None));
+    };
+    if token.is_empty() {
+        return Ok((
+            "no_token",
+            Some("Hello! To register for route assignments, open the link the office sent you."),
+        ));
+    }
+    let chat = inbound.origin["chat_id"].as_i64();
+    if chat != Some(user) {
+        return Ok((
+            "not_private",
+            Some("Please open the registration link in a private chat with the bot."),
+        ));
+    }
+    let hash = crate::courier::token_hash(token);
+    let Some(registration) =
+        crate::store::drivers::registration_by_hash(conn, tenant_id, &hash).await?
+    else {
+        return Ok(("unknown_token", Some(INVALID)));
+    };
+    let actor = Actor {
+        role: Role::System,
+        subject: Some(format!("telegram:{user}")),
+    };
+    match engine
+        .signal_from(
+            &actor,
+            tenant_id,
+            workflows::driver_registration::DriverRegistration::KIND,
+            &registration.to_string(),
+            &format!("telegram:{event_id}"),
+            "bind",
+            &json!({ "chat_id": user }),
+            Some(&inbound.origin),
+        )
+        .await
+    {
+        Ok(_) => Ok(("signalled", None)),
+        Err(EngineError::NotFound) => Ok(("unknown_token", Some(INVALID))),
+        Err(e) => Err(e),
+    }
+}
+
+/// The Acknowledge button of a route dispatch: only the driver it was sent to.
+async fn acknowledge(
+    engine: &Engine,
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    event_id: &str,
+    inbound: &Inbound,
+    dispatch: Uuid,
+) -> Result<(&'static str, Option<&'static str>), EngineError> {
+    let Sender::Telegram(user) = inbound.sender else {
+        return Ok(("ignored", None));
+    };
+    let found: Option<(String, Option<i64>, String)> = sqlx::query_as(
+        "select w.key, d.telegram_chat_id, d.id from workflows w
+         join drivers d on d.tenant_id = w.tenant_id and d.id = w.state->>'driver_id'
+         where w.tenant_id = $1 and w.id = $2 and w.kind = $3",
+    )
+    .bind(tenant_id)
+    .bind(dispatch)
+    .bind(workflows::route_dispatch::RouteDispatch::KIND)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some((key, chat, driver)) = found else {
+        return Ok((
+            "no_such_route",
+            Some("Sorry, this route is no longer known."),
+        ));
+    };
+    if chat != Some(user) {
+        return Ok((
+            "not_allowed",
+            Some("Sorry, this route was not sent to you."),
+        ));
+    }
+    let actor = Actor {
+        role: Role::Executor,
+        subject: Some(format!("driver:{driver}")),
+    };
+    engine
+        .signal_from(
+            &actor,
+            tenant_id,
+            workflows::route_dispatch::RouteDispatch::KIND,
+            &key,
+            &format!("telegram:{event_id}"),
+            "acknowledge",
+            &json!({ "channel": "telegram" }),
+            Some(&inbound.origin),
+        )
+        .await?;
+    Ok(("signalled", None))
+}
+
 /// Decide what an inbound message does: signal a workflow, or answer politely
 /// (the outcome and the reply text).
 async fn act(
@@ -279,6 +595,18 @@ async fn act(
     event_id: &str,
     inbound: Inbound,
 ) -> Result<(&'static str, Option<&'static str>), EngineError> {
+    if provider == "telegram" {
+        if let Some(token) = start_token(&inbound.text) {
+            return start_registration(engine, conn, tenant_id, event_id, &inbound, token).await;
+        }
+        if let Some(id) = inbound
+            .text
+            .strip_prefix("ack:")
+            .and_then(|s| s.parse::<Uuid>().ok())
+        {
+            return acknowledge(engine, conn, tenant_id, event_id, &inbound, id).await;
+        }
+    }
     let Some(command) = parse_command(&inbound.text) else {
         return Ok(("no_command", None));
     };
@@ -479,7 +807,7 @@ mod tests {
 /// HTTP side of the intake: verify, store once, enqueue, answer.
 pub mod routes {
     use axum::body::Bytes;
-    use axum::extract::{Path, RawQuery, State};
+    use axum::extract::{OriginalUri, Path, RawQuery, State};
     use axum::http::{header, HeaderMap, StatusCode};
     use axum::response::{IntoResponse, Response};
     use axum::Json;
@@ -663,6 +991,7 @@ pub mod routes {
     async fn twilio(
         State(st): State<ApiState>,
         Path(tenant): Path<String>,
+        OriginalUri(uri): OriginalUri,
         RawQuery(q): RawQuery,
         headers: HeaderMap,
         body: Bytes,
@@ -677,7 +1006,8 @@ pub mod routes {
                 header_str(&headers, "host").unwrap_or("localhost")
             )
         });
-        let mut url = format!("{base}/v1/intake/twilio/{tenant}");
+        // The path as called: under a host's prefix when embedded.
+        let mut url = format!("{base}{}", uri.path());
         if let Some(q) = q.filter(|q| !q.is_empty()) {
             url.push('?');
             url.push_str(&q);
@@ -722,6 +1052,72 @@ pub mod routes {
             .into_response())
     }
 
+    #[utoipa::path(post, path = "/v1/intake/resend/{tenant}", tag = "intake", params(("tenant" = String, Path, description = "Tenant name"), ("svix-id" = String, Header), ("svix-timestamp" = String, Header), ("svix-signature" = String, Header)), request_body(content = serde_json::Value, description = "A Resend webhook event (email.delivered, email.bounced, …)"), responses((status = 200, description = "Stored (or a verified duplicate)", body = serde_json::Value), crate::openapi::ClientErrors))]
+    async fn resend(
+        State(st): State<ApiState>,
+        Path(tenant): Path<String>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Json<Value>, ApiError> {
+        let (tenant_id, row) = settings(&st, &tenant, "resend").await?;
+        let secret = row.secret("webhook_secret").unwrap_or("");
+        let id = header_str(&headers, "svix-id");
+        if secret.is_empty()
+            || !super::svix_ok(
+                secret,
+                id,
+                header_str(&headers, "svix-timestamp"),
+                &body,
+                header_str(&headers, "svix-signature"),
+                chrono::Utc::now().timestamp(),
+            )
+        {
+            return Err(unauthorized());
+        }
+        let event: Value = crate::http::parse_body(&body)?;
+        let id = id.unwrap_or_default().to_string();
+        Ok(Json(
+            store(&st, tenant_id, "resend", vec![(id, event)]).await?,
+        ))
+    }
+
+    #[utoipa::path(post, path = "/v1/intake/sendgrid/{tenant}", tag = "intake", params(("tenant" = String, Path, description = "Tenant name"), ("X-Twilio-Email-Event-Webhook-Signature" = String, Header), ("X-Twilio-Email-Event-Webhook-Timestamp" = String, Header)), request_body(content = Vec<serde_json::Value>, description = "SendGrid event webhook: an array of events"), responses((status = 200, description = "Stored (duplicates once)", body = serde_json::Value), crate::openapi::ClientErrors))]
+    async fn sendgrid(
+        State(st): State<ApiState>,
+        Path(tenant): Path<String>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Json<Value>, ApiError> {
+        let (tenant_id, row) = settings(&st, &tenant, "sendgrid").await?;
+        let key = row.setting("webhook_public_key").unwrap_or("");
+        if key.is_empty()
+            || !super::sendgrid_ok(
+                key,
+                header_str(&headers, "x-twilio-email-event-webhook-timestamp"),
+                &body,
+                header_str(&headers, "x-twilio-email-event-webhook-signature"),
+            )
+        {
+            return Err(unauthorized());
+        }
+        let events: Vec<Value> = crate::http::parse_body(&body)?;
+        let mut stored = Vec::with_capacity(events.len());
+        for e in events {
+            let Some(id) = e["sg_event_id"]
+                .as_str()
+                .filter(|s| !s.is_empty() && s.len() <= 200)
+            else {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_body",
+                    "every event needs its sg_event_id",
+                ));
+            };
+            stored.push((id.to_string(), e));
+        }
+        Ok(Json(store(&st, tenant_id, "sendgrid", stored).await?))
+    }
+
     /// Decode `a=b&c=d` form/query pairs (`+` is a space, `%XX` escapes).
     pub fn serde_urlencoded_pairs(s: &str) -> Vec<(String, String)> {
         url::form_urlencoded::parse(s.as_bytes())
@@ -735,5 +1131,7 @@ pub mod routes {
             .routes(routes!(telegram))
             .routes(routes!(whatsapp, whatsapp_handshake))
             .routes(routes!(twilio))
+            .routes(routes!(resend))
+            .routes(routes!(sendgrid))
     }
 }

@@ -12,6 +12,7 @@ pub mod app;
 pub mod channels;
 pub mod config;
 pub mod console;
+pub mod courier;
 pub mod engine;
 pub mod http;
 pub mod intake;
@@ -25,7 +26,7 @@ pub mod store;
 pub mod telemetry;
 pub mod workers;
 
-pub use app::{launch, Running};
+pub use app::{embed, launch, Running};
 pub use config::{ProcessRole, Settings};
 pub use engine::{Engine, EngineError};
 pub use workflows;

@@ -63,6 +63,7 @@ impl Modify for BearerAuth {
         (name = "workflows", description = "Start workflows, send signals, read state"),
         (name = "ops", description = "Find, understand and fix stuck workflows (audited)"),
         (name = "admin", description = "People, tenant configuration and providers"),
+        (name = "courier", description = "Drivers, Telegram registration links, route dispatches"),
         (name = "intake", description = "Provider webhooks, verified by their signatures"),
         (name = "service", description = "Health, readiness, metrics, this document, the console")
     )

@@ -59,22 +59,35 @@ impl<'a> Email<'a> {
         subject: &str,
         text: &str,
         idempotency_key: &str,
+        attachment: Option<&(String, &'static str, Vec<u8>)>,
     ) -> Result<String, ChannelError> {
+        use base64::Engine as _;
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
         let request = if self.provider == "resend" {
+            let mut body =
+                json!({ "from": self.from, "to": [to], "subject": subject, "text": text });
+            if let Some((name, _, bytes)) = attachment {
+                body["attachments"] = json!([{ "filename": name, "content": b64(bytes) }]);
+            }
             self.http
                 .post(format!("{}/emails", self.base))
                 .header("Idempotency-Key", idempotency_key)
-                .json(&json!({ "from": self.from, "to": [to], "subject": subject, "text": text }))
+                .json(&body)
         } else {
+            let mut body = json!({
+                "personalizations": [{ "to": [{ "email": to }] }],
+                "from": { "email": self.from },
+                "subject": subject,
+                "content": [{ "type": "text/plain", "value": text }],
+                "custom_args": { "idempotency_key": idempotency_key }
+            });
+            if let Some((name, content_type, bytes)) = attachment {
+                body["attachments"] = json!([{ "content": b64(bytes), "filename": name,
+                                               "type": content_type, "disposition": "attachment" }]);
+            }
             self.http
                 .post(format!("{}/v3/mail/send", self.base))
-                .json(&json!({
-                    "personalizations": [{ "to": [{ "email": to }] }],
-                    "from": { "email": self.from },
-                    "subject": subject,
-                    "content": [{ "type": "text/plain", "value": text }],
-                    "custom_args": { "idempotency_key": idempotency_key }
-                }))
+                .json(&body)
         };
         let resp = request
             .bearer_auth(&self.key)

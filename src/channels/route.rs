@@ -30,9 +30,12 @@ use super::telegram::{claim_button, Telegram};
 use super::twilio::Twilio;
 use super::whatsapp::WhatsApp;
 use super::{already_sent, pace, provider, record_sent, wait_for_slot, ChannelError, RateConfig};
+use crate::store::drivers;
 use crate::store::effects::EffectRow;
 use crate::store::providers::{self, Person};
 use crate::store::{tenants, workflows as wf_store};
+use workflows::driver_registration::effects as registration_effects;
+use workflows::route_dispatch::effects as route_effects;
 
 /// Longest wait for a slot reserved by an earlier, deferred attempt (the
 /// deferred job wakes about 2 s early).
@@ -47,6 +50,8 @@ enum Audience {
     Crew,
     Operator,
     Executor(String),
+    /// A driver, on one channel (`telegram` or `email`).
+    Driver(String, &'static str),
     Origin(Value),
 }
 
@@ -58,6 +63,10 @@ struct Message {
     subject: String,
     protect: bool,
     claim_button: Option<String>,
+    /// Telegram reply markup other than the claim button.
+    markup: Option<Value>,
+    /// A file sent with an email (name, content type, bytes).
+    attachment: Option<(String, &'static str, Vec<u8>)>,
     /// Edit this crew post instead of sending a new message.
     edit: Option<Post>,
 }
@@ -115,6 +124,19 @@ impl Router {
     ) -> Result<Value, ChannelError> {
         let config = tenants::config(&mut *conn, effect.tenant_id).await?;
         inject_failure(&config, effect)?;
+        if effect.name == registration_effects::BIND_CHAT {
+            // Local: the driver's chat is stored; nothing is sent.
+            let (Some(driver), Some(chat)) = (
+                str_field(&effect.payload, "driver_id"),
+                effect.payload["chat_id"].as_i64(),
+            ) else {
+                return Err(ChannelError::permanent("bind payload incomplete"));
+            };
+            if !drivers::bind_chat(conn, effect.tenant_id, driver, chat).await? {
+                return Err(ChannelError::permanent("the driver no longer exists"));
+            }
+            return Ok(json!({ "bound": true }));
+        }
         let mut message = render(conn, effect).await?;
         if message.edit.is_none() {
             if let Some(publish_key) = str_field(&effect.payload, "publish_key") {
@@ -175,7 +197,10 @@ impl Router {
                 }
                 let row = provider(conn, tenant, "telegram").await?;
                 let tg = Telegram::new(&self.http, &row)?;
-                let markup = m.claim_button.as_deref().map(claim_button);
+                let markup = m
+                    .markup
+                    .clone()
+                    .or_else(|| m.claim_button.as_deref().map(claim_button));
                 let message_id = if let Some(cb) = callback {
                     // Button answers are not messages: not rate limited.
                     tg.answer_callback_query(&cb, &m.text).await?;
@@ -315,7 +340,7 @@ impl Router {
                     return Ok(json!({ "message_id": id, "provider": name, "chat_id": to }));
                 }
                 let sent = Email::new(&self.http, name, &row)?
-                    .send(&to, &m.subject, &m.text, key)
+                    .send(&to, &m.subject, &m.text, key, m.attachment.as_ref())
                     .await?;
                 let id = record_sent(
                     conn,
@@ -352,6 +377,8 @@ impl Router {
             subject: "Dispatch".into(),
             protect: false,
             claim_button: None,
+            markup: None,
+            attachment: None,
             edit: None,
         };
         let config = tenants::config(&mut *conn, tenant_id).await?;
@@ -523,8 +550,13 @@ async fn render(conn: &mut PgConnection, effect: &EffectRow) -> Result<Message, 
             subject: "Dispatch".into(),
             protect: false,
             claim_button: None,
+            markup: None,
+            attachment: None,
             edit: None,
         });
+    }
+    if let Some(m) = render_courier(conn, effect).await? {
+        return Ok(m);
     }
     let lead_id: Uuid = str_field(p, "lead_id")
         .and_then(|s| s.parse().ok())
@@ -545,6 +577,8 @@ async fn render(conn: &mut PgConnection, effect: &EffectRow) -> Result<Message, 
         subject: format!("Job #{short}"),
         protect: false,
         claim_button: None,
+        markup: None,
+        attachment: None,
         edit: None,
     };
     Ok(match effect.name.as_str() {
@@ -613,6 +647,126 @@ async fn render(conn: &mut PgConnection, effect: &EffectRow) -> Result<Message, 
     })
 }
 
+/// Messages of the courier workflows (route dispatch, driver registration);
+/// `None` for other effects.
+async fn render_courier(
+    conn: &mut PgConnection,
+    effect: &EffectRow,
+) -> Result<Option<Message>, ChannelError> {
+    let name = effect.name.as_str();
+    if ![
+        registration_effects::REGISTRATION_EMAIL,
+        route_effects::TELEGRAM,
+        route_effects::EMAIL,
+    ]
+    .contains(&name)
+    {
+        return Ok(None);
+    }
+    let driver_id = str_field(&effect.payload, "driver_id")
+        .ok_or_else(|| ChannelError::permanent("effect payload has no driver_id"))?
+        .to_string();
+    let input = wf_store::input(&mut *conn, effect.tenant_id, effect.workflow_id)
+        .await?
+        .ok_or_else(|| ChannelError::permanent("workflow input missing"))?;
+    let base = |audience, subject: String, text: String| Message {
+        audience,
+        text,
+        subject,
+        protect: false,
+        claim_button: None,
+        markup: None,
+        attachment: None,
+        edit: None,
+    };
+    if name == registration_effects::REGISTRATION_EMAIL {
+        let link = str_field(&input, "link")
+            .ok_or_else(|| ChannelError::permanent("registration link missing"))?;
+        let driver = drivers::get(conn, effect.tenant_id, &driver_id)
+            .await?
+            .ok_or_else(|| ChannelError::permanent("the driver no longer exists"))?;
+        let expires = str_field(&input, "expires_at").unwrap_or("soon");
+        let png = crate::courier::qr_png(link)
+            .map_err(|e| ChannelError::permanent(format!("QR code: {e}")))?;
+        let text = format!(
+            "Hello {},\n\nTo receive your route assignments on Telegram, open this link on your phone and press Start:\n\n{link}\n\nOr scan the attached QR code with your phone's camera. The link works once and expires at {expires} (UTC).\n",
+            driver.name
+        );
+        return Ok(Some(Message {
+            attachment: Some(("telegram-registration.png".into(), "image/png", png)),
+            ..base(
+                Audience::Driver(driver_id, "email"),
+                "Register for route assignments on Telegram".into(),
+                text,
+            )
+        }));
+    }
+    let route = &input["route"];
+    let reference = str_field(route, "reference").unwrap_or("");
+    let date = str_field(route, "date")
+        .map(|d| format!(" — {d}"))
+        .unwrap_or_default();
+    let body = str_field(route, "text").unwrap_or("");
+    let subject = format!("Route {reference}{date}");
+    if name == route_effects::TELEGRAM {
+        let ack = json!({ "inline_keyboard": [[{
+            "text": "Acknowledge", "callback_data": format!("ack:{}", effect.workflow_id)
+        }]] });
+        return Ok(Some(Message {
+            markup: Some(ack),
+            ..base(
+                Audience::Driver(driver_id, "telegram"),
+                subject.clone(),
+                format!("{subject}\n\n{body}"),
+            )
+        }));
+    }
+    Ok(Some(base(
+        Audience::Driver(driver_id, "email"),
+        subject.clone(),
+        format!("{subject}\n\n{body}\n\nPlease acknowledge this route with the button in Telegram, or tell the office.\n"),
+    )))
+}
+
+/// Where a driver is reached on one channel.
+async fn driver_dest(
+    conn: &mut PgConnection,
+    tenant: Uuid,
+    id: &str,
+    channel: &str,
+) -> Result<Dest, ChannelError> {
+    let driver = drivers::get(conn, tenant, id)
+        .await?
+        .ok_or_else(|| ChannelError::permanent(format!("no driver `{id}`")))?;
+    let configured = if channel == "telegram" {
+        providers::get(conn, tenant, "telegram").await?.is_some()
+    } else {
+        email_provider(conn, tenant).await.is_ok()
+    };
+    if !configured {
+        if has_any_provider(conn, tenant).await? {
+            return Err(ChannelError::permanent(format!(
+                "no {channel} provider is configured for this tenant"
+            )));
+        }
+        return Ok(Dest::Log(format!("driver:{id}:{channel}")));
+    }
+    if channel == "telegram" {
+        let chat = driver
+            .telegram_chat_id
+            .ok_or_else(|| ChannelError::permanent("the driver has no bound Telegram chat"))?;
+        return Ok(Dest::Telegram {
+            chat_id: chat.to_string(),
+            reply_to: None,
+            callback: None,
+        });
+    }
+    driver
+        .email
+        .map(Dest::Email)
+        .ok_or_else(|| ChannelError::permanent("the driver has no email address"))
+}
+
 /// What the sender of a chat command is told about its outcome.
 fn reply_text(p: &Value) -> String {
     let short = str_field(p, "key")
@@ -632,6 +786,20 @@ fn reply_text(p: &Value) -> String {
         (Some("release"), Some("applied"), _) => {
             format!("Details of job #{short} were sent to the executor.")
         }
+        (Some("bind"), Some("applied"), _) => {
+            "Welcome! You are registered: your route assignments will arrive in this chat.".into()
+        }
+        (Some("bind"), _, Some("already_used")) => {
+            "This registration link was already used. Please ask the office for a new one.".into()
+        }
+        (Some("bind"), _, _) => {
+            "This registration link has expired. Please ask the office for a new one.".into()
+        }
+        (Some("acknowledge"), Some("applied"), _) => "Thanks, route acknowledged.".into(),
+        (Some("acknowledge"), _, Some("already_acknowledged")) => {
+            "This route was already acknowledged.".into()
+        }
+        (Some("acknowledge"), _, _) => "This route can no longer be acknowledged.".into(),
         (_, Some("applied"), _) => format!("Done: job #{short}."),
         (_, _, Some(reason)) => format!("Job #{short}: not done ({reason})."),
         _ => format!("Job #{short}: not done."),
@@ -684,6 +852,7 @@ async fn resolve(
     }
     match &m.audience {
         Audience::Origin(origin) => origin_dest(origin),
+        Audience::Driver(id, channel) => driver_dest(conn, tenant, id, channel).await,
         Audience::Crew => match config
             .pointer("/dispatch/crew/provider")
             .and_then(Value::as_str)

@@ -5,6 +5,7 @@
 //! states the status/version it expects; zero rows is reported to the caller,
 //! never ignored.
 
+pub mod drivers;
 pub mod effects;
 pub mod jobs;
 pub mod providers;

@@ -30,6 +30,8 @@ type Answer = (u16, Value, Vec<(String, String)>);
 
 struct Script {
     path_contains: String,
+    /// Only requests whose body contains this text.
+    body_contains: Option<String>,
     status: u16,
     body: Value,
     headers: Vec<(String, String)>,
@@ -75,12 +77,25 @@ impl Fake {
     ) {
         self.state.lock().unwrap().scripts.push(Script {
             path_contains: path.into(),
+            body_contains: None,
             status,
             body,
             headers: headers
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            times,
+        });
+    }
+
+    /// Like [`Fake::fail`], for requests whose body contains `text` only.
+    pub fn fail_matching(&self, path: &str, text: &str, status: u16, body: Value, times: usize) {
+        self.state.lock().unwrap().scripts.push(Script {
+            path_contains: path.into(),
+            body_contains: Some(text.into()),
+            status,
+            body,
+            headers: vec![],
             times,
         });
     }
@@ -132,11 +147,14 @@ async fn handle(
     st.counter += 1;
     let n = st.counter;
     let mut response: Option<Answer> = None;
-    if let Some(i) = st
-        .scripts
-        .iter()
-        .position(|s| path.contains(&s.path_contains) && s.times > 0)
-    {
+    let text = body.to_string();
+    if let Some(i) = st.scripts.iter().position(|s| {
+        path.contains(&s.path_contains)
+            && s.times > 0
+            && s.body_contains
+                .as_ref()
+                .is_none_or(|t| text.contains(t.as_str()))
+    }) {
         let s = &mut st.scripts[i];
         s.times -= 1;
         response = Some((s.status, s.body.clone(), s.headers.clone()));

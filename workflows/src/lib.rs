@@ -17,9 +17,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub mod dispatch;
+pub mod driver_registration;
 pub mod lead;
 pub mod lead_finalization;
 mod registry;
+pub mod route_dispatch;
 
 pub use registry::{DynWorkflow, Registry, Started, Transition};
 

@@ -194,6 +194,8 @@ impl Registry {
         Self::new()
             .with::<crate::dispatch::Dispatch>()
             .with::<crate::lead_finalization::LeadFinalization>()
+            .with::<crate::driver_registration::DriverRegistration>()
+            .with::<crate::route_dispatch::RouteDispatch>()
     }
 
     /// Look a kind up.
