@@ -461,6 +461,18 @@ async fn put_provider(
             if k == "base_url" && !(s.starts_with("https://") || s.starts_with("http://")) {
                 return Err(invalid("base_url must be an http(s) URL"));
             }
+            let s = if k == "bot_username" {
+                // The deep links are t.me/<bot_username>: Telegram's own rules.
+                let name = s.trim_start_matches('@');
+                if !(5..=32).contains(&name.len())
+                    || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                {
+                    return Err(invalid("bot_username: 5..=32 letters, digits or `_`"));
+                }
+                name
+            } else {
+                s
+            };
             settings.insert(k, Value::from(s));
         } else if secret_names.contains(&k.as_str()) {
             secrets.insert(k, Value::from(s));

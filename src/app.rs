@@ -95,6 +95,7 @@ pub async fn embed(settings: &Settings, pool: PgPool) -> Result<(axum::Router, R
         engine,
         applied,
         public_url: settings.public_url.clone(),
+        max_body_bytes: settings.max_body_bytes,
     });
     Ok((router, running))
 }
@@ -131,6 +132,7 @@ pub async fn launch(
             engine: engine.clone(),
             applied,
             public_url: settings.public_url.clone(),
+            max_body_bytes: settings.max_body_bytes,
         });
         let stop = shutdown.clone();
         tasks.spawn(async move {

@@ -61,6 +61,8 @@ pub struct Settings {
     pub db_pool: u32,
     /// `DISPATCH_PUBLIC_URL`: the base URL providers call (Twilio signs it).
     pub public_url: Option<String>,
+    /// `DISPATCH_MAX_BODY_BYTES`: the largest request body accepted (default 1 MiB).
+    pub max_body_bytes: usize,
     /// `ENABLED_WORKFLOWS`: comma-separated kinds this process runs (default: all).
     pub enabled_workflows: Option<Vec<String>>,
     /// Engine tuning (`DISPATCH_EFFECT_MAX_ATTEMPTS`).
@@ -80,6 +82,7 @@ impl Default for Settings {
             data_dir: ".dispatch".into(),
             db_pool: 32,
             public_url: None,
+            max_body_bytes: 1024 * 1024,
             enabled_workflows: None,
             engine: EngineConfig::default(),
             outbox: OutboxConfig::default(),
@@ -124,6 +127,15 @@ impl Settings {
             s.data_dir = v;
         }
         s.public_url = var("DISPATCH_PUBLIC_URL").map(|u| u.trim_end_matches('/').to_string());
+        if let Some(v) = num::<usize>("DISPATCH_MAX_BODY_BYTES")? {
+            if !(1024..=64 * 1024 * 1024).contains(&v) {
+                return Err(ConfigError {
+                    name: "DISPATCH_MAX_BODY_BYTES",
+                    message: "must be 1024..=67108864".into(),
+                });
+            }
+            s.max_body_bytes = v;
+        }
         let pool_set = num("DISPATCH_DB_POOL")?;
         if let Some(v) = pool_set {
             s.db_pool = v;

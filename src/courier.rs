@@ -449,6 +449,11 @@ fn check_route(r: &RouteBody) -> Result<(), String> {
     if r.date.as_ref().is_some_and(|d| d.chars().count() > 100) {
         return Err("route.date is at most 100 characters".into());
     }
+    // Checked before anything of a batch is stored (PostgreSQL refuses NUL).
+    let printable = |s: &str| !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t');
+    if !printable(&r.reference) || !printable(&r.text) || !r.date.as_deref().is_none_or(printable) {
+        return Err("route fields must be printable text".into());
+    }
     Ok(())
 }
 
@@ -478,6 +483,11 @@ fn plan(driver: &Driver) -> (Vec<&'static str>, BTreeMap<&'static str, &'static 
             }
             _ => {}
         }
+    }
+    // A driver Telegram cannot reach yet gets email, even if it was not
+    // among the preferences (the status says why).
+    if skipped.contains_key("telegram") && !channels.contains(&"email") && driver.email.is_some() {
+        channels.push("email");
     }
     (channels, skipped)
 }

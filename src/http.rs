@@ -33,6 +33,8 @@ pub struct ApiState {
     pub applied: broadcast::Sender<Uuid>,
     /// The public base URL providers call (`DISPATCH_PUBLIC_URL`), for Twilio signatures.
     pub public_url: Option<String>,
+    /// The largest request body accepted (`413 body_too_large` beyond).
+    pub max_body_bytes: usize,
 }
 
 /// An API error: a status and a machine-readable code.
@@ -590,8 +592,48 @@ pub fn api_router() -> OpenApiRouter<ApiState> {
         .merge(crate::courier::router())
 }
 
+/// Rejections axum answers by itself (a body over the limit, a wrong method or
+/// content type) get our JSON error shape and a machine-readable code too.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/json"));
+    if !status.is_client_error() || is_json {
+        return response;
+    }
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::NOT_FOUND => "no_such_route",
+        _ => "bad_request",
+    };
+    let allow = response.headers().get(axum::http::header::ALLOW).cloned();
+    let message = status
+        .canonical_reason()
+        .unwrap_or("bad request")
+        .to_lowercase();
+    let mut out = (
+        status,
+        Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response();
+    if let Some(allow) = allow {
+        out.headers_mut().insert(axum::http::header::ALLOW, allow);
+    }
+    out
+}
+
 /// Build the router.
 pub fn router(state: ApiState) -> Router {
     let (router, _) = api_router().split_for_parts();
-    router.fallback(not_found).with_state(state)
+    let limit = state.max_body_bytes;
+    router
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::map_response(json_errors))
+        .with_state(state)
 }

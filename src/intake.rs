@@ -98,7 +98,7 @@ pub fn svix_ok(
     let Ok(ts) = timestamp.trim().parse::<i64>() else {
         return false;
     };
-    if (now - ts).abs() > 300 {
+    if now.abs_diff(ts) > 300 {
         return false;
     }
     let Ok(key) = base64::engine::general_purpose::STANDARD
@@ -458,8 +458,8 @@ async fn delivery_event(
     Ok("signalled")
 }
 
-/// `/start <token>` (a deep link): the token, if well-formed; `Some("")` for a
-/// bare `/start`.
+/// `/start <token>` (a deep link): `None` if not a `/start`; then the token
+/// (`""` for a bare `/start`), or `"!"` for one that cannot be ours.
 fn start_token(text: &str) -> Option<&str> {
     let mut parts = text.split_whitespace();
     let command = parts.next()?;
@@ -468,11 +468,11 @@ fn start_token(text: &str) -> Option<&str> {
         return None;
     }
     let token = parts.next().unwrap_or("");
-    (token.len() <= 64
+    let ok = token.len() <= 64
         && token
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
-    .then_some(token)
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    Some(if ok { token } else { "!" })
 }
 
 /// `/start <token>` from a driver's private chat: bind it through the
@@ -502,6 +502,9 @@ async fn start_registration(
             "not_private",
             Some("Please open the registration link in a private chat with the bot."),
         ));
+    }
+    if token == "!" {
+        return Ok(("unknown_token", Some(INVALID)));
     }
     let hash = crate::courier::token_hash(token);
     let Some(registration) =

@@ -89,12 +89,18 @@ pub async fn delete(
     tenant_id: Uuid,
     id: &str,
 ) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query("delete from drivers where tenant_id = $1 and id = $2")
-        .bind(tenant_id)
-        .bind(id)
-        .execute(conn)
-        .await?;
-    Ok(r.rows_affected() == 1)
+    // Its registration links die with it: an old link must never bind a
+    // chat to a later driver who reuses the id.
+    let (deleted,): (i64,) = sqlx::query_as(
+        "with links as (delete from driver_registrations where tenant_id = $1 and driver_id = $2),
+              gone as (delete from drivers where tenant_id = $1 and id = $2 returning 1)
+         select count(*) from gone",
+    )
+    .bind(tenant_id)
+    .bind(id)
+    .fetch_one(conn)
+    .await?;
+    Ok(deleted == 1)
 }
 
 /// Bind the driver's Telegram chat (idempotent).

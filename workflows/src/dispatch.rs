@@ -463,8 +463,12 @@ impl Workflow for Dispatch {
         ctx: &Ctx<'_>,
     ) -> Result<(DispatchState, Vec<Command>), ParseError> {
         let lead_id = crate::parse_lead_key(Self::KIND, key)?;
+        let raw_input = input;
         let input: StartInput = serde_json::from_value(input.clone())
             .map_err(|e| ParseError::InvalidPayload(e.to_string()))?;
+        if let Some(raw) = raw_input.get("lead") {
+            crate::lead::FullLead::parse_strict(raw).map_err(ParseError::InvalidPayload)?;
+        }
         if input.lead.id.is_some_and(|id| id != lead_id) {
             return Err(ParseError::InvalidPayload(
                 "lead.id differs from the workflow key".into(),

@@ -254,3 +254,35 @@ mod tests {
         }
     }
 }
+
+impl FullLead {
+    /// Parse a lead strictly, as it arrives at the edge: a field the model does
+    /// not know is an error (`lead.client.nickname is not a known field`).
+    /// Stored leads are read leniently, so a field added later never breaks a
+    /// workflow already running.
+    pub fn parse_strict(value: &serde_json::Value) -> Result<FullLead, String> {
+        let lead: FullLead = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+        let known = serde_json::to_value(&lead).map_err(|e| e.to_string())?;
+        match unknown_field(value, &known, "lead") {
+            Some(path) => Err(format!("`{path}` is not a known field")),
+            None => Ok(lead),
+        }
+    }
+}
+
+/// The first path in `given` whose key `known` (the model re-serialized) lacks.
+fn unknown_field(given: &serde_json::Value, known: &serde_json::Value, at: &str) -> Option<String> {
+    use serde_json::Value;
+    match (given, known) {
+        (Value::Object(g), Value::Object(k)) => g.iter().find_map(|(name, v)| match k.get(name) {
+            None => Some(format!("{at}.{name}")),
+            Some(kv) => unknown_field(v, kv, &format!("{at}.{name}")),
+        }),
+        (Value::Array(g), Value::Array(k)) => g
+            .iter()
+            .zip(k)
+            .enumerate()
+            .find_map(|(i, (gv, kv))| unknown_field(gv, kv, &format!("{at}[{i}]"))),
+        _ => None,
+    }
+}

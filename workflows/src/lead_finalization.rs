@@ -84,6 +84,7 @@ impl Workflow for LeadFinalization {
         let lead_id = crate::parse_lead_key(Self::KIND, key)?;
         let parsed: Input = serde_json::from_value(input.clone())
             .map_err(|e| ParseError::InvalidPayload(e.to_string()))?;
+        FullLead::parse_strict(&input["lead"]).map_err(ParseError::InvalidPayload)?;
         if parsed.lead.id.is_some_and(|id| id != lead_id) {
             return Err(ParseError::InvalidPayload(
                 "lead.id differs from the workflow key".into(),

@@ -319,6 +319,12 @@ impl Workflow for RouteDispatch {
             RouteDispatchSignal::Delivered(c) => update(&c, "delivered", None),
             RouteDispatchSignal::Failed(c, reason) => update(&c, "failed", Some(reason)),
             RouteDispatchSignal::Acknowledge(c) => {
+                // A driver acknowledges only their own route.
+                if ctx.actor.role == Role::Executor
+                    && ctx.actor.subject.as_deref() != Some(&format!("driver:{}", state.driver_id))
+                {
+                    return Outcome::reject("not_your_route");
+                }
                 if state.phase != Phase::Dispatched {
                     return Outcome::reject("already_acknowledged");
                 }
@@ -485,6 +491,28 @@ mod tests {
         );
         let s = accept(run(&s, "close", json!({})));
         assert!(RouteDispatch::is_final(&s));
+    }
+
+    #[test]
+    fn a_driver_acknowledges_only_their_own_route() {
+        let (s, _) = started(json!(["telegram"]), json!({}));
+        let cfg = json!({});
+        let ack = |subject: &str| {
+            let actor = Actor {
+                role: Role::Executor,
+                subject: Some(subject.to_string()),
+            };
+            let ctx = Ctx {
+                now: now(),
+                tenant_config: &cfg,
+                actor: &actor,
+            };
+            let signal = RouteDispatch::parse_signal("acknowledge", &json!({})).unwrap();
+            RouteDispatch::on_signal(&s, signal, &ctx)
+        };
+        assert_eq!(ack("driver:d2"), Outcome::reject("not_your_route"));
+        assert_eq!(ack("executor-1"), Outcome::reject("not_your_route"));
+        assert!(matches!(ack("driver:d1"), Outcome::Accept { .. }));
     }
 
     #[test]
