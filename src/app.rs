@@ -29,9 +29,13 @@ pub enum AppError {
 
 /// The workflows this process runs (`ENABLED_WORKFLOWS`, default all).
 pub fn registry(settings: &Settings) -> Result<Registry, AppError> {
-    let all = Registry::builtin();
     let Some(enabled) = &settings.enabled_workflows else {
-        return Ok(all);
+        // Every business workflow; the benchmark's only when asked for.
+        return Ok(Registry::new()
+            .with::<workflows::dispatch::Dispatch>()
+            .with::<workflows::lead_finalization::LeadFinalization>()
+            .with::<workflows::driver_registration::DriverRegistration>()
+            .with::<workflows::route_dispatch::RouteDispatch>());
     };
     let mut reg = Registry::new();
     for kind in enabled {
@@ -44,6 +48,7 @@ pub fn registry(settings: &Settings) -> Result<Registry, AppError> {
                 reg = reg.with::<workflows::driver_registration::DriverRegistration>()
             }
             "route_dispatch" => reg = reg.with::<workflows::route_dispatch::RouteDispatch>(),
+            "bench_chain" => reg = reg.with::<workflows::bench_chain::BenchChain>(),
             other => return Err(AppError::UnknownWorkflow(other.to_string())),
         }
     }

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod bench;
 pub mod channels;
 pub mod config;
 pub mod console;

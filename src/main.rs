@@ -39,6 +39,31 @@ enum Cmd {
     },
     /// Print the HTTP API's OpenAPI 3 document (the same as `GET /openapi.json`).
     Openapi,
+    /// Benchmark against `pgbench -N` on the same server (DATABASE_URL, or the
+    /// embedded default). Build with `--release` for meaningful numbers.
+    Bench {
+        /// Scenarios to run (repeatable): workflows, latency, timers, ingest.
+        #[arg(long = "scenario", default_values = ["workflows", "latency", "timers", "ingest"])]
+        scenarios: Vec<String>,
+        /// Workflows (3 transitions each) in `workflows`.
+        #[arg(long, default_value_t = 5000)]
+        workflows: usize,
+        /// Concurrent clients and worker concurrency (and pgbench clients).
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Pending timers in `timers`.
+        #[arg(long, default_value_t = 1_000_000)]
+        timers: usize,
+        /// Timers due inside the same second in `timers`.
+        #[arg(long, default_value_t = 10_000)]
+        due: usize,
+        /// Signals per second in `latency`.
+        #[arg(long, default_value_t = 200)]
+        rate: u32,
+        /// Seconds for `latency`, `ingest` and pgbench.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Operations on the running system (needs DATABASE_URL).
     Ops {
         #[command(subcommand)]
@@ -267,6 +292,40 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("while migrating workflows")?;
             println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        Cmd::Bench {
+            scenarios,
+            workflows,
+            concurrency,
+            timers,
+            due,
+            rate,
+            seconds,
+        } => {
+            let url = match &settings.database_url {
+                Some(u) => u.expose().to_string(),
+                None => {
+                    let dir = std::path::Path::new(&settings.data_dir).join("pg");
+                    tokio::task::spawn_blocking(move || dispatch::pg::start(&dir))
+                        .await??
+                        .url
+                }
+            };
+            let args = dispatch::bench::BenchArgs {
+                scenarios,
+                workflows,
+                concurrency,
+                timers,
+                due,
+                rate,
+                seconds,
+            };
+            let results = dispatch::bench::run(&url, &settings, &args).await?;
+            eprint!("{}", dispatch::bench::table(&results));
+            for r in results {
+                println!("{r}");
+            }
             Ok(())
         }
         Cmd::Openapi => {

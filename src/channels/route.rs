@@ -52,6 +52,8 @@ enum Audience {
     Executor(String),
     /// A driver, on one channel (`telegram` or `email`).
     Driver(String, &'static str),
+    /// Only the built-in log channel.
+    Log(String),
     Origin(Value),
 }
 
@@ -558,6 +560,19 @@ async fn render(conn: &mut PgConnection, effect: &EffectRow) -> Result<Message, 
     if let Some(m) = render_courier(conn, effect).await? {
         return Ok(m);
     }
+    if effect.name == workflows::bench_chain::effects::STEP {
+        // The benchmark's workload: a small message to the log channel.
+        return Ok(Message {
+            audience: Audience::Log("bench".into()),
+            text: format!("bench step {}", effect.payload["step"]),
+            subject: "bench".into(),
+            protect: false,
+            claim_button: None,
+            markup: None,
+            attachment: None,
+            edit: None,
+        });
+    }
     let lead_id: Uuid = str_field(p, "lead_id")
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| ChannelError::permanent("effect payload has no lead_id"))?;
@@ -853,6 +868,7 @@ async fn resolve(
     match &m.audience {
         Audience::Origin(origin) => origin_dest(origin),
         Audience::Driver(id, channel) => driver_dest(conn, tenant, id, channel).await,
+        Audience::Log(to) => Ok(Dest::Log(to.clone())),
         Audience::Crew => match config
             .pointer("/dispatch/crew/provider")
             .and_then(Value::as_str)

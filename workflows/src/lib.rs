@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub mod bench_chain;
 pub mod dispatch;
 pub mod driver_registration;
 pub mod lead;
