@@ -84,7 +84,14 @@ pub async fn pgbench(url: &str, clients: usize, seconds: u64) -> anyhow::Result<
     let env = |c: &mut tokio::process::Command| {
         c.env("PGHOST", u.host_str().unwrap_or("127.0.0.1"))
             .env("PGPORT", u.port().unwrap_or(5432).to_string())
-            .env("PGUSER", if u.username().is_empty() { "postgres" } else { u.username() })
+            .env(
+                "PGUSER",
+                if u.username().is_empty() {
+                    "postgres"
+                } else {
+                    u.username()
+                },
+            )
             .env("PGDATABASE", u.path().trim_start_matches('/'));
         if let Some(p) = u.password() {
             c.env("PGPASSWORD", p);
@@ -95,7 +102,10 @@ pub async fn pgbench(url: &str, clients: usize, seconds: u64) -> anyhow::Result<
     env(&mut init);
     let out = init.output().await.context("running pgbench -i")?;
     if !out.status.success() {
-        bail!("pgbench -i failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "pgbench -i failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let mut run = tokio::process::Command::new(&bin);
     run.args([
@@ -151,22 +161,45 @@ impl Bench {
     }
 
     /// Start `keys` concurrently; with `steps`, queue both steps right after.
-    async fn start_all(&self, keys: Vec<String>, input: Value, steps: bool, concurrency: usize) -> anyhow::Result<()> {
+    async fn start_all(
+        &self,
+        keys: Vec<String>,
+        input: Value,
+        steps: bool,
+        concurrency: usize,
+    ) -> anyhow::Result<()> {
         let keys = Arc::new(keys);
         let next = Arc::new(AtomicUsize::new(0));
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..concurrency {
-            let (keys, next, engine, tenant, input) =
-                (keys.clone(), next.clone(), self.engine.clone(), self.tenant, input.clone());
+            let (keys, next, engine, tenant, input) = (
+                keys.clone(),
+                next.clone(),
+                self.engine.clone(),
+                self.tenant,
+                input.clone(),
+            );
             tasks.spawn(async move {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(key) = keys.get(i) else { return Ok::<_, anyhow::Error>(()) };
-                    engine.start(&Self::integration(), tenant, KIND, key, &input).await?;
+                    let Some(key) = keys.get(i) else {
+                        return Ok::<_, anyhow::Error>(());
+                    };
+                    engine
+                        .start(&Self::integration(), tenant, KIND, key, &input)
+                        .await?;
                     if steps {
                         for s in 1..=2 {
                             engine
-                                .signal(&Self::integration(), tenant, KIND, key, &format!("s{s}"), "step", &json!({}))
+                                .signal(
+                                    &Self::integration(),
+                                    tenant,
+                                    KIND,
+                                    key,
+                                    &format!("s{s}"),
+                                    "step",
+                                    &json!({}),
+                                )
                                 .await?;
                         }
                     }
@@ -179,7 +212,13 @@ impl Bench {
         Ok(())
     }
 
-    async fn wait_count(&self, sql: &str, like: &str, want: i64, limit: Duration) -> anyhow::Result<()> {
+    async fn wait_count(
+        &self,
+        sql: &str,
+        like: &str,
+        want: i64,
+        limit: Duration,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + limit;
         loop {
             let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(sql.to_string()))
@@ -313,13 +352,22 @@ impl Bench {
             let next = Arc::new(AtomicUsize::new(0));
             let mut tasks = tokio::task::JoinSet::new();
             for _ in 0..c {
-                let (keys, inputs, next, engine, tenant) =
-                    (keys.clone(), inputs.clone(), next.clone(), self.engine.clone(), self.tenant);
+                let (keys, inputs, next, engine, tenant) = (
+                    keys.clone(),
+                    inputs.clone(),
+                    next.clone(),
+                    self.engine.clone(),
+                    self.tenant,
+                );
                 tasks.spawn(async move {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(key) = keys.get(i) else { return Ok::<_, anyhow::Error>(()) };
-                        engine.start(&Self::integration(), tenant, KIND, key, &inputs[i]).await?;
+                        let Some(key) = keys.get(i) else {
+                            return Ok::<_, anyhow::Error>(());
+                        };
+                        engine
+                            .start(&Self::integration(), tenant, KIND, key, &inputs[i])
+                            .await?;
                     }
                 });
             }
@@ -378,8 +426,11 @@ impl Bench {
             tasks.spawn(async move {
                 let mut i = 0usize;
                 while Instant::now() < stop {
-                    me.post_signal(&format!("i-{}", (w * 7919 + i) % 1000), &format!("in-{w}-{i}"))
-                        .await?;
+                    me.post_signal(
+                        &format!("i-{}", (w * 7919 + i) % 1000),
+                        &format!("in-{w}-{i}"),
+                    )
+                    .await?;
                     count.fetch_add(1, Ordering::Relaxed);
                     i += 1;
                 }
@@ -390,7 +441,9 @@ impl Bench {
             r??;
         }
         let n = count.load(Ordering::Relaxed);
-        Ok(json!({ "signals": n, "seconds": seconds, "signals_per_s": n as f64 / seconds as f64, "clients": c }))
+        Ok(
+            json!({ "signals": n, "seconds": seconds, "signals_per_s": n as f64 / seconds as f64, "clients": c }),
+        )
     }
 
     fn clone_light(&self) -> Bench {
@@ -406,7 +459,11 @@ impl Bench {
 }
 
 /// Run the benchmark against the server at `server_url` (any database on it).
-pub async fn run(server_url: &str, base: &Settings, args: &BenchArgs) -> anyhow::Result<Vec<Value>> {
+pub async fn run(
+    server_url: &str,
+    base: &Settings,
+    args: &BenchArgs,
+) -> anyhow::Result<Vec<Value>> {
     let admin = store::connect(server_url, 2).await?;
     recreate(&admin, "dispatch_bench").await?;
     recreate(&admin, "dispatch_pgbench").await?;
@@ -422,7 +479,9 @@ pub async fn run(server_url: &str, base: &Settings, args: &BenchArgs) -> anyhow:
     let pool = store::connect(&bench_url, settings.db_pool).await?;
     store::migrate(&pool).await?;
     let mut conn = pool.acquire().await?;
-    let tenant = tenants::create(&mut conn, "bench").await?.context("bench tenant")?;
+    let tenant = tenants::create(&mut conn, "bench")
+        .await?
+        .context("bench tenant")?;
     let key = tenants::add_key(&mut conn, tenant.id, Role::Integration, None).await?;
     drop(conn);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

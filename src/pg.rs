@@ -114,6 +114,29 @@ fn free_port() -> io::Result<u16> {
 /// Start (initializing if needed) a cluster in `data_dir`. With `keep` false
 /// the folder is treated as scratch. The server stops when this process exits.
 pub fn start(data_dir: &Path) -> Result<EmbeddedPg, PgError> {
+    start_on(data_dir, None)
+}
+
+impl EmbeddedPg {
+    /// Stop the server (fast shutdown: sessions are cut, nothing committed is
+    /// lost) and wait until it is gone.
+    pub fn stop(&self) -> Result<(), PgError> {
+        // SAFETY: signalling the server we started.
+        unsafe { libc::kill(self.pid as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // SAFETY: signal 0 only checks that the process exists.
+        while unsafe { libc::kill(self.pid as i32, 0) } == 0 {
+            if Instant::now() > deadline {
+                return Err(PgError::Failed("postgres did not stop".into()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+}
+
+/// [`start`] on a given port (to restart a cluster where its clients expect it).
+pub fn start_on(data_dir: &Path, fixed_port: Option<u16>) -> Result<EmbeddedPg, PgError> {
     let bin = find_bin_dir().ok_or(PgError::NoBinaries)?;
     std::fs::create_dir_all(data_dir)?;
     let data_dir = data_dir.canonicalize()?;
@@ -148,7 +171,10 @@ pub fn start(data_dir: &Path) -> Result<EmbeddedPg, PgError> {
     }
     let mut last_err = String::new();
     for _ in 0..5 {
-        let port = free_port()?;
+        let port = match fixed_port {
+            Some(p) => p,
+            None => free_port()?,
+        };
         let log = std::fs::File::create(data_dir.join("postgres.log"))?;
         chown_to_pg(&data_dir.join("postgres.log"))?;
         let bin_postgres = bin.join("postgres");

@@ -74,8 +74,12 @@ impl Workflow for BenchChain {
         input: &Value,
         _ctx: &Ctx<'_>,
     ) -> Result<(Self::State, Vec<Command>), ParseError> {
-        let input: Input = serde_json::from_value(if input.is_null() { json!({}) } else { input.clone() })
-            .map_err(|e| ParseError::InvalidPayload(e.to_string()))?;
+        let input: Input = serde_json::from_value(if input.is_null() {
+            json!({})
+        } else {
+            input.clone()
+        })
+        .map_err(|e| ParseError::InvalidPayload(e.to_string()))?;
         let mut commands = vec![step_effect(key, 0)];
         if let Some(at) = input.tick_at {
             commands.push(Command::SetTimer {
@@ -117,7 +121,11 @@ impl Workflow for BenchChain {
         }
     }
 
-    fn on_signal(state: &Self::State, signal: Self::Signal, _ctx: &Ctx<'_>) -> Outcome<Self::State> {
+    fn on_signal(
+        state: &Self::State,
+        signal: Self::Signal,
+        _ctx: &Ctx<'_>,
+    ) -> Outcome<Self::State> {
         match signal {
             BenchSignal::Tick => Outcome::Accept {
                 next: BenchState {
@@ -174,14 +182,22 @@ mod tests {
         let (mut s, c) = BenchChain::start("k", &json!({}), &ctx).unwrap();
         let mut effects = c.len();
         for _ in 0..2 {
-            let Outcome::Accept { next, commands } = BenchChain::on_signal(&s, BenchSignal::Step, &ctx) else {
+            let Outcome::Accept { next, commands } =
+                BenchChain::on_signal(&s, BenchSignal::Step, &ctx)
+            else {
                 panic!()
             };
-            effects += commands.iter().filter(|c| matches!(c, Command::Effect { .. })).count();
+            effects += commands
+                .iter()
+                .filter(|c| matches!(c, Command::Effect { .. }))
+                .count();
             s = next;
         }
         assert!(BenchChain::is_final(&s));
         assert_eq!(effects, 3);
-        assert_eq!(BenchChain::on_signal(&s, BenchSignal::Step, &ctx), Outcome::reject("done"));
+        assert_eq!(
+            BenchChain::on_signal(&s, BenchSignal::Step, &ctx),
+            Outcome::reject("done")
+        );
     }
 }
