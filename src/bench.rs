@@ -235,8 +235,19 @@ impl Bench {
         }
     }
 
+    /// Commits and row writes in the bench database so far (pg_stat_database).
+    async fn db_work(&self) -> anyhow::Result<(i64, i64)> {
+        let (commits, writes): (i64, i64) = sqlx::query_as(
+            "select xact_commit, tup_inserted + tup_updated + tup_deleted from pg_stat_database where datname = current_database()",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((commits, writes))
+    }
+
     async fn workflows(&self, n: usize, c: usize) -> anyhow::Result<Value> {
         let keys: Vec<String> = (0..n).map(|i| format!("w-{i}")).collect();
+        let (commits0, writes0) = self.db_work().await?;
         let t0 = Instant::now();
         self.start_all(keys, json!({}), true, c).await?;
         self.wait_count(
@@ -255,8 +266,13 @@ impl Bench {
         )
         .await?;
         let s = t0.elapsed().as_secs_f64();
+        // Stats are reported by backends with a delay: let them land.
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let (commits1, writes1) = self.db_work().await?;
         Ok(json!({
             "workflows": n, "concurrency": c, "seconds": s,
+            "commits_per_workflow": (commits1 - commits0) as f64 / n as f64,
+            "row_writes_per_workflow": (writes1 - writes0) as f64 / n as f64,
             "workflows_per_s": n as f64 / s, "transitions_per_s": 3.0 * n as f64 / s,
             "effects_per_s": 3.0 * n as f64 / s,
         }))
@@ -534,9 +550,10 @@ pub fn table(results: &[Value]) -> String {
         let f = |k: &str| r[k].as_f64().map_or("-".to_string(), |v| format!("{v:.1}"));
         let line = match r["scenario"].as_str().unwrap_or("") {
             "workflows" => format!(
-                "workflows  {:>8} wf/s  {:>8} transitions/s  {:>8} effects/s  = {:.3} × pgbench -N ({} tps)",
+                "workflows  {:>8} wf/s  {:>8} transitions/s  {:>8} effects/s  = {:.3} × pgbench -N ({} tps); {} commits, {} row writes per workflow",
                 f("workflows_per_s"), f("transitions_per_s"), f("effects_per_s"),
-                r["ratio_to_pgbench"].as_f64().unwrap_or(0.0), f("pgbench_tps")
+                r["ratio_to_pgbench"].as_f64().unwrap_or(0.0), f("pgbench_tps"),
+                f("commits_per_workflow"), f("row_writes_per_workflow")
             ),
             "latency" => format!(
                 "latency    accepted → committed at {} signals/s: p50 {} ms  p95 {} ms  p99 {} ms  max {} ms",

@@ -460,7 +460,7 @@ async fn delivery_event(
 
 /// `/start <token>` (a deep link): `None` if not a `/start`; then the token
 /// (`""` for a bare `/start`), or `"!"` for one that cannot be ours.
-fn start_token(text: &str) -> Option<&str> {
+pub fn start_token(text: &str) -> Option<&str> {
     let mut parts = text.split_whitespace();
     let command = parts.next()?;
     let name = command.split('@').next()?;
