@@ -96,11 +96,31 @@ pub async fn claim_due(
     limit: i64,
     kinds: &[String],
 ) -> Result<Vec<(Uuid, Uuid, String, Uuid)>, sqlx::Error> {
-    sqlx::query_as(
+    // Two shapes, each served by its own partial index: timers due by the
+    // clock (a range on `timers_due`, however many are pending further out),
+    // and timers ops fired early (`timers_fire_now`). One OR would walk
+    // every pending timer when none is due. `statement_timestamp()` is stable
+    // (an index bound); `clock_timestamp()` is volatile and would not be.
+    let mut due = claim(conn, retry_ms, limit, kinds, "t.due_at <= statement_timestamp()").await?;
+    if (due.len() as i64) < limit {
+        let more = claim(conn, retry_ms, limit - due.len() as i64, kinds, "t.fire_now").await?;
+        due.extend(more);
+    }
+    Ok(due)
+}
+
+async fn claim(
+    conn: &mut PgConnection,
+    retry_ms: i64,
+    limit: i64,
+    kinds: &[String],
+    condition: &'static str,
+) -> Result<Vec<(Uuid, Uuid, String, Uuid)>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "with due as (
              select t.tenant_id, t.id from timers t
              join workflows w on w.tenant_id = t.tenant_id and w.id = t.workflow_id
-             where t.status = 'pending' and (t.due_at <= clock_timestamp() or t.fire_now) and w.kind = any($3)
+             where t.status = 'pending' and {condition} and w.kind = any($3)
                and (t.enqueued_at is null or t.enqueued_at < now() - make_interval(secs => $1 / 1000.0))
              order by t.due_at limit $2 for update of t skip locked),
          marked as (
@@ -108,8 +128,8 @@ pub async fn claim_due(
              where t.tenant_id = due.tenant_id and t.id = due.id
              returning t.tenant_id, t.workflow_id, t.id)
          select m.tenant_id, m.workflow_id, w.kind, m.id from marked m
-         join workflows w on w.tenant_id = m.tenant_id and w.id = m.workflow_id",
-    )
+         join workflows w on w.tenant_id = m.tenant_id and w.id = m.workflow_id"
+    )))
     .bind(retry_ms as f64)
     .bind(limit)
     .bind(kinds)
@@ -123,15 +143,18 @@ pub async fn next_due_in_ms(
     conn: &mut PgConnection,
     kinds: &[String],
 ) -> Result<Option<i64>, sqlx::Error> {
-    let r: (Option<f64>,) = sqlx::query_as(
-        "select (extract(epoch from (min(t.due_at) - clock_timestamp())) * 1000)::float8 from timers t
+    // Walks `timers_due` in order and stops at the first of a served kind
+    // (a `min()` over the join would visit every pending timer).
+    let r: Option<(f64,)> = sqlx::query_as(
+        "select (extract(epoch from (t.due_at - clock_timestamp())) * 1000)::float8 from timers t
          join workflows w on w.tenant_id = t.tenant_id and w.id = t.workflow_id
-         where t.status = 'pending' and t.enqueued_at is null and w.kind = any($1)",
+         where t.status = 'pending' and t.enqueued_at is null and w.kind = any($1)
+         order by t.due_at limit 1",
     )
     .bind(kinds)
-    .fetch_one(conn)
+    .fetch_optional(conn)
     .await?;
-    Ok(r.0.map(|ms| ms.max(0.0) as i64))
+    Ok(r.map(|(ms,)| ms.max(0.0) as i64))
 }
 
 /// Pending timers of a workflow.
