@@ -27,15 +27,22 @@ pub enum AppError {
     Io(#[from] std::io::Error),
 }
 
+/// Every kind this process knows (and accepts signals for): the built-in
+/// ones, and the benchmark's workload only inside `dispatch bench`.
+pub fn known(settings: &Settings) -> Registry {
+    let all = Registry::builtin();
+    if settings.bench_workload {
+        all.with::<workflows::bench_chain::BenchChain>()
+    } else {
+        all
+    }
+}
+
 /// The workflows this process runs (`ENABLED_WORKFLOWS`, default all).
 pub fn registry(settings: &Settings) -> Result<Registry, AppError> {
     let Some(enabled) = &settings.enabled_workflows else {
-        // Every business workflow; the benchmark's only when asked for.
-        return Ok(Registry::new()
-            .with::<workflows::dispatch::Dispatch>()
-            .with::<workflows::lead_finalization::LeadFinalization>()
-            .with::<workflows::driver_registration::DriverRegistration>()
-            .with::<workflows::route_dispatch::RouteDispatch>());
+        // Every business workflow (the benchmark's only when named).
+        return Ok(Registry::builtin());
     };
     let mut reg = Registry::new();
     for kind in enabled {
@@ -48,7 +55,9 @@ pub fn registry(settings: &Settings) -> Result<Registry, AppError> {
                 reg = reg.with::<workflows::driver_registration::DriverRegistration>()
             }
             "route_dispatch" => reg = reg.with::<workflows::route_dispatch::RouteDispatch>(),
-            "bench_chain" => reg = reg.with::<workflows::bench_chain::BenchChain>(),
+            "bench_chain" if settings.bench_workload => {
+                reg = reg.with::<workflows::bench_chain::BenchChain>()
+            }
             other => return Err(AppError::UnknownWorkflow(other.to_string())),
         }
     }
@@ -91,7 +100,7 @@ pub async fn embed(settings: &Settings, pool: PgPool) -> Result<(axum::Router, R
     let running = launch(settings, pool.clone(), ProcessRole::Worker, None).await?;
     let engine = Engine::new(
         pool.clone(),
-        Arc::new(Registry::builtin()),
+        Arc::new(known(settings)),
         settings.engine.clone(),
     );
     let (applied, _) = broadcast::channel(4096);
@@ -119,7 +128,7 @@ pub async fn launch(
     crate::metrics::handle();
     let engine = Engine::new(
         pool.clone(),
-        Arc::new(Registry::builtin()),
+        Arc::new(known(settings)),
         settings.engine.clone(),
     );
     let shutdown = CancellationToken::new();

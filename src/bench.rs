@@ -490,6 +490,7 @@ pub async fn run(
     let mut settings = base.clone();
     settings.database_url = Some(Secret::new(bench_url.clone()));
     settings.enabled_workflows = Some(vec![KIND.into()]);
+    settings.bench_workload = true;
     settings.workers.concurrency = c;
     settings.db_pool = ((3 * c + 8) as u32).max(settings.db_pool);
     let pool = store::connect(&bench_url, settings.db_pool).await?;
@@ -505,7 +506,7 @@ pub async fn run(
     let url = format!("http://{}", running.addr.context("API address")?);
     let engine = Engine::new(
         pool.clone(),
-        Arc::new(workflows::Registry::builtin()),
+        Arc::new(crate::app::known(&settings)),
         settings.engine.clone(),
     );
     let b = Bench {

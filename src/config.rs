@@ -63,6 +63,8 @@ pub struct Settings {
     pub public_url: Option<String>,
     /// `DISPATCH_MAX_BODY_BYTES`: the largest request body accepted (default 1 MiB).
     pub max_body_bytes: usize,
+    /// Know the benchmark's workload (`bench_chain`); set by `dispatch bench` only.
+    pub bench_workload: bool,
     /// `ENABLED_WORKFLOWS`: comma-separated kinds this process runs (default: all).
     pub enabled_workflows: Option<Vec<String>>,
     /// Engine tuning (`DISPATCH_EFFECT_MAX_ATTEMPTS`).
@@ -83,6 +85,7 @@ impl Default for Settings {
             db_pool: 32,
             public_url: None,
             max_body_bytes: 1024 * 1024,
+            bench_workload: false,
             enabled_workflows: None,
             engine: EngineConfig::default(),
             outbox: OutboxConfig::default(),

@@ -252,9 +252,14 @@ async fn workflows_complete_with_every_effect_once_through_worker_kills_and_a_da
         let restarted_flag = restarted_flag.clone();
         drivers.spawn(async move {
             loop {
+                let paused = Instant::now();
                 while progress.load(Ordering::Relaxed) * 3 >= n * 4
                     && !restarted_flag.load(Ordering::Relaxed)
                 {
+                    assert!(
+                        paused.elapsed() < Duration::from_secs(120),
+                        "the database restart never happened"
+                    );
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 let i = next.fetch_add(1, Ordering::Relaxed);

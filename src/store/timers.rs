@@ -101,9 +101,23 @@ pub async fn claim_due(
     // and timers ops fired early (`timers_fire_now`). One OR would walk
     // every pending timer when none is due. `statement_timestamp()` is stable
     // (an index bound); `clock_timestamp()` is volatile and would not be.
-    let mut due = claim(conn, retry_ms, limit, kinds, "t.due_at <= statement_timestamp()").await?;
+    let mut due = claim(
+        conn,
+        retry_ms,
+        limit,
+        kinds,
+        "t.due_at <= statement_timestamp()",
+    )
+    .await?;
     if (due.len() as i64) < limit {
-        let more = claim(conn, retry_ms, limit - due.len() as i64, kinds, "t.fire_now").await?;
+        let more = claim(
+            conn,
+            retry_ms,
+            limit - due.len() as i64,
+            kinds,
+            "t.fire_now",
+        )
+        .await?;
         due.extend(more);
     }
     Ok(due)

@@ -196,7 +196,6 @@ impl Registry {
             .with::<crate::lead_finalization::LeadFinalization>()
             .with::<crate::driver_registration::DriverRegistration>()
             .with::<crate::route_dispatch::RouteDispatch>()
-            .with::<crate::bench_chain::BenchChain>()
     }
 
     /// Look a kind up.
