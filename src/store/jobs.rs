@@ -113,6 +113,22 @@ async fn push(
     Ok(())
 }
 
+/// How far behind the most backlogged of `queues` is: the age of its oldest
+/// job waiting to be fetched, in milliseconds (0 when none waits). Served by
+/// apalis' fetch index.
+pub async fn queue_lag_ms(conn: &mut PgConnection, queues: &[String]) -> Result<i64, sqlx::Error> {
+    let (lag,): (Option<f64>,) = sqlx::query_as(
+        "select max(extract(epoch from now() - oldest) * 1000)::float8 from (
+           select (select min(run_at) from apalis.jobs
+                   where job_type = q and status = 'Pending' and priority = 0 and run_at <= now()) as oldest
+           from unnest($1::text[]) as q) x",
+    )
+    .bind(queues)
+    .fetch_one(conn)
+    .await?;
+    Ok(lag.unwrap_or(0.0).max(0.0) as i64)
+}
+
 /// Enqueue an apply job for a workflow of `kind`.
 pub async fn enqueue_apply(
     conn: &mut PgConnection,
