@@ -969,11 +969,18 @@ async fn claims_for_another_bot_or_outside_the_crew_group_do_nothing() {
     })
     .await;
     assert_eq!(chat_of(&told), "7001");
-    let outcomes: Vec<(String,)> =
-        sqlx::query_as("select outcome from inbound_events order by received_at")
-            .fetch_all(&app.pool)
-            .await
-            .unwrap();
+    // The two events are processed independently: wait for both outcomes.
+    let outcomes: Vec<(String,)> = wait_for(Duration::from_secs(10), "both outcomes", || async {
+        let rows: Vec<(Option<String>,)> =
+            sqlx::query_as("select outcome from inbound_events order by received_at")
+                .fetch_all(&app.pool)
+                .await
+                .unwrap();
+        rows.iter()
+            .all(|r| r.0.is_some())
+            .then(|| rows.into_iter().map(|r| (r.0.unwrap(),)).collect())
+    })
+    .await;
     assert_eq!(
         outcomes,
         [("other_bot".to_string(),), ("wrong_chat".to_string(),)]
