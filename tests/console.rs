@@ -119,16 +119,28 @@ impl Browser {
         .await
     }
 
+    /// Click, finding the element again if the page re-rendered it meanwhile.
     async fn click(&self, css: &str) {
-        let id = self.find(css).await;
-        let v = self
-            .cmd(
-                reqwest::Method::POST,
-                &format!("/element/{id}/click"),
-                json!({}),
-            )
-            .await;
-        assert!(v.is_null(), "click on {css} failed: {v}");
+        wait_for(
+            Duration::from_secs(20),
+            &format!("a click on {css}"),
+            || async {
+                let id = self.find(css).await;
+                let v = self
+                    .cmd(
+                        reqwest::Method::POST,
+                        &format!("/element/{id}/click"),
+                        json!({}),
+                    )
+                    .await;
+                if v["error"] == "stale element reference" {
+                    return None;
+                }
+                assert!(v.is_null(), "click on {css} failed: {v}");
+                Some(())
+            },
+        )
+        .await
     }
 
     async fn type_into(&self, css: &str, text: &str) {

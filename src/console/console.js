@@ -115,8 +115,9 @@ function signIn() {
     sessionStorage.setItem(KEY, input.value.trim());
     try {
       await api("GET", "/v1/ops/workflows?limit=1");
-      location.hash = "#/";
-      route();
+      // One render: a changed hash renders through `hashchange`.
+      if (location.hash === "#/") route();
+      else location.hash = "#/";
     } catch (e) {
       sessionStorage.removeItem(KEY);
       error.textContent = e.status === 401 ? "That key is not valid." : e.message;
@@ -316,8 +317,8 @@ function route() {
 
 document.getElementById("signout").addEventListener("click", () => {
   sessionStorage.removeItem(KEY);
-  location.hash = "#/";
-  route();
+  if (location.hash === "#/") route();
+  else location.hash = "#/";
 });
 window.addEventListener("hashchange", route);
 route();
