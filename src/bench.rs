@@ -168,25 +168,35 @@ impl Bench {
         steps: bool,
         concurrency: usize,
     ) -> anyhow::Result<()> {
-        let keys = Arc::new(keys);
+        let items = keys.into_iter().map(|k| (k, input.clone())).collect();
+        self.start_each(items, steps, concurrency).await
+    }
+
+    /// Start each `(key, input)` concurrently; with `steps`, queue both steps right after.
+    async fn start_each(
+        &self,
+        items: Vec<(String, Value)>,
+        steps: bool,
+        concurrency: usize,
+    ) -> anyhow::Result<()> {
+        let items = Arc::new(items);
         let next = Arc::new(AtomicUsize::new(0));
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..concurrency {
-            let (keys, next, engine, tenant, input) = (
-                keys.clone(),
+            let (items, next, engine, tenant) = (
+                items.clone(),
                 next.clone(),
                 self.engine.clone(),
                 self.tenant,
-                input.clone(),
             );
             tasks.spawn(async move {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(key) = keys.get(i) else {
+                    let Some((key, input)) = items.get(i) else {
                         return Ok::<_, anyhow::Error>(());
                     };
                     engine
-                        .start(&Self::integration(), tenant, KIND, key, &input)
+                        .start(&Self::integration(), tenant, KIND, key, input)
                         .await?;
                     if steps {
                         for s in 1..=2 {
@@ -362,35 +372,8 @@ impl Bench {
         let inputs: Vec<Value> = (0..due)
             .map(|i| json!({ "tick_at": second + chrono::Duration::microseconds((i as i64 * 1_000_000) / due.max(1) as i64) }))
             .collect();
-        {
-            let keys = Arc::new(keys.clone());
-            let inputs = Arc::new(inputs);
-            let next = Arc::new(AtomicUsize::new(0));
-            let mut tasks = tokio::task::JoinSet::new();
-            for _ in 0..c {
-                let (keys, inputs, next, engine, tenant) = (
-                    keys.clone(),
-                    inputs.clone(),
-                    next.clone(),
-                    self.engine.clone(),
-                    self.tenant,
-                );
-                tasks.spawn(async move {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(key) = keys.get(i) else {
-                            return Ok::<_, anyhow::Error>(());
-                        };
-                        engine
-                            .start(&Self::integration(), tenant, KIND, key, &inputs[i])
-                            .await?;
-                    }
-                });
-            }
-            while let Some(r) = tasks.join_next().await {
-                r??;
-            }
-        }
+        self.start_each(keys.into_iter().zip(inputs).collect(), false, c)
+            .await?;
         if chrono::Utc::now() > second {
             bail!("setup took longer than planned: raise the lead time");
         }

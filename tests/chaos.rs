@@ -177,7 +177,6 @@ async fn workflows_complete_with_every_effect_once_through_worker_kills_and_a_da
                     let pg_dir = pg_dir.clone();
                     let new = tokio::task::spawn_blocking(move || {
                         old.stop().unwrap();
-                        std::thread::sleep(Duration::from_millis(500));
                         dispatch::pg::start_on(&pg_dir, Some(port)).unwrap()
                     })
                     .await
