@@ -16,13 +16,19 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub mod assignment_window;
 pub mod bench_chain;
 pub mod dispatch;
 pub mod driver_registration;
 pub mod lead;
 pub mod lead_finalization;
+pub mod meet_and_greet;
+pub mod message_relay;
+pub mod poaching_strikes;
+pub mod pool_number;
 mod registry;
 pub mod route_dispatch;
+pub mod sitter_lifecycle;
 
 pub use registry::{DynWorkflow, Registry, Started, Transition};
 
@@ -199,6 +205,24 @@ pub fn parse_lead_key(kind: &str, key: &str) -> Result<uuid::Uuid, ParseError> {
             ParseError::InvalidKey(format!(
                 "the {kind} key must be the lead id as a lower-case hyphenated UUID"
             ))
+        })
+}
+
+/// Decode a signal payload or start input into `T` (unknown fields refused
+/// where `T` says so).
+pub(crate) fn decode<T: for<'de> Deserialize<'de>>(v: &Value) -> Result<T, ParseError> {
+    serde_json::from_value(v.clone()).map_err(|e| ParseError::InvalidPayload(e.to_string()))
+}
+
+/// The `reason` of an override: 1..=500 characters after trimming.
+pub(crate) fn reason_of(payload: &Value) -> Result<String, ParseError> {
+    payload["reason"]
+        .as_str()
+        .map(str::trim)
+        .filter(|r| !r.is_empty() && r.chars().count() <= 500)
+        .map(str::to_string)
+        .ok_or_else(|| {
+            ParseError::InvalidPayload("a reason (1..=500 characters) is required".into())
         })
 }
 

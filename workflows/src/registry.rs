@@ -196,6 +196,12 @@ impl Registry {
             .with::<crate::lead_finalization::LeadFinalization>()
             .with::<crate::driver_registration::DriverRegistration>()
             .with::<crate::route_dispatch::RouteDispatch>()
+            .with::<crate::sitter_lifecycle::SitterLifecycle>()
+            .with::<crate::pool_number::PoolNumber>()
+            .with::<crate::assignment_window::AssignmentWindow>()
+            .with::<crate::meet_and_greet::MeetAndGreet>()
+            .with::<crate::poaching_strikes::PoachingStrikes>()
+            .with::<crate::message_relay::MessageRelay>()
     }
 
     /// Look a kind up.
