@@ -126,7 +126,7 @@ struct DriverBody {
     channels: Option<Vec<String>>,
 }
 
-fn valid_id(id: &str) -> bool {
+pub(crate) fn valid_id(id: &str) -> bool {
     let mut chars = id.chars();
     id.len() <= 64
         && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())

@@ -181,7 +181,10 @@ impl Engine {
         Ok(out)
     }
 
-    fn start_in<'a>(
+    /// [`Engine::start`] inside the caller's transaction (no role check: the
+    /// caller has authorised it), so the workflow starts atomically with the
+    /// caller's own rows.
+    pub fn start_in<'a>(
         &'a self,
         conn: &'a mut PgConnection,
         tenant_id: Uuid,

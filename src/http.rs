@@ -138,7 +138,7 @@ impl From<sqlx::Error> for ApiError {
 pub struct Caller(pub Principal);
 
 impl Caller {
-    fn actor(&self) -> Actor {
+    pub(crate) fn actor(&self) -> Actor {
         Actor {
             role: self.0.role,
             subject: self.0.subject.clone(),
@@ -590,6 +590,7 @@ pub fn api_router() -> OpenApiRouter<ApiState> {
         .merge(crate::admin::router())
         .merge(crate::ops::router())
         .merge(crate::courier::router())
+        .merge(crate::messaging::router())
 }
 
 /// Rejections axum answers by itself (a body over the limit, a wrong method or

@@ -348,6 +348,18 @@ pub async fn process(
         tracing::info!(inbound.provider = %row.provider, outcome, "delivery event processed");
         return Ok(outcome);
     }
+    if row.provider == "twilio" {
+        // An SMS to one of the tenant's masked numbers is a message to route,
+        // not a chat command.
+        if let Some(outcome) =
+            crate::messaging::routing::inbound(engine, tenant_id, &row.event_id, &row.payload)
+                .await?
+        {
+            providers::finish_inbound(&mut tx, tenant_id, inbound_id, outcome).await?;
+            tx.commit().await?;
+            return Ok(outcome);
+        }
+    }
     let outcome = match read_event(&row.provider, &row.payload) {
         None => "ignored",
         Some(inbound) => {

@@ -39,6 +39,12 @@ enum Cmd {
     },
     /// Print the HTTP API's OpenAPI 3 document (the same as `GET /openapi.json`).
     Openapi,
+    /// Run the anti-poaching detector on a message (the same as
+    /// `POST /v1/messages/scan`); exits 1 when it would be blocked.
+    Scan {
+        /// The message text.
+        text: String,
+    },
     /// Benchmark against `pgbench -N` on the same server (DATABASE_URL, or the
     /// embedded default). Build with `--release` for meaningful numbers.
     Bench {
@@ -330,6 +336,25 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Openapi => {
             println!("{}", dispatch::openapi::document_json());
+            Ok(())
+        }
+        Cmd::Scan { text } => {
+            let verdict = match dispatch::scan::scan(&text) {
+                Ok(s) => {
+                    println!("{}", serde_json::to_string(&s)?);
+                    s.verdict
+                }
+                Err(e) => {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "verdict": "block", "findings": [], "error": e.to_string() })
+                    );
+                    dispatch::scan::Verdict::Block
+                }
+            };
+            if verdict == dispatch::scan::Verdict::Block {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Cmd::Workflows {

@@ -47,7 +47,7 @@ fn not_found(what: &str) -> ApiError {
 }
 
 /// Every mutating action needs a reason (1..=500 characters).
-fn reason_of(body: &Value) -> Result<String, ApiError> {
+pub(crate) fn reason_of(body: &Value) -> Result<String, ApiError> {
     body.get("reason")
         .and_then(Value::as_str)
         .map(str::trim)
@@ -71,7 +71,7 @@ fn actor_name(caller: &Caller) -> String {
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn audit(
+pub(crate) async fn audit(
     conn: &mut PgConnection,
     caller: &Caller,
     action: &str,

@@ -126,6 +126,9 @@ impl Router {
     ) -> Result<Value, ChannelError> {
         let config = tenants::config(&mut *conn, effect.tenant_id).await?;
         inject_failure(&config, effect)?;
+        if crate::messaging::effects::handles(&effect.name) {
+            return crate::messaging::effects::deliver(&self.http, conn, effect).await;
+        }
         if effect.name == registration_effects::BIND_CHAT {
             // Local: the driver's chat is stored; nothing is sent.
             let (Some(driver), Some(chat)) = (

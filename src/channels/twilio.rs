@@ -9,13 +9,14 @@ use crate::store::providers::ProviderRow;
 pub const DEFAULT_BASE: &str = "https://api.twilio.com";
 
 /// An account, from the tenant's `twilio` provider settings (`auth_token`
-/// secret; `account_sid`, `from`, `base_url` settings).
+/// secret; `account_sid`, `from`, `base_url`, `webhook_url` settings).
 pub struct Twilio<'a> {
     http: &'a reqwest::Client,
     base: String,
     sid: String,
     token: String,
-    from: String,
+    from: Option<String>,
+    webhook_url: Option<String>,
 }
 
 impl<'a> Twilio<'a> {
@@ -34,7 +35,8 @@ impl<'a> Twilio<'a> {
                 .to_string(),
             sid: need(row.setting("account_sid"), "account_sid")?,
             token: need(row.secret("auth_token"), "auth_token")?,
-            from: need(row.setting("from"), "from")?,
+            from: row.setting("from").map(str::to_string),
+            webhook_url: row.setting("webhook_url").map(str::to_string),
         })
     }
 
@@ -42,15 +44,50 @@ impl<'a> Twilio<'a> {
     /// idempotency key: the `deliveries` ledger keeps retries from re-sending,
     /// except after a crash between Twilio's answer and the ledger write.
     pub async fn send(&self, to: &str, text: &str) -> Result<String, ChannelError> {
-        let url = format!(
-            "{}/2010-04-01/Accounts/{}/Messages.json",
-            self.base, self.sid
-        );
+        let from = self
+            .from
+            .clone()
+            .ok_or_else(|| ChannelError::permanent("twilio from is not set"))?;
+        self.send_from(&from, to, text).await
+    }
+
+    /// Send an SMS from one of the account's numbers (masked-number messaging).
+    pub async fn send_from(
+        &self,
+        from: &str,
+        to: &str,
+        text: &str,
+    ) -> Result<String, ChannelError> {
+        let form = [("To", to), ("From", from), ("Body", text)];
+        self.post("Messages.json", &form).await
+    }
+
+    /// Buy (provision) a number and point its SMS webhook at us; returns its `PN…` sid.
+    pub async fn provision(&self, e164: &str) -> Result<String, ChannelError> {
+        let mut form = vec![("PhoneNumber", e164)];
+        if let Some(url) = &self.webhook_url {
+            form.push(("SmsUrl", url.as_str()));
+        }
+        self.post("IncomingPhoneNumbers.json", &form).await
+    }
+
+    /// Register an owned number for a use: its label and SMS webhook.
+    pub async fn configure(&self, number_sid: &str, label: &str) -> Result<String, ChannelError> {
+        let mut form = vec![("FriendlyName", label)];
+        if let Some(url) = &self.webhook_url {
+            form.push(("SmsUrl", url.as_str()));
+        }
+        self.post(&format!("IncomingPhoneNumbers/{number_sid}.json"), &form)
+            .await
+    }
+
+    async fn post(&self, resource: &str, form: &[(&str, &str)]) -> Result<String, ChannelError> {
+        let url = format!("{}/2010-04-01/Accounts/{}/{resource}", self.base, self.sid);
         let resp = self
             .http
             .post(url)
             .basic_auth(&self.sid, Some(&self.token))
-            .form(&[("To", to), ("From", self.from.as_str()), ("Body", text)])
+            .form(form)
             .send()
             .await
             .map_err(|e| transport("twilio", e.without_url()))?;
