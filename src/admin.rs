@@ -419,7 +419,10 @@ fn provider_fields(provider: &str) -> Option<(&'static [&'static str], &'static 
             ],
             &["access_token", "app_secret", "verify_token"],
         ),
-        "twilio" => (&["base_url", "account_sid", "from"], &["auth_token"]),
+        "twilio" => (
+            &["base_url", "account_sid", "from", "webhook_url"],
+            &["auth_token"],
+        ),
         "resend" => (&["base_url", "from"], &["api_key", "webhook_secret"]),
         "sendgrid" => (&["base_url", "from", "webhook_public_key"], &["api_key"]),
         _ => return None,
@@ -458,7 +461,9 @@ async fn put_provider(
             return Err(invalid(format!("`{k}` must be a non-empty string")));
         };
         if setting_names.contains(&k.as_str()) {
-            if k == "base_url" && !(s.starts_with("https://") || s.starts_with("http://")) {
+            if (k == "base_url" || k == "webhook_url")
+                && !(s.starts_with("https://") || s.starts_with("http://"))
+            {
                 return Err(invalid("base_url must be an http(s) URL"));
             }
             let s = if k == "bot_username" {

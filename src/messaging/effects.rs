@@ -136,14 +136,17 @@ pub async fn deliver(
                 .map_err(|_| ChannelError::permanent("pool workflow key is not a number id"))?;
             let client = p["client_id"].as_str().unwrap_or_default();
             let until = p["cooldown_until"].as_str().unwrap_or_default();
+            // Not when the lease was extended after the workflow saw it end.
+            let lease_until = p["lease_until"].as_str().unwrap_or_default();
             let released = sqlx::query(
                 "update msg_numbers set status = 'cooldown', cooldown_until = $4::timestamptz, updated_at = now()
-                  where tenant_id = $1 and id = $2 and client_id = $3 and status = 'leased' and lease_until <= now()",
+                  where tenant_id = $1 and id = $2 and client_id = $3 and status = 'leased' and lease_until <= $5::timestamptz",
             )
             .bind(tenant)
             .bind(number)
             .bind(client)
             .bind(until)
+            .bind(lease_until)
             .execute(&mut *conn)
             .await?
             .rows_affected();
@@ -166,7 +169,7 @@ pub async fn deliver(
                 .map_err(|_| ChannelError::permanent("pool workflow key is not a number id"))?;
             sqlx::query(
                 "update msg_numbers set status = 'available', client_id = null, cooldown_until = null, updated_at = now()
-                  where tenant_id = $1 and id = $2 and status = 'cooldown' and cooldown_until <= now()",
+                  where tenant_id = $1 and id = $2 and status = 'cooldown'",
             )
             .bind(tenant)
             .bind(number)

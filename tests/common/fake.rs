@@ -239,6 +239,23 @@ fn default_answer(path: &str, body: &Value, n: u64) -> Answer {
             json!({"sid": format!("SM{n:032}"), "status": "queued"}),
             vec![],
         )
+    } else if path.ends_with("/IncomingPhoneNumbers.json") {
+        (
+            201,
+            json!({"sid": format!("PN{n:032}"), "phone_number": body["PhoneNumber"]}),
+            vec![],
+        )
+    } else if path.contains("/IncomingPhoneNumbers/") {
+        let sid = path
+            .rsplit('/')
+            .next()
+            .unwrap_or("")
+            .trim_end_matches(".json");
+        (
+            200,
+            json!({"sid": sid, "friendly_name": body["FriendlyName"]}),
+            vec![],
+        )
     } else if path.ends_with("/emails") {
         (200, json!({"id": format!("email-{n}")}), vec![])
     } else if path.ends_with("/v3/mail/send") {
