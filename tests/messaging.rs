@@ -624,6 +624,11 @@ async fn offboarding_while_messages_arrive_loses_none() {
         })
         .await;
     }
+    println!("where the {N} messages went: {relayed_to:?}");
+    assert!(
+        relayed_to.get(SAM_PHONE).copied().unwrap_or(0) > 0,
+        "the offboarding landed mid-traffic: {relayed_to:?}"
+    );
     assert!(
         relayed_to.get(PIA_PHONE).copied().unwrap_or(0) > 0,
         "the successor got the later messages: {relayed_to:?}"
