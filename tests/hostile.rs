@@ -174,7 +174,20 @@ async fn bad_input_gets_a_clear_4xx_and_nothing_is_stored() {
 /// A concrete path for a documented one, with tenant A's resources.
 fn fill(path: &str, a: &HashMapLike) -> String {
     let mut p = path.to_string();
-    let id = if path.starts_with("/v1/people") {
+    let m = &a.messaging;
+    let id = if path.starts_with("/v1/messaging/sitters") {
+        &m.sitter
+    } else if path.starts_with("/v1/messaging/bookings") {
+        &m.booking
+    } else if path.starts_with("/v1/messaging/meet-and-greets") {
+        &m.meet
+    } else if path.starts_with("/v1/messaging/threads") {
+        &m.thread
+    } else if path.starts_with("/v1/messaging/inbox") {
+        &m.inbox
+    } else if path.starts_with("/v1/messaging/messages") {
+        &m.message
+    } else if path.starts_with("/v1/people") {
         &a.person
     } else if path.starts_with("/v1/drivers") {
         &a.driver
@@ -192,7 +205,17 @@ fn fill(path: &str, a: &HashMapLike) -> String {
     p.replace("{key}", &a.lead)
 }
 
+struct Messaging {
+    sitter: String,
+    booking: String,
+    meet: String,
+    thread: String,
+    inbox: String,
+    message: String,
+}
+
 struct HashMapLike {
+    messaging: Messaging,
     tenant: String,
     workflow: String,
     lead: String,
@@ -259,7 +282,82 @@ async fn every_route_keeps_one_tenants_data_from_another_tenants_keys() {
         .fetch_one(&app.pool)
         .await
         .unwrap();
+    // Masked-number messaging: numbers, a sitter, a client, a booking in its
+    // window, a meet-and-greet, and a blocked message with its inbox item.
+    for (e164, class) in [("+15550100000", "front_desk"), ("+15550200001", "sitter")] {
+        post(
+            "/v1/messaging/numbers",
+            json!({"e164": e164, "class": class}),
+            None,
+        )
+        .await;
+    }
+    post(
+        "/v1/messaging/sitters",
+        json!({"id": "a-sitter", "name": "Canary Sitter", "phone": "+15551110001"}),
+        None,
+    )
+    .await;
+    post(
+        "/v1/messaging/clients",
+        json!({"id": "a-client", "name": "Canary Client", "phone": "+15552220001"}),
+        None,
+    )
+    .await;
+    let now = chrono::Utc::now();
+    let booking = post(
+        "/v1/messaging/bookings",
+        json!({"client_id": "a-client", "sitter_id": "a-sitter", "service_type": "walk", "recurrence": "weekly",
+               "starts_at": now + chrono::Duration::minutes(10), "ends_at": now + chrono::Duration::minutes(40)}),
+        None,
+    )
+    .await;
+    let meet = post(
+        "/v1/messaging/meet-and-greets",
+        json!({"client_id": "a-client", "sitter_id": "a-sitter",
+               "opens_at": now, "closes_at": now + chrono::Duration::hours(1)}),
+        None,
+    )
+    .await;
+    let sitter_key = app
+        .key(
+            app.keys.tenant_id,
+            dispatch::workflows::Role::Executor,
+            Some("a-sitter"),
+        )
+        .await;
+    let thread = booking["thread_id"].as_str().unwrap().to_string();
+    let sent: Value = app
+        .http
+        .post(format!(
+            "{}/v1/messaging/threads/{thread}/messages",
+            app.url
+        ))
+        .bearer_auth(&sitter_key)
+        .json(&json!({"text": "Canary: call me at 415-555-0134"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(sent["status"], "blocked");
+    let (inbox_item,): (Uuid,) =
+        sqlx::query_as("select id from msg_inbox where tenant_id = $1 limit 1")
+            .bind(app.keys.tenant_id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let messaging = Messaging {
+        sitter: "a-sitter".into(),
+        booking: booking["id"].as_str().unwrap().to_string(),
+        meet: meet["id"].as_str().unwrap().to_string(),
+        thread,
+        inbox: inbox_item.to_string(),
+        message: sent["message_id"].as_str().unwrap().to_string(),
+    };
     let a = HashMapLike {
+        messaging,
         tenant: app.keys.tenant.clone(),
         workflow: wf["id"].as_str().unwrap().to_string(),
         lead: lead.clone(),
@@ -298,6 +396,11 @@ async fn every_route_keeps_one_tenants_data_from_another_tenants_keys() {
             ("post", p) if p.ends_with("/signals") => json!({"name": "cancel", "payload": {}}),
             ("post", p) if p.ends_with("/force") => json!({"state": "CANCELLED", "reason": reason}),
             ("post", p) if p.ends_with("/registration") => json!({}),
+            ("post", p) if p.ends_with("/reschedule") => {
+                json!({"starts_at": "2027-06-01T10:00:00Z", "ends_at": "2027-06-01T11:00:00Z"})
+            }
+            ("post", p) if p.ends_with("/decision") => json!({"decision": "approve"}),
+            ("post", p) if p.ends_with("/messages") => json!({"text": "probe"}),
             ("post", _) => json!({"reason": reason}),
             ("put", p) if p.ends_with("/config") => json!({}),
             ("put", p) if p.contains("/providers/") => json!({"bot_username": "BetaProbeBot"}),
@@ -365,6 +468,7 @@ async fn every_route_keeps_one_tenants_data_from_another_tenants_keys() {
         "/v1/drivers/{id}",
         "/v1/people/{id}",
         "/v1/tenants/{tenant}/config",
+        "/v1/messaging/threads/{id}",
     ] {
         let r = app
             .http

@@ -517,6 +517,15 @@ async fn unlock(
     let reason = reason_of(&raw)?;
     let tenant = caller.0.tenant_id;
     let mut tx = st.engine.pool().begin().await?;
+    let exists: Option<(String,)> =
+        sqlx::query_as("select id from msg_sitters where tenant_id = $1 and id = $2")
+            .bind(tenant)
+            .bind(&id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if exists.is_none() {
+        return Err(not_found("sitter"));
+    }
     if !routing::sitter_locked(&mut tx, tenant, &id).await? {
         return Err(conflict(
             "not_locked",
