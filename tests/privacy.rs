@@ -26,6 +26,12 @@ const MORE_CANARIES: &[&str] = &[
     "Canary Drivername",
     "canary.driver@canary.example",
     "Canary Route Stop",
+    "Canary Sittername",
+    "Canary Petowner",
+    "Canary walk note",
+    "Canary blocked note",
+    "+15557770001",
+    "+15557770002",
 ];
 
 struct Api {
@@ -330,6 +336,106 @@ async fn a_trace_level_run_of_every_flow_leaks_no_personal_data() {
         None,
     )
     .await;
+    // Masked-number messaging: a relayed SMS, a blocked one, the owner's and ops' views.
+    api.send("PUT", "/v1/tenants/acme/providers/twilio", &keys.ops, Some(json!({"account_sid": "ACprivacy", "auth_token": "privacy-twilio-token", "base_url": fake.url})), None).await;
+    for (e164, class) in [("+15550100000", "front_desk"), ("+15550200001", "sitter")] {
+        api.send(
+            "POST",
+            "/v1/messaging/numbers",
+            &keys.operator,
+            Some(json!({"e164": e164, "class": class})),
+            None,
+        )
+        .await;
+    }
+    api.send(
+        "POST",
+        "/v1/messaging/sitters",
+        &keys.operator,
+        Some(json!({"id": "sit-1", "name": "Canary Sittername", "phone": "+15557770001"})),
+        None,
+    )
+    .await;
+    api.send(
+        "POST",
+        "/v1/messaging/clients",
+        &keys.operator,
+        Some(json!({"id": "cli-1", "name": "Canary Petowner", "phone": "+15557770002"})),
+        None,
+    )
+    .await;
+    let now = chrono::Utc::now();
+    api.send("POST", "/v1/messaging/bookings", &keys.operator, Some(json!({"client_id": "cli-1", "sitter_id": "sit-1", "service_type": "walk", "recurrence": "weekly",
+        "starts_at": now + chrono::Duration::minutes(10), "ends_at": now + chrono::Duration::minutes(40)})), None).await;
+    for (sid, body) in [
+        ("SMpriv1", "Canary walk note: leash on the hook"),
+        ("SMpriv2", "Canary blocked note, call me at 415-555-0177"),
+    ] {
+        let params = vec![
+            ("MessageSid".to_string(), sid.to_string()),
+            ("From".to_string(), "+15557770002".to_string()),
+            ("To".to_string(), "+15550200001".to_string()),
+            ("Body".to_string(), body.to_string()),
+        ];
+        let url = format!("{}/v1/intake/twilio/acme", api.url);
+        let sig = dispatch::intake::twilio_signature("privacy-twilio-token", &url, &params);
+        let r = api
+            .http
+            .post(&url)
+            .header("X-Twilio-Signature", sig)
+            .form(&params)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let relay: String = wait_for(Duration::from_secs(30), "the relay to go out", || {
+        let pool = &pool;
+        async move {
+            let r: Option<(String,)> = sqlx::query_as(
+                "select w.id::text from workflows w where w.kind = 'message_relay' and w.state_name = 'SENT' limit 1",
+            )
+            .fetch_optional(pool)
+            .await
+            .unwrap();
+            r.map(|r| r.0)
+        }
+    })
+    .await;
+    wait_for(Duration::from_secs(30), "the block to be logged", || {
+        let pool = &pool;
+        async move {
+            let (n,): (i64,) = sqlx::query_as("select count(*) from msg_poaching")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            (n == 1).then_some(())
+        }
+    })
+    .await;
+    api.watched(
+        "GET",
+        &format!("/v1/ops/workflows/{relay}"),
+        &keys.ops,
+        None,
+        None,
+    )
+    .await;
+    api.watched(
+        "GET",
+        "/v1/ops/workflows?kind=message_relay",
+        &keys.ops,
+        None,
+        None,
+    )
+    .await;
+    let inbox = api
+        .send("GET", "/v1/messaging/poaching", &keys.operator, None, None)
+        .await;
+    assert!(
+        inbox.to_string().contains("Canary blocked note"),
+        "the owner sees the attempt"
+    );
     let metrics = api
         .http
         .get(format!("{}/metrics", api.url))
@@ -385,6 +491,7 @@ async fn a_trace_level_run_of_every_flow_leaks_no_personal_data() {
         "re_test",
         keys.operator.as_str(),
         keys.ops.as_str(),
+        "privacy-twilio-token",
     ] {
         assert!(!logs.contains(secret), "a secret in the logs");
     }

@@ -8,6 +8,7 @@
 //!     [*] --> SCHEDULED: start (operator, ops)
 //!     SCHEDULED --> OPEN: open (timer)
 //!     OPEN --> CLOSED: close (timer)
+//!     SCHEDULED --> CLOSED: close (timer)
 //!     SCHEDULED --> SCHEDULED: reschedule (operator, ops)
 //!     OPEN --> SCHEDULED: reschedule (operator, ops)
 //!     SCHEDULED --> CANCELLED: cancel (operator, ops)
@@ -147,6 +148,7 @@ impl Workflow for AssignmentWindow {
         ("[*]", "SCHEDULED", "start (operator, ops)"),
         ("SCHEDULED", "OPEN", "open (timer)"),
         ("OPEN", "CLOSED", "close (timer)"),
+        ("SCHEDULED", "CLOSED", "close (timer)"),
         ("SCHEDULED", "SCHEDULED", "reschedule"),
         ("OPEN", "SCHEDULED", "reschedule"),
         ("SCHEDULED", "CANCELLED", "cancel"),
