@@ -254,7 +254,13 @@ fn plausible_url(s: &str) -> bool {
     let tld = host.rsplit('.').next().unwrap_or("");
     let same_case =
         tld.chars().all(|c| c.is_ascii_lowercase()) || tld.chars().all(|c| c.is_ascii_uppercase());
-    host.contains('.') && same_case && TLDS.contains(&tld.to_ascii_lowercase().as_str())
+    if !host.contains('.') || !same_case || !tld.chars().all(|c| c.is_ascii_alphabetic()) {
+        return false;
+    }
+    // Any two-letter-or-longer TLD counts when a path follows the host
+    // ("photos.app.goo.gl/AbC123"): sentence typos do not carry paths.
+    let has_path = s[host.len()..].starts_with('/') && s.len() > host.len() + 1;
+    TLDS.contains(&tld.to_ascii_lowercase().as_str()) || (has_path && tld.len() >= 2)
 }
 
 /// Obfuscated "at": `@` (spaces allowed around it) or a bracketed "at".
@@ -629,6 +635,11 @@ const PHONE_WORDS: &[&str] = &[
     "line",
 ];
 
+/// Possessives that make "number" someone's phone number.
+const POSSESSIVES: &[&str] = &[
+    "my", "your", "our", "his", "her", "their", "personal", "own",
+];
+
 /// Words skipped when looking back for context ("booking number is ...").
 const NEUTRAL_WORDS: &[&str] = &[
     "number", "num", "no", "nr", "is", "are", "was", "my", "the", "your", "our", "a", "it", "s",
@@ -744,7 +755,9 @@ fn phone_in_run(chars: &[char], toks: &[Tok], first: usize, last: usize) -> Opti
         start -= 1;
     }
     let span: String = chars[start..end].iter().collect();
-    let strong = plus || span.contains('(');
+    // A `+`, a parenthesised area code or the North American 3-3-4 grouping
+    // ("555-123-4567", "555.123.4567") is a phone whatever the words around it.
+    let strong = plus || span.contains('(') || NANP_GROUPED.is_match(&span);
 
     if !strong && not_a_phone(chars, toks, a, b, &span) {
         return None;
@@ -759,6 +772,8 @@ fn phone_in_run(chars: &[char], toks: &[Tok], first: usize, last: usize) -> Opti
     })
 }
 
+static NANP_GROUPED: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^\d{3}([-. ])\d{3}([-. ])\d{4}$").expect("static regex"));
 static DATE_LIKE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"^(?:(?:19|20)\d{2}([-./])(?:0?[1-9]|1[0-2])([-./])(?:0?[1-9]|[12]\d|3[01])|(?:0?[1-9]|[12]\d|3[01])([-./])(?:0?[1-9]|[12]\d|3[01])([-./])(?:19|20)\d{2})$")
         .expect("static regex")
@@ -817,9 +832,17 @@ fn not_a_phone(chars: &[char], toks: &[Tok], a: usize, b: usize, span: &str) -> 
     }
 
     // Nearest meaningful word before the run: an id word means an id.
-    for t in toks[..a].iter().rev().take(4) {
+    let before: Vec<&Tok> = toks[..a].iter().rev().take(5).collect();
+    for (i, t) in before.iter().enumerate().take(4) {
         let w = t.text.as_str();
         if PHONE_WORDS.contains(&w) {
+            return false;
+        }
+        // "my number", "your number": someone's number is a phone number.
+        let possessed = before
+            .get(i + 1)
+            .is_some_and(|p| POSSESSIVES.contains(&p.text.as_str()));
+        if matches!(w, "number" | "num" | "no" | "nr" | "digits") && possessed {
             return false;
         }
         if ID_WORDS.contains(&w) {
