@@ -148,8 +148,55 @@ fn find_all(text: &str) -> Vec<Finding> {
     find_handles(text, &offsets, &mut raw);
     find_keywords(text, &offsets, &mut raw);
     let chars: Vec<char> = text.chars().collect();
+    find_spaced_links(&chars, &mut raw);
     find_phones(&chars, &mut raw);
     merge(raw)
+}
+
+/// Addresses spelled one character at a time ("m a r c o @ g m a i l . c o m"):
+/// runs of at least six single-character words are joined and scanned for an
+/// email or a URL; a hit covers the whole run.
+fn find_spaced_links(chars: &[char], out: &mut Vec<Finding>) {
+    // (start, char) of every one-character word.
+    let mut run: Vec<(usize, char)> = Vec::new();
+    let mut flush = |run: &mut Vec<(usize, char)>| {
+        if run.len() >= 6 {
+            let joined: String = run.iter().map(|(_, c)| *c).collect();
+            let offsets = CharOffsets::new(&joined);
+            let mut found = Vec::new();
+            find_links(&joined, &offsets, &mut found);
+            if let Some(f) = found.first() {
+                out.push(Finding {
+                    kind: f.kind,
+                    start: run[0].0,
+                    end: run[run.len() - 1].0 + 1,
+                });
+            }
+        }
+        run.clear();
+    };
+    let mut i = 0;
+    while i < chars.len() {
+        if chars[i].is_whitespace() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < chars.len() && !chars[i].is_whitespace() {
+            i += 1;
+        }
+        // Words of one character, at most two spaces apart, form a run.
+        let gap_ok = run.last().is_some_and(|(s, _)| start - s <= 3);
+        if i - start == 1 {
+            if !gap_ok {
+                flush(&mut run);
+            }
+            run.push((start, chars[start]));
+        } else {
+            flush(&mut run);
+        }
+    }
+    flush(&mut run);
 }
 
 /// Sorts findings by start and merges overlapping ones. A merged finding
@@ -528,9 +575,21 @@ fn joins(sep: &[char], prev: &Tok, next: &Tok) -> bool {
     }
     let spelled = !matches!(prev.kind, TokKind::Digits) || !matches!(next.kind, TokKind::Digits);
     let mut parens = 0;
+    let both_digits = matches!(prev.kind, TokKind::Digits) && matches!(next.kind, TokKind::Digits);
+    // One line break between groups of at least three digits ("312 555\n0147").
+    let groups = both_digits && prev.text.len() >= 3 && next.text.len() >= 3;
+    let newlines = sep.iter().filter(|c| **c == '\n').count();
     for (i, &c) in sep.iter().enumerate() {
         match c {
+            '\n' | '\r' if groups && newlines <= 1 => {}
             '\n' | '\r' => return false,
+            // Slashes between digit groups ("07700/900/123"); dates are excluded later.
+            '/' if both_digits => {}
+            // Emoji and other symbols between digits ("617🐾555🐾0198").
+            c if !c.is_ascii()
+                && !c.is_alphanumeric()
+                && !c.is_whitespace()
+                && !matches!(c, '\u{2010}'..='\u{2015}' | '\u{2212}') => {}
             // "at 5. Then 555..." is a sentence break; "555.123", "555 . 123"
             // and "Three one two. Five five five" are not.
             '.' if !spelled
@@ -678,15 +737,33 @@ fn find_phones(chars: &[char], out: &mut Vec<Finding>) {
             continue;
         }
         let mut j = i + 1;
-        while j < toks.len()
-            && toks[j].is_digitish()
-            && joins(
-                &chars[toks[j - 1].end..toks[j].start],
-                &toks[j - 1],
-                &toks[j],
-            )
-        {
-            j += 1;
+        loop {
+            if j < toks.len()
+                && toks[j].is_digitish()
+                && joins(
+                    &chars[toks[j - 1].end..toks[j].start],
+                    &toks[j - 1],
+                    &toks[j],
+                )
+            {
+                j += 1;
+                continue;
+            }
+            // Dictated in parts: "0 8 7, then 9 8 7, then 6 5 4 3".
+            let dictated = j + 1 < toks.len()
+                && toks[j].text == "then"
+                && toks[j + 1].is_digitish()
+                && chars[toks[j - 1].end..toks[j].start]
+                    .iter()
+                    .all(|c| c.is_whitespace() || matches!(c, ',' | '-' | ';'))
+                && chars[toks[j].end..toks[j + 1].start]
+                    .iter()
+                    .all(|c| c.is_whitespace());
+            if dictated {
+                j += 2;
+                continue;
+            }
+            break;
         }
         if let Some(f) = phone_in_run(chars, &toks, i, j) {
             out.push(f);
@@ -722,6 +799,8 @@ fn phone_in_run(chars: &[char], toks: &[Tok], first: usize, last: usize) -> Opti
                 repeat = n;
                 continue;
             }
+            // The "then" of a dictated number (see `find_phones`).
+            TokKind::Other if t.text == "then" => continue,
             TokKind::Other => return None,
         };
         if repeat > 1 && piece.len() == 1 {

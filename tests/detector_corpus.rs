@@ -1,8 +1,10 @@
 //! The anti-poaching detector on labelled corpora of realistic pet-sitting SMS
 //! (tests/data): recall at least 95 % and a false-positive rate under 5 %
 //! (DOMAIN.md §2). `poaching_corpus.jsonl` was written alongside the
-//! detector; `poaching_heldout.jsonl` was written independently, without
-//! sight of the detector or the first corpus, so its figures are the honest ones.
+//! detector. `poaching_heldout.jsonl` was written independently, without
+//! sight of the detector; two general fixes followed its misses.
+//! `poaching_heldout2.jsonl` was written independently after those fixes and
+//! never used to tune anything: its figures are the honest ones.
 
 use dispatch::scan::{scan, verdict, FindingKind, ScanError, Verdict, MAX_CHARS};
 
@@ -61,6 +63,14 @@ fn detector_meets_the_targets_on_the_labelled_corpus() {
 #[test]
 fn detector_meets_the_targets_on_the_independent_held_out_corpus() {
     let (n, recall, fpr) = measure("poaching_heldout.jsonl");
+    assert!(n >= 200, "held-out corpus too small: {n}");
+    assert!(recall >= 0.95, "recall {recall:.4} below 0.95");
+    assert!(fpr < 0.05, "false-positive rate {fpr:.4} not below 0.05");
+}
+
+#[test]
+fn detector_meets_the_targets_on_the_second_held_out_corpus() {
+    let (n, recall, fpr) = measure("poaching_heldout2.jsonl");
     assert!(n >= 200, "held-out corpus too small: {n}");
     assert!(recall >= 0.95, "recall {recall:.4} below 0.95");
     assert!(fpr < 0.05, "false-positive rate {fpr:.4} not below 0.05");

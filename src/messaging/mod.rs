@@ -398,6 +398,15 @@ async fn offboard(
     let b: OffboardBody = parse_body(&body)?;
     let tenant = caller.0.tenant_id;
     let mut tx = st.engine.pool().begin().await?;
+    // Lock order as in routing: the number first, then the sitter (no deadlock
+    // with a message being routed through either).
+    sqlx::query(
+        "select id from msg_numbers where tenant_id = $1 and sitter_id = $2 and status = 'assigned' for update",
+    )
+    .bind(tenant)
+    .bind(&id)
+    .execute(&mut *tx)
+    .await?;
     let sitter: Option<(String,)> = sqlx::query_as(
         "select status from msg_sitters where tenant_id = $1 and id = $2 for update",
     )

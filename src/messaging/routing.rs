@@ -83,7 +83,9 @@ const WINDOWS: &str =
    join msg_numbers n on n.tenant_id = b.tenant_id and n.id = b.number_id
   where b.tenant_id = $1 and not b.cancelled and b.opens_at <= $2 and $2 < b.closes_at";
 
-/// The client's active windows at `now`.
+/// The client's active windows at `now`. The sitters' rows are share-locked:
+/// a concurrent offboarding (which updates them) is decided before this
+/// answers, and a sitter it took away is not a window any more.
 pub async fn client_windows(
     conn: &mut PgConnection,
     tenant: Uuid,
@@ -91,7 +93,7 @@ pub async fn client_windows(
     now: DateTime<Utc>,
 ) -> Result<Vec<Window>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "{WINDOWS} and b.client_id = $3 order by b.opens_at"
+        "{WINDOWS} and b.client_id = $3 order by b.opens_at for share of s"
     )))
     .bind(tenant)
     .bind(now)
@@ -109,7 +111,7 @@ pub async fn sitter_windows(
     now: DateTime<Utc>,
 ) -> Result<Vec<Window>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "{WINDOWS} and b.sitter_id = $3 and ($4::uuid is null or b.number_id = $4) order by b.opens_at"
+        "{WINDOWS} and b.sitter_id = $3 and ($4::uuid is null or b.number_id = $4) order by b.opens_at for share of s"
     )))
     .bind(tenant)
     .bind(now)
@@ -164,7 +166,8 @@ async fn active_sitter_by_phone(
     tenant: Uuid,
     phone: &str,
 ) -> Result<Option<Sitter>, sqlx::Error> {
-    sqlx::query_as("select id, phone, status from msg_sitters where tenant_id = $1 and phone = $2 and status = 'active'")
+    // Share-locked: an offboarding in flight decides first, and this sees its outcome.
+    sqlx::query_as("select id, phone, status from msg_sitters where tenant_id = $1 and phone = $2 and status = 'active' for share")
         .bind(tenant)
         .bind(phone)
         .fetch_optional(conn)
