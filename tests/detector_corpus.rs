@@ -3,8 +3,10 @@
 //! (DOMAIN.md §2). `poaching_corpus.jsonl` was written alongside the
 //! detector. `poaching_heldout.jsonl` was written independently, without
 //! sight of the detector; two general fixes followed its misses.
-//! `poaching_heldout2.jsonl` was written independently after those fixes and
-//! never used to tune anything: its figures are the honest ones.
+//! `poaching_heldout2.jsonl` was written independently after those fixes;
+//! its first run missed the recall target (0.929) and four more general fixes
+//! followed. `poaching_heldout3.jsonl` was written independently after all of
+//! them and has never been used to tune anything: its figures are the honest ones.
 
 use dispatch::scan::{scan, verdict, FindingKind, ScanError, Verdict, MAX_CHARS};
 
@@ -71,6 +73,14 @@ fn detector_meets_the_targets_on_the_independent_held_out_corpus() {
 #[test]
 fn detector_meets_the_targets_on_the_second_held_out_corpus() {
     let (n, recall, fpr) = measure("poaching_heldout2.jsonl");
+    assert!(n >= 200, "held-out corpus too small: {n}");
+    assert!(recall >= 0.95, "recall {recall:.4} below 0.95");
+    assert!(fpr < 0.05, "false-positive rate {fpr:.4} not below 0.05");
+}
+
+#[test]
+fn detector_meets_the_targets_on_the_third_held_out_corpus() {
+    let (n, recall, fpr) = measure("poaching_heldout3.jsonl");
     assert!(n >= 200, "held-out corpus too small: {n}");
     assert!(recall >= 0.95, "recall {recall:.4} below 0.95");
     assert!(fpr < 0.05, "false-positive rate {fpr:.4} not below 0.05");

@@ -1320,6 +1320,7 @@ async fn send_message(
         &number,
         &b.text,
         Some(&client_id),
+        None,
     )
     .await?;
     let row: Option<(Uuid, String, Option<String>)> = sqlx::query_as(

@@ -80,7 +80,7 @@ const WINDOWS: &str =
    from msg_bookings b
    join msg_clients c on c.tenant_id = b.tenant_id and c.id = b.client_id
    join msg_sitters s on s.tenant_id = b.tenant_id and s.id = b.sitter_id and s.status = 'active'
-   join msg_numbers n on n.tenant_id = b.tenant_id and n.id = b.number_id
+   join msg_numbers n on n.tenant_id = b.tenant_id and n.id = b.number_id and n.status in ('assigned', 'leased')
   where b.tenant_id = $1 and not b.cancelled and b.opens_at <= $2 and $2 < b.closes_at";
 
 /// The client's active windows at `now`. The sitters' rows are share-locked:
@@ -192,14 +192,21 @@ pub async fn sitter_locked(
     tenant: Uuid,
     sitter_id: &str,
 ) -> Result<bool, sqlx::Error> {
-    let r: Option<(String,)> = sqlx::query_as(
-        "select state_name from workflows where tenant_id = $1 and kind = 'poaching_strikes' and key = $2",
+    // The workflow's LOCKED, or — before its strike signal is applied — the
+    // attempts this very transaction can see: three within 30 days since the
+    // owner last unlocked the sitter.
+    let (locked,): (bool,) = sqlx::query_as(
+        "select exists (select 1 from workflows where tenant_id = $1 and kind = 'poaching_strikes' and key = $2 and state_name = 'LOCKED')
+             or (select count(*) from msg_poaching p
+                  where p.tenant_id = $1 and p.sitter_id = $2 and p.sender_role = 'sitter'
+                    and p.at > greatest(now() - interval '30 days',
+                        coalesce((select max(at) from audit_log a where a.tenant_id = $1 and a.action = 'sitter_unlocked' and a.target = $2), '-infinity'))) >= 3",
     )
     .bind(tenant)
     .bind(sitter_id)
-    .fetch_optional(conn)
+    .fetch_one(conn)
     .await?;
-    Ok(r.is_some_and(|(s,)| s == "LOCKED"))
+    Ok(locked)
 }
 
 /// The client's active thread on a number, created when missing.
@@ -211,6 +218,13 @@ pub async fn thread_for(
     sitter_id: Option<&str>,
     scope: &str,
 ) -> Result<Uuid, sqlx::Error> {
+    // One active thread per client and number, even for two first messages at once.
+    sqlx::query("select pg_advisory_xact_lock(hashtextextended($1::text || '/' || $2 || '/' || $3::text, 0))")
+        .bind(tenant)
+        .bind(client_id)
+        .bind(number_id)
+        .execute(&mut *conn)
+        .await?;
     let found: Option<(Uuid,)> = sqlx::query_as(
         "select id from msg_threads where tenant_id = $1 and client_id = $2 and number_id = $3 and status = 'active' and scope <> 'meet_and_greet'
           order by created_at limit 1",
@@ -433,6 +447,44 @@ fn refusal(reason: &'static str) -> Route {
     Route::Refuse { reason, reply }
 }
 
+/// A pending meet-and-greet the owner opened to its sitter, inside its window now.
+struct Meeting {
+    thread: Uuid,
+    client_phone: String,
+    sitter_id: String,
+    sitter_phone: String,
+}
+
+async fn open_meetings(
+    conn: &mut PgConnection,
+    tenant: Uuid,
+    sitter: Option<&str>,
+    client: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<Vec<Meeting>, sqlx::Error> {
+    let rows: Vec<(Uuid, Value, String, String, String)> = sqlx::query_as(
+        "select t.id, w.state, c.phone, s.id, s.phone from msg_threads t
+           join workflows w on w.tenant_id = t.tenant_id and w.kind = 'meet_and_greet' and w.key = t.id::text
+           join msg_clients c on c.tenant_id = t.tenant_id and c.id = t.client_id
+           join msg_sitters s on s.tenant_id = t.tenant_id and s.id = t.sitter_id and s.status = 'active'
+          where t.tenant_id = $1 and t.scope = 'meet_and_greet' and t.status = 'active' and w.state_name = 'PENDING'
+            and ($2::text is null or t.sitter_id = $2) and ($3::text is null or t.client_id = $3)
+          for share of s",
+    )
+    .bind(tenant)
+    .bind(sitter)
+    .bind(client)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter(|(_, state, ..)| {
+            matches!(serde_json::from_value::<MeetState>(state.clone()), Ok(MeetState::Pending(m)) if m.sitter_may_message_at(now))
+        })
+        .map(|(thread, _, client_phone, sitter_id, sitter_phone)| Meeting { thread, client_phone, sitter_id, sitter_phone })
+        .collect())
+}
+
 /// Decide where a sitter's message goes (SMS to `number`, or the app's thread on it).
 async fn sitter_route(
     conn: &mut PgConnection,
@@ -447,30 +499,21 @@ async fn sitter_route(
     }
     if number.class == "front_desk" {
         // Meet-and-greet: only a pending meeting the owner opened to the sitter, inside its window.
-        let meetings: Vec<(Uuid, Value, String)> = sqlx::query_as(
-            "select t.id, w.state, c.phone from msg_threads t
-               join workflows w on w.tenant_id = t.tenant_id and w.kind = 'meet_and_greet' and w.key = t.id::text
-               join msg_clients c on c.tenant_id = t.tenant_id and c.id = t.client_id
-              where t.tenant_id = $1 and t.scope = 'meet_and_greet' and t.sitter_id = $2 and t.status = 'active'
-                and ($3::text is null or t.client_id = $3)",
-        )
-        .bind(tenant)
-        .bind(&sitter.id)
-        .bind(client_hint)
-        .fetch_all(&mut *conn)
-        .await?;
-        let open: Vec<_> = meetings
-            .into_iter()
-            .filter(|(_, state, _)| {
-                matches!(serde_json::from_value::<MeetState>(state.clone()), Ok(MeetState::Pending(m)) if m.sitter_may_message_at(now))
-            })
-            .collect();
+        let open = open_meetings(&mut *conn, tenant, Some(&sitter.id), client_hint, now).await?;
         return Ok(match open.as_slice() {
-            [(thread, _, phone)] => Route::Relay {
-                thread: *thread,
+            [m] => Route::Relay {
+                thread: m.thread,
                 from: number.e164.clone(),
-                to: phone.clone(),
+                to: m.client_phone.clone(),
                 sitter_id: Some(sitter.id.clone()),
+            },
+            // Writing to the office by SMS reaches the owner; in the app's
+            // meet-and-greet thread, outside its window, it is refused.
+            [] if client_hint.is_none() => Route::Owner {
+                thread: None,
+                reason: "from_sitter",
+                detail: json!({ "sitter_id": sitter.id }),
+                auto_reply: None,
             },
             [] => refusal("outside_window"),
             _ => refusal("several_windows"),
@@ -521,6 +564,26 @@ async fn client_route(
             auto_reply,
         });
     };
+    if number.class == "front_desk" {
+        // The front desk is the owner's line (inquiries, scheduling, billing):
+        // a sitter sees a client's message there only inside a meet-and-greet
+        // the owner opened to them.
+        let open = open_meetings(&mut *conn, tenant, None, Some(&client.id), now).await?;
+        if let [m] = open.as_slice() {
+            return Ok(Route::Relay {
+                thread: m.thread,
+                from: number.e164.clone(),
+                to: m.sitter_phone.clone(),
+                sitter_id: Some(m.sitter_id.clone()),
+            });
+        }
+        return Ok(Route::Owner {
+            thread: Some(thread_for(&mut *conn, tenant, &client.id, number.id, None, "front_desk").await?),
+            reason: "front_desk",
+            detail: json!({}),
+            auto_reply: None,
+        });
+    }
     if number.class == "pool" {
         // Only a sender mapped to an active thread on this number reaches anyone but the owner.
         let mapped: Option<(Uuid,)> = sqlx::query_as(
@@ -608,6 +671,7 @@ pub async fn handle(
     number: &Number,
     body: &str,
     client_hint: Option<&str>,
+    hold: Option<(&'static str, Value)>,
 ) -> Result<Outcome, EngineError> {
     let exists: Option<(Uuid,)> =
         sqlx::query_as("select id from msg_messages where tenant_id = $1 and source = $2")
@@ -620,6 +684,11 @@ pub async fn handle(
     }
     let now = db_now(&mut *conn).await?;
     let route = match &author {
+        // Held for the owner whoever wrote it (e.g. a picture message).
+        _ if hold.is_some() => {
+            let (reason, detail) = hold.unwrap_or_default();
+            Route::Owner { thread: None, reason, detail, auto_reply: None }
+        }
         Author::Sitter(s) => sitter_route(&mut *conn, tenant, s, number, now, client_hint).await?,
         Author::Client(c) => client_route(&mut *conn, tenant, Some(c), number, now).await?,
         Author::Unknown(_) => client_route(&mut *conn, tenant, None, number, now).await?,
@@ -881,10 +950,16 @@ pub async fn inbound(
         (None, None) => Author::Unknown(from),
     };
     let source = format!("twilio:{event_id}");
-    let outcome = handle(
-        engine, &mut tx, tenant, &source, author, &number, &body, None,
-    )
-    .await?;
+    // Pictures cannot be scanned for contact details: a picture message (or
+    // an empty one) goes to the owner, with its media links, never relayed.
+    let media: Vec<Value> = (0..10)
+        .filter_map(|i| payload[format!("MediaUrl{i}")].as_str().map(Value::from))
+        .collect();
+    let has_media = !media.is_empty()
+        || payload["NumMedia"].as_str().and_then(|n| n.parse::<u32>().ok()).unwrap_or(0) > 0;
+    let hold = (has_media || body.trim().is_empty())
+        .then(|| ("media_not_relayed", json!({ "media": media })));
+    let outcome = handle(engine, &mut tx, tenant, &source, author, &number, &body, None, hold).await?;
     tx.commit().await?;
     tracing::info!(outcome, number.class = %number.class, "masked-number message routed");
     Ok(Some(outcome))
