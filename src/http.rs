@@ -122,6 +122,12 @@ impl From<EngineError> for ApiError {
                 Some(c) if c == "23505" => {
                     ApiError::new(S::CONFLICT, "conflict", "conflicting write")
                 }
+                // Two requests crossed (a deadlock or serialization failure, rolled back whole): try again.
+                Some(c) if c == "40P01" || c == "40001" => ApiError::new(
+                    S::CONFLICT,
+                    "concurrent_update",
+                    "a concurrent request changed the same records; nothing was stored, try again",
+                ),
                 _ => ApiError::new(S::INTERNAL_SERVER_ERROR, "internal", format!("{e}: {err}")),
             },
         }

@@ -168,16 +168,22 @@ impl Pet {
     }
 
     async fn sms_nowait(&self, from: &str, to: &str, text: &str) -> String {
+        self.sms_with(from, to, text, &[]).await
+    }
+
+    /// An inbound SMS with extra Twilio parameters (e.g. `NumMedia`); returns its sid.
+    async fn sms_with(&self, from: &str, to: &str, text: &str, extra: &[(&str, &str)]) -> String {
         let n = self
             .sms_seq
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let sid = format!("SMin{}{n:08}", Uuid::now_v7().simple());
-        let params = vec![
+        let mut params = vec![
             ("MessageSid".to_string(), sid.clone()),
             ("From".to_string(), from.to_string()),
             ("To".to_string(), to.to_string()),
             ("Body".to_string(), text.to_string()),
         ];
+        params.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let url = format!("{}/v1/intake/twilio/acme", self.app.url);
         let sig = dispatch::intake::twilio_signature(TOKEN, &url, &params);
         let r = self
@@ -365,6 +371,35 @@ async fn front_desk_takes_inquiries_and_anything_without_an_active_window() {
         .map(|i| i["reason"].clone())
         .collect();
     assert!(reasons.contains(&json!("front_desk")) && reasons.contains(&json!("no_active_window")));
+    // Even with a window open, the front desk stays the owner's line (billing, scheduling).
+    pet.book("cara", "sam", "walk", 10, 40, Some("weekly"))
+        .await;
+    let m = pet
+        .sms(CARA, FRONT, "Can I pay the invoice on Friday?")
+        .await;
+    assert_eq!(m["reason"], "front_desk");
+    // A picture cannot be scanned: held for the owner with its link, never relayed.
+    let sid = pet
+        .sms_with(
+            CARA,
+            &sam,
+            "",
+            &[
+                ("NumMedia", "1"),
+                ("MediaUrl0", "https://api.twilio.example/media/ME1"),
+            ],
+        )
+        .await;
+    let m = pet.routed(&sid).await;
+    assert_eq!(
+        (m["status"].as_str(), m["reason"].as_str()),
+        (Some("routed_to_owner"), Some("media_not_relayed"))
+    );
+    let item = pet.wait_inbox("media_not_relayed").await;
+    assert_eq!(
+        item["detail"]["media"][0],
+        "https://api.twilio.example/media/ME1"
+    );
     assert!(
         pet.sent_to(SAM_PHONE).is_empty(),
         "nothing reached the sitter"
@@ -619,8 +654,18 @@ async fn offboarding_while_messages_arrive_loses_none() {
         if to == "owner" {
             continue;
         }
+        // Sent once each — or, for a relay still waiting when its sitter was
+        // offboarded, withheld and handed to the owner instead.
         wait_for(WAIT, "the relays to go out", || async {
-            (pet.sent_to(to).len() == *n).then_some(())
+            let (withheld,): (i64,) = sqlx::query_as(
+                "select count(*) from msg_messages m where m.direction = 'out' and m.to_number = $1 and m.status = 'withheld'
+                    and exists (select 1 from msg_inbox i where i.message_id = m.id and i.reason = 'recipient_offboarded')",
+            )
+            .bind(to)
+            .fetch_one(&pet.app.pool)
+            .await
+            .unwrap();
+            (pet.sent_to(to).len() + withheld as usize == *n).then_some(())
         })
         .await;
     }
@@ -977,6 +1022,31 @@ async fn exactly_one_active_window_routes_to_its_sitter_several_go_to_the_owner_
     assert_eq!(code, 200, "{body}");
     pet.wait_sent(PIA_PHONE, "Who is coming at noon?").await;
     assert_eq!(pet.audit("inbox_resolved").await.len(), 1);
+    // A held message is not cleared by resolving it: contact details still go out only by force-send.
+    let m = pet
+        .sms(CARA, &sam, "Whoever comes, text me on 415 555 0123")
+        .await;
+    assert_eq!(m["status"], "blocked", "scanned before routing");
+    let held = pet.sms(CARA, &sam, "Which of you has the spare key?").await;
+    let item = wait_for(WAIT, "the second held message", || async {
+        pet.inbox()
+            .await
+            .into_iter()
+            .find(|i| i["message_id"] == held["id"])
+    })
+    .await;
+    let (code, _) = pet
+        .owner(
+            "POST",
+            &format!(
+                "/v1/messaging/inbox/{}/resolve",
+                item["id"].as_str().unwrap()
+            ),
+            json!({"reason": "sam", "booking_id": b1["id"]}),
+        )
+        .await;
+    assert_eq!(code, 200);
+    pet.wait_sent(SAM_PHONE, "spare key").await;
     let _ = b1;
     let m = pet.sms(CARL, &sam, "hello?").await;
     assert_eq!(m["reason"], "no_active_window");
@@ -1170,6 +1240,23 @@ async fn poaching_is_blocked_never_delivered_and_the_sender_warned_the_owner_fla
         .filter(|i| i["reason"] == "poaching_blocked")
         .count();
     assert_eq!(flags, 2, "every attempt is flagged to the owner");
+    // The sitter's view of the thread never shows what was blocked.
+    let key = pet.sitter_key("sam").await;
+    let thread = m["thread_id"].as_str().unwrap();
+    let (code, t) = pet
+        .call(
+            &key,
+            "GET",
+            &format!("/v1/messaging/threads/{thread}"),
+            None,
+        )
+        .await;
+    assert_eq!(code, 200);
+    let shown = t["messages"].to_string();
+    assert!(
+        !shown.contains("415-555") && !shown.contains("insta"),
+        "{shown}"
+    );
     // A clean message in the same window still flows.
     assert_eq!(
         pet.sms(
@@ -1319,16 +1406,21 @@ async fn meet_and_greet_is_owner_approved_and_the_sitter_messages_only_inside_it
     let id = mg["id"].as_str().unwrap().to_string();
     let decision = format!("/v1/messaging/meet-and-greets/{id}/decision");
     let decide = |body: Value| pet.owner("POST", &decision, body);
-    // Not allowed yet.
-    assert_eq!(
-        pet.sms(
+    // Not allowed yet: the sitter's text to the front desk reaches only the owner.
+    let m = pet
+        .sms(
             SAM_PHONE,
             FRONT,
-            "Hi Cara, looking forward to meeting Bella"
+            "Hi Cara, can I say hello before Saturday?",
         )
-        .await["reason"],
-        "outside_window"
+        .await;
+    assert_eq!(
+        (m["status"].as_str(), m["reason"].as_str()),
+        (Some("routed_to_owner"), Some("from_sitter"))
     );
+    // A client's text to the front desk reaches the owner, not the sitter.
+    let m = pet.sms(CARA, FRONT, "Is Sam nice with cats?").await;
+    assert_eq!(m["reason"], "front_desk");
     let (code, _) = decide(json!({"decision": "allow_sitter"})).await;
     assert_eq!(code, 200);
     wait_for(WAIT, "the permission", || async {
@@ -1355,6 +1447,16 @@ async fn meet_and_greet_is_owner_approved_and_the_sitter_messages_only_inside_it
         FRONT,
         "inside the meet-and-greet, from the front desk"
     );
+    // And the client's answer on the front desk reaches the sitter, inside it.
+    assert_eq!(
+        pet.sms(CARA, FRONT, "Saturday 10am works").await["status"],
+        "relayed"
+    );
+    assert_eq!(pet.wait_sent(SAM_PHONE, "Saturday 10am").await.0, FRONT);
+    assert!(pet
+        .sent_to(CARA)
+        .iter()
+        .all(|(_, b)| !b.contains("before Saturday")));
     // Only the owner decides.
     let key = pet.sitter_key("sam").await;
     let (code, _) = pet
@@ -1387,7 +1489,7 @@ async fn meet_and_greet_is_owner_approved_and_the_sitter_messages_only_inside_it
     .await;
     assert_eq!(
         pet.sms(SAM_PHONE, FRONT, "One more thing").await["reason"],
-        "outside_window",
+        "from_sitter",
         "approved: the front-desk thread is over for the sitter"
     );
 
@@ -1410,16 +1512,52 @@ async fn meet_and_greet_is_owner_approved_and_the_sitter_messages_only_inside_it
     pet.wait_state("meet_and_greet", &id2, "FAILED").await;
     assert_eq!(
         pet.sms(SAM_PHONE, FRONT, "Hello again Carl").await["reason"],
-        "outside_window"
+        "from_sitter"
     );
+    assert!(pet
+        .sent_to(CARL)
+        .iter()
+        .all(|(_, b)| !b.contains("Hello again")));
+    // Access removed: the sitter no longer sees or writes in the thread.
+    wait_for(WAIT, "the sitter's access to go", || async {
+        let (_, mine) = pet.call(&key, "GET", "/v1/messaging/threads", None).await;
+        (!mine["threads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["id"] == id2.as_str()))
+        .then_some(())
+    })
+    .await;
+    let (code, _) = pet
+        .call(
+            &key,
+            "POST",
+            &format!("/v1/messaging/threads/{id2}/messages"),
+            Some(json!({"text": "hi"})),
+        )
+        .await;
+    assert_eq!(code, 404);
     // Outside the window even when allowed.
     let (_, mg3) = pet.owner("POST", "/v1/messaging/meet-and-greets",
         json!({"client_id": "cleo", "sitter_id": "sam", "opens_at": at_minutes(120), "closes_at": at_minutes(180), "sitter_may_message": true})).await;
-    assert!(mg3["id"].is_string());
+    let id3 = mg3["id"].as_str().unwrap();
+    let (code, body) = pet
+        .call(
+            &key,
+            "POST",
+            &format!("/v1/messaging/threads/{id3}/messages"),
+            Some(json!({"text": "Hi Cleo"})),
+        )
+        .await;
     assert_eq!(
-        pet.sms(SAM_PHONE, FRONT, "Hi Cleo").await["reason"],
-        "outside_window"
+        (code, body["status"].as_str(), body["reason"].as_str()),
+        (200, Some("refused"), Some("outside_window"))
     );
+    assert!(pet
+        .sent_to(CLEO)
+        .iter()
+        .all(|(_, b)| !b.contains("Hi Cleo")));
 }
 
 #[tokio::test]
@@ -1548,6 +1686,31 @@ async fn the_owner_sees_every_thread_window_and_number_class_and_every_override_
         pet.sms(CARA, &p1, "Who is coming?").await["deliver_to"],
         PIA_PHONE,
         "the booking followed the thread"
+    );
+    // On a sitter's own number, the thread and its bookings move to the new sitter's number.
+    let carl_thread = threads["threads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["client_id"] == "carl")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (code, _) = pet
+        .owner(
+            "POST",
+            &format!("/v1/messaging/threads/{carl_thread}/reassign"),
+            json!({"sitter_id": "sam", "reason": "pia is away"}),
+        )
+        .await;
+    assert_eq!(code, 200);
+    let sam = pet.sitter_number("sam").await;
+    let pia = pet.sitter_number("pia").await;
+    let m = pet.sms(CARL, &pia, "Same time tomorrow?").await;
+    assert_eq!(
+        (m["deliver_to"].as_str(), m["deliver_from"].as_str()),
+        (Some(SAM_PHONE), Some(sam.as_str()))
     );
     // The detector, as the owner's UI previews with it.
     let (code, scan) = pet

@@ -46,15 +46,53 @@ pub async fn deliver(
     match effect.name.as_str() {
         message_relay::effects::SEND => {
             let id = uuid_field(p, "message_id")?;
-            let row: Option<(String, String, String)> = sqlx::query_as(
-                "select from_number, to_number, body from msg_messages where tenant_id = $1 and id = $2",
+            #[allow(clippy::type_complexity)]
+            let row: Option<(String, String, String, String, Option<Uuid>)> = sqlx::query_as(
+                "select from_number, to_number, body, sender_role, thread_id from msg_messages where tenant_id = $1 and id = $2",
             )
             .bind(tenant)
             .bind(id)
             .fetch_optional(&mut *conn)
             .await?;
-            let (from, to, body) =
+            let (from, to, body, role, thread) =
                 row.ok_or_else(|| ChannelError::permanent("the message is gone"))?;
+            // A client's message still waiting (a provider outage) when its
+            // sitter was offboarded goes to the owner instead.
+            let (offboarded,): (bool,) = sqlx::query_as(
+                "select $3 = 'client'
+                    and exists (select 1 from msg_sitters where tenant_id = $1 and phone = $2 and status = 'offboarded')
+                    and not exists (select 1 from msg_sitters where tenant_id = $1 and phone = $2 and status = 'active')",
+            )
+            .bind(tenant)
+            .bind(&to)
+            .bind(&role)
+            .fetch_one(&mut *conn)
+            .await?;
+            if offboarded
+                && already_sent(&mut *conn, tenant, "twilio", &effect.idempotency_key)
+                    .await?
+                    .is_none()
+            {
+                sqlx::query(
+                    "update msg_messages set status = 'withheld' where tenant_id = $1 and id = $2",
+                )
+                .bind(tenant)
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+                super::routing::inbox(
+                    &mut *conn,
+                    tenant,
+                    &format!("message:{id}"),
+                    Some(id),
+                    thread,
+                    "recipient_offboarded",
+                    "normal",
+                    json!({}),
+                )
+                .await?;
+                return Ok(json!({ "withheld": "the recipient sitter was offboarded" }));
+            }
             let key = &effect.idempotency_key;
             let twilio = providers::get(&mut *conn, tenant, "twilio").await?;
             let (channel, sent) = match twilio {
@@ -194,6 +232,17 @@ pub async fn deliver(
             .await?
             .rows_affected();
             Ok(json!({ "moved_to_sitter_number": moved > 0 }))
+        }
+        meet_and_greet::effects::FAILED => {
+            // Front desk only from now on: the sitter is taken off the thread.
+            let thread = Uuid::parse_str(&workflow_key(&mut *conn, effect).await?)
+                .map_err(|_| ChannelError::permanent("meet-and-greet key is not a thread id"))?;
+            sqlx::query("update msg_threads set sitter_id = null, updated_at = now() where tenant_id = $1 and id = $2")
+                .bind(tenant)
+                .bind(thread)
+                .execute(&mut *conn)
+                .await?;
+            Ok(json!({ "sitter_removed": true }))
         }
         poaching_strikes::effects::OWNER_ALERT => {
             let sitter = workflow_key(&mut *conn, effect).await?;

@@ -185,55 +185,72 @@ async fn add_number(
         return Err(invalid("provider_sid: letters and digits"));
     }
     let tenant = caller.0.tenant_id;
-    let mut conn = st.engine.pool().acquire().await?;
-    let taken: Option<(String,)> =
-        sqlx::query_as("select class from msg_numbers where tenant_id = $1 and (e164 = $2 or ($3 = 'front_desk' and class = 'front_desk'))")
-            .bind(tenant)
-            .bind(&b.e164)
-            .bind(&b.class)
-            .fetch_optional(&mut *conn)
-            .await?;
-    if taken.is_some() {
+    let id = Uuid::now_v7();
+    // The row first (a duplicate is refused before anything is bought), then
+    // the provider, in the same transaction: a provider failure stores nothing.
+    let mut tx = st.engine.pool().begin().await?;
+    let inserted = sqlx::query(
+        "insert into msg_numbers (tenant_id, id, e164, class, provider_sid) values ($1, $2, $3, $4, $5) on conflict do nothing",
+    )
+    .bind(tenant)
+    .bind(id)
+    .bind(&b.e164)
+    .bind(&b.class)
+    .bind(&b.provider_sid)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if inserted == 0 {
         return Err(conflict(
             "number_exists",
             "the number (or the front desk) exists already",
         ));
     }
-    let sid = match (
-        b.provider_sid,
-        providers::get(&mut conn, tenant, "twilio").await?,
-    ) {
-        (Some(sid), _) => Some(sid),
-        (None, Some(row)) => {
-            let http = crate::channels::http_client();
-            let twilio = crate::channels::twilio::Twilio::new(&http, &row).map_err(|e| {
-                ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "provider_not_configured",
-                    e.to_string(),
+    let mut sid = b.provider_sid.clone();
+    if let Some(row) = providers::get(&mut tx, tenant, "twilio").await? {
+        let http = crate::channels::http_client();
+        let twilio = crate::channels::twilio::Twilio::new(&http, &row).map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "provider_not_configured",
+                e.to_string(),
+            )
+        })?;
+        let provider_error = |e: crate::channels::ChannelError| match e {
+            crate::channels::ChannelError::Permanent { message } => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "provider_rejected",
+                message,
+            ),
+            other => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "provider_unavailable",
+                other.to_string(),
+            ),
+        };
+        match &b.provider_sid {
+            // An owned number: point its SMS webhook at us (sitter numbers are
+            // labelled for their sitter at onboarding).
+            Some(owned) => {
+                twilio
+                    .configure(owned, "Dispatch number")
+                    .await
+                    .map_err(provider_error)?;
+            }
+            None => {
+                let bought = twilio.provision(&b.e164).await.map_err(provider_error)?;
+                sqlx::query(
+                    "update msg_numbers set provider_sid = $3 where tenant_id = $1 and id = $2",
                 )
-            })?;
-            Some(twilio.provision(&b.e164).await.map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "provider_failed",
-                    format!("provisioning failed: {e}"),
-                )
-            })?)
+                .bind(tenant)
+                .bind(id)
+                .bind(&bought)
+                .execute(&mut *tx)
+                .await?;
+                sid = Some(bought);
+            }
         }
-        (None, None) => None,
-    };
-    drop(conn);
-    let id = Uuid::now_v7();
-    let mut tx = st.engine.pool().begin().await?;
-    sqlx::query("insert into msg_numbers (tenant_id, id, e164, class, provider_sid) values ($1, $2, $3, $4, $5)")
-        .bind(tenant)
-        .bind(id)
-        .bind(&b.e164)
-        .bind(&b.class)
-        .bind(&sid)
-        .execute(&mut *tx)
-        .await?;
+    }
     if b.class == "pool" {
         st.engine
             .start_in(
@@ -428,7 +445,7 @@ async fn offboard(
         Some(to) if *to == id => return Err(invalid("reassign_to: another sitter")),
         Some(to) => {
             let n: Option<(Option<Uuid>,)> = sqlx::query_as(
-                "select number_id from msg_sitters where tenant_id = $1 and id = $2 and status = 'active'",
+                "select number_id from msg_sitters where tenant_id = $1 and id = $2 and status = 'active' for share",
             )
             .bind(tenant)
             .bind(to)
@@ -690,36 +707,52 @@ async fn lease_pool(
     client: &str,
     until: DateTime<Utc>,
 ) -> Result<(Uuid, bool), ApiError> {
+    // Plain `for update` (no skip locked): a number that is merely busy (a
+    // message being routed through it) is waited for, not passed over. Two
+    // bookings racing for one number: the loser's row no longer matches and
+    // it looks again.
     let pick = |cond: &'static str| {
-        format!("select id from msg_numbers where tenant_id = $1 and class = 'pool' and {cond} limit 1 for update skip locked")
+        format!("select id from msg_numbers where tenant_id = $1 and class = 'pool' and {cond} limit 1 for update")
     };
     let mut exhausted = false;
     let mut found: Option<(Uuid,)> = None;
-    for (cond, last_resort) in [
-        (
-            "status = 'leased' and client_id = $2 order by lease_until desc",
-            false,
-        ),
-        (
-            "status = 'cooldown' and client_id = $2 order by cooldown_until",
-            false,
-        ),
-        (
-            "status = 'available' and ($2 <> '' or true) order by updated_at",
-            false,
-        ),
-        (
-            "status = 'cooldown' and ($2 <> '' or true) order by cooldown_until",
-            true,
-        ),
-    ] {
-        found = sqlx::query_as(sqlx::AssertSqlSafe(pick(cond)))
-            .bind(tenant)
-            .bind(client)
-            .fetch_optional(&mut *conn)
-            .await?;
-        if found.is_some() {
-            exhausted = last_resort;
+    'attempts: for _ in 0..5 {
+        for (cond, last_resort) in [
+            (
+                "status = 'leased' and client_id = $2 order by lease_until desc",
+                false,
+            ),
+            (
+                "status = 'cooldown' and client_id = $2 order by cooldown_until",
+                false,
+            ),
+            (
+                "status = 'available' and ($2 <> '' or true) order by updated_at",
+                false,
+            ),
+            (
+                "status = 'cooldown' and ($2 <> '' or true) order by cooldown_until",
+                true,
+            ),
+        ] {
+            found = sqlx::query_as(sqlx::AssertSqlSafe(pick(cond)))
+                .bind(tenant)
+                .bind(client)
+                .fetch_optional(&mut *conn)
+                .await?;
+            if found.is_some() {
+                exhausted = last_resort;
+                break 'attempts;
+            }
+        }
+        // Nothing matched: only an exhausted pool ends the search.
+        let (free,): (bool,) = sqlx::query_as(
+        "select exists (select 1 from msg_numbers where tenant_id = $1 and class = 'pool' and status in ('available', 'cooldown'))",
+    )
+    .bind(tenant)
+    .fetch_one(&mut *conn)
+    .await?;
+        if !free {
             break;
         }
     }
@@ -776,7 +809,7 @@ async fn book(
             .await?;
     let (one_time, weekly) = client.ok_or_else(|| not_found("client"))?;
     let sitter_number: Option<(Option<Uuid>,)> = sqlx::query_as(
-        "select number_id from msg_sitters where tenant_id = $1 and id = $2 and status = 'active'",
+        "select number_id from msg_sitters where tenant_id = $1 and id = $2 and status = 'active' for share",
     )
     .bind(tenant)
     .bind(&b.sitter_id)
@@ -922,6 +955,19 @@ async fn reschedule(
     if cancelled {
         return Err(conflict("booking_cancelled", "the booking is cancelled"));
     }
+    let (window,): (String,) = sqlx::query_as(
+        "select state_name from workflows where tenant_id = $1 and kind = 'assignment_window' and key = $2",
+    )
+    .bind(tenant)
+    .bind(id.to_string())
+    .fetch_one(&mut *tx)
+    .await?;
+    if window == "CLOSED" || window == "CANCELLED" {
+        return Err(conflict(
+            "window_over",
+            "the booking's window is over: book again instead",
+        ));
+    }
     let config = tenants::config(&mut tx, tenant).await?;
     let (opens_at, closes_at) =
         assignment_window::window(&service, b.starts_at, b.ends_at, &config)
@@ -952,13 +998,37 @@ async fn reschedule(
         )
         .await?;
     if class == "pool" {
-        sqlx::query("update msg_numbers set lease_until = greatest(lease_until, $3) where tenant_id = $1 and id = $2 and client_id = $4 and status = 'leased'")
+        let extended = sqlx::query("update msg_numbers set lease_until = greatest(lease_until, $3) where tenant_id = $1 and id = $2 and client_id = $4 and status = 'leased'")
             .bind(tenant)
             .bind(number)
             .bind(closes_at)
             .bind(&client)
             .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        // The lease already ended (the number cools down or serves someone
+        // else): lease again, maybe another number, and move the booking.
+        let (number, exhausted) = if extended == 0 {
+            let (n, exhausted) = lease_pool(&mut tx, tenant, &client, closes_at).await?;
+            sqlx::query("update msg_bookings set number_id = $3 where tenant_id = $1 and id = $2")
+                .bind(tenant)
+                .bind(id)
+                .bind(n)
+                .execute(&mut *tx)
+                .await?;
+            let sitter: (Option<String>,) = sqlx::query_as(
+                "select sitter_id from msg_bookings where tenant_id = $1 and id = $2",
+            )
+            .bind(tenant)
+            .bind(id)
+            .fetch_one(&mut *tx)
             .await?;
+            routing::thread_for(&mut tx, tenant, &client, n, sitter.0.as_deref(), "service")
+                .await?;
+            (n, exhausted)
+        } else {
+            (number, false)
+        };
         st.engine
             .queue_signal_in(
                 &mut tx,
@@ -968,7 +1038,7 @@ async fn reschedule(
                 &number.to_string(),
                 &format!("lease:{key}"),
                 "lease",
-                &json!({ "client_id": client, "until": closes_at }),
+                &json!({ "client_id": client, "until": closes_at, "pool_exhausted": exhausted }),
                 false,
             )
             .await?;
@@ -1157,7 +1227,9 @@ async fn list_threads(State(st): State<ApiState>, caller: Caller) -> Result<Json
         "select json_build_object('id', t.id, 'client_id', t.client_id, 'sitter_id', t.sitter_id, 'number', n.e164,
                 'number_class', n.class, 'scope', t.scope, 'status', t.status)
            from msg_threads t join msg_numbers n on n.tenant_id = t.tenant_id and n.id = t.number_id
-          where t.tenant_id = $1 and ($2::text is null or (t.sitter_id = $2 and t.status = 'active'))
+          where t.tenant_id = $1 and ($2::text is null or (t.status = 'active' and (t.sitter_id = $2 or exists (
+                select 1 from msg_bookings b where b.tenant_id = t.tenant_id and b.sitter_id = $2
+                   and b.client_id = t.client_id and b.number_id = t.number_id and not b.cancelled and b.closes_at > now()))))
           order by t.created_at",
     )
     .bind(caller.0.tenant_id)
@@ -1167,6 +1239,27 @@ async fn list_threads(State(st): State<ApiState>, caller: Caller) -> Result<Json
     Ok(Json(
         json!({ "threads": rows.into_iter().map(|r| r.0).collect::<Vec<_>>() }),
     ))
+}
+
+/// Whether a sitter may see and write in a thread: an active thread that is
+/// theirs, or where they have a booking with the client on its number.
+async fn sitter_sees(
+    conn: &mut PgConnection,
+    tenant: Uuid,
+    thread: Uuid,
+    sitter: &str,
+) -> Result<bool, ApiError> {
+    let (ok,): (bool,) = sqlx::query_as(
+        "select exists (select 1 from msg_threads t where t.tenant_id = $1 and t.id = $2 and t.status = 'active'
+            and (t.sitter_id = $3 or exists (select 1 from msg_bookings b where b.tenant_id = t.tenant_id and b.sitter_id = $3
+                 and b.client_id = t.client_id and b.number_id = t.number_id and not b.cancelled and b.closes_at > now())))",
+    )
+    .bind(tenant)
+    .bind(thread)
+    .bind(sitter)
+    .fetch_one(conn)
+    .await?;
+    Ok(ok)
 }
 
 async fn thread_row(
@@ -1193,20 +1286,27 @@ async fn get_thread(
     let mut conn = st.engine.pool().acquire().await?;
     let (client, sitter, _, status) = thread_row(&mut conn, tenant, id).await?;
     let owner = OWNER.contains(&caller.0.role);
-    if !owner {
-        let me = sitter_subject(&caller)?;
-        if sitter.as_deref() != Some(me) || status != "active" {
+    let me = if owner {
+        None
+    } else {
+        let me = sitter_subject(&caller)?.to_string();
+        if !sitter_sees(&mut conn, tenant, id, &me).await? {
             return Err(not_found("thread"));
         }
-    }
+        Some(me)
+    };
+    // A sitter sees the conversation as relayed to and from them: never
+    // billing, notices, or what was blocked, refused or held for the owner.
     let rows: Vec<(Value,)> = sqlx::query_as(
         "select json_build_object('id', id, 'direction', direction, 'sender_role', sender_role, 'kind', kind,
                 'text', body, 'status', status, 'reason', reason, 'at', created_at)
-           from msg_messages where tenant_id = $1 and thread_id = $2 and ($3 or kind <> 'billing') order by created_at",
+           from msg_messages where tenant_id = $1 and thread_id = $2
+            and ($3::text is null or (direction = 'in' and sitter_id = $3 and kind = 'service' and status in ('relayed', 'forced')))
+          order by created_at",
     )
     .bind(tenant)
     .bind(id)
-    .bind(owner)
+    .bind(&me)
     .fetch_all(&mut *conn)
     .await?;
     Ok(Json(
@@ -1292,9 +1392,10 @@ async fn send_message(
         ));
     }
     let me = sitter_subject(&caller)?.to_string();
-    if thread_sitter.as_deref() != Some(me.as_str()) || status != "active" {
+    if !sitter_sees(&mut tx, tenant, id, &me).await? {
         return Err(not_found("thread"));
     }
+    let _ = (thread_sitter, status);
     if kind == "billing" {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -1363,24 +1464,41 @@ async fn reassign(
     let tenant = caller.0.tenant_id;
     let mut tx = st.engine.pool().begin().await?;
     let (client, from, number, _) = thread_row(&mut tx, tenant, id).await?;
-    if let Some(to) = &b.sitter_id {
-        let ok: Option<(String,)> = sqlx::query_as(
-            "select id from msg_sitters where tenant_id = $1 and id = $2 and status = 'active'",
-        )
-        .bind(tenant)
-        .bind(to)
-        .fetch_optional(&mut *tx)
-        .await?;
-        ok.ok_or_else(|| invalid("sitter_id: an active sitter"))?;
-    }
-    sqlx::query("update msg_threads set sitter_id = $3, updated_at = now() where tenant_id = $1 and id = $2")
+    // The new sitter's own number (share-locked: not offboarded under us).
+    let successor_number: Option<Uuid> = match &b.sitter_id {
+        Some(to) => {
+            let n: Option<(Option<Uuid>,)> = sqlx::query_as(
+                "select number_id from msg_sitters where tenant_id = $1 and id = $2 and status = 'active' for share",
+            )
+            .bind(tenant)
+            .bind(to)
+            .fetch_optional(&mut *tx)
+            .await?;
+            n.ok_or_else(|| invalid("sitter_id: an active sitter"))?.0
+        }
+        None => None,
+    };
+    // A thread on the old sitter's own number moves to the new sitter's
+    // number (a pool number stays): each sitter works on their own line.
+    let (class,): (String,) =
+        sqlx::query_as("select class from msg_numbers where tenant_id = $1 and id = $2")
+            .bind(tenant)
+            .bind(number)
+            .fetch_one(&mut *tx)
+            .await?;
+    let new_number = match successor_number {
+        Some(n) if class == "sitter" => n,
+        _ => number,
+    };
+    sqlx::query("update msg_threads set sitter_id = $3, number_id = $4, updated_at = now() where tenant_id = $1 and id = $2")
         .bind(tenant)
         .bind(id)
         .bind(&b.sitter_id)
+        .bind(new_number)
         .execute(&mut *tx)
         .await?;
     sqlx::query(
-        "update msg_bookings set sitter_id = $5 where tenant_id = $1 and client_id = $2 and number_id = $3
+        "update msg_bookings set sitter_id = $5, number_id = $6 where tenant_id = $1 and client_id = $2 and number_id = $3
             and sitter_id is not distinct from $4 and not cancelled and closes_at > now()",
     )
     .bind(tenant)
@@ -1388,6 +1506,7 @@ async fn reassign(
     .bind(number)
     .bind(&from)
     .bind(&b.sitter_id)
+    .bind(new_number)
     .execute(&mut *tx)
     .await?;
     audit(
@@ -1470,18 +1589,27 @@ async fn resolve(
         .fetch_optional(&mut *tx)
         .await?;
         let (text, role, client) = held.ok_or_else(|| invalid("the item's message is not held"))?;
-        let w: Option<(String, String, Uuid)> = sqlx::query_as(
-            "select s.phone, n.e164, b.number_id from msg_bookings b
+        // Held is not cleared: the same rule as any relay (a blocked message
+        // goes out only by force-send, with its own reason).
+        if scan::verdict(&text) == scan::Verdict::Block {
+            return Err(conflict(
+                "blocked_content",
+                "the held message would be blocked by the anti-poaching rules; force-send it instead",
+            ));
+        }
+        let w: Option<(String, String, Uuid, String)> = sqlx::query_as(
+            "select s.phone, n.e164, b.number_id, s.id from msg_bookings b
                join msg_sitters s on s.tenant_id = b.tenant_id and s.id = b.sitter_id and s.status = 'active'
                join msg_numbers n on n.tenant_id = b.tenant_id and n.id = b.number_id
-              where b.tenant_id = $1 and b.id = $2 and b.client_id = $3 and not b.cancelled",
+              where b.tenant_id = $1 and b.id = $2 and b.client_id = $3 and not b.cancelled
+              for share of s",
         )
         .bind(tenant)
         .bind(booking)
         .bind(&client)
         .fetch_optional(&mut *tx)
         .await?;
-        let (to, from, number) = w
+        let (to, from, number, sitter) = w
             .filter(|_| role == "client")
             .ok_or_else(|| invalid("booking_id: an open booking of the message's client"))?;
         let thread = routing::thread_for(&mut tx, tenant, &client, number, None, "service").await?;
@@ -1492,17 +1620,18 @@ async fn resolve(
             &format!("resolve:{id}"),
             Some(thread),
             "client",
-            None,
+            Some(&sitter),
             &from,
             &to,
             &text,
             "service",
         )
         .await?;
-        sqlx::query("update msg_messages set status = 'relayed', thread_id = $3 where tenant_id = $1 and id = $2")
+        sqlx::query("update msg_messages set status = 'relayed', thread_id = $3, sitter_id = $4 where tenant_id = $1 and id = $2")
             .bind(tenant)
             .bind(message)
             .bind(thread)
+            .bind(&sitter)
             .execute(&mut *tx)
             .await?;
     }

@@ -578,7 +578,17 @@ async fn client_route(
             });
         }
         return Ok(Route::Owner {
-            thread: Some(thread_for(&mut *conn, tenant, &client.id, number.id, None, "front_desk").await?),
+            thread: Some(
+                thread_for(
+                    &mut *conn,
+                    tenant,
+                    &client.id,
+                    number.id,
+                    None,
+                    "front_desk",
+                )
+                .await?,
+            ),
             reason: "front_desk",
             detail: json!({}),
             auto_reply: None,
@@ -683,11 +693,17 @@ pub async fn handle(
         return Ok("duplicate");
     }
     let now = db_now(&mut *conn).await?;
+    let held = hold.is_some();
     let route = match &author {
         // Held for the owner whoever wrote it (e.g. a picture message).
         _ if hold.is_some() => {
             let (reason, detail) = hold.unwrap_or_default();
-            Route::Owner { thread: None, reason, detail, auto_reply: None }
+            Route::Owner {
+                thread: None,
+                reason,
+                detail,
+                auto_reply: None,
+            }
         }
         Author::Sitter(s) => sitter_route(&mut *conn, tenant, s, number, now, client_hint).await?,
         Author::Client(c) => client_route(&mut *conn, tenant, Some(c), number, now).await?,
@@ -710,6 +726,58 @@ pub async fn handle(
         deliver_from: None,
         deliver_to: None,
     };
+    // Every attempt counts, wherever the message was going (a sitter, the
+    // owner, or nowhere): fail closed, a scan error blocks.
+    let findings = if held {
+        None
+    } else {
+        match scan::scan(body) {
+            Ok(s) if s.verdict == scan::Verdict::Allow => None,
+            Ok(s) => Some(json!(s.findings)),
+            Err(e) => Some(json!([{ "kind": "scan_error", "error": e.to_string() }])),
+        }
+    };
+    if let Some(findings) = findings {
+        let (thread, conversation_sitter) = match &route {
+            Route::Relay {
+                thread,
+                from,
+                to,
+                sitter_id,
+            } => {
+                // Where it would have gone, for the owner's force-send.
+                stored.deliver_from = Some(from);
+                stored.deliver_to = Some(to);
+                (Some(*thread), sitter_id.clone())
+            }
+            Route::Owner { thread, .. } => (*thread, None),
+            Route::Refuse { .. } => (None, None),
+        };
+        let conversation_sitter =
+            conversation_sitter.or_else(|| author.sitter_id().map(str::to_string));
+        stored.thread_id = thread;
+        stored.sitter_id = conversation_sitter.as_deref();
+        stored.status = "blocked";
+        stored.reason = Some("poaching");
+        let id = store_message(&mut *conn, tenant, &stored)
+            .await?
+            .ok_or(EngineError::NotFound)?;
+        block(
+            engine,
+            conn,
+            tenant,
+            id,
+            thread,
+            role,
+            author.sitter_id(),
+            conversation_sitter.as_deref(),
+            findings,
+            &number.e164,
+            &sender_phone,
+        )
+        .await?;
+        return Ok("blocked");
+    }
     match route {
         Route::Refuse { reason, reply } => {
             stored.status = "refused";
@@ -783,55 +851,27 @@ pub async fn handle(
             stored.thread_id = Some(thread);
             stored.deliver_from = Some(&from);
             stored.deliver_to = Some(&to);
-            // Fail closed: a scan error blocks.
-            let scanned = scan::scan(body);
-            let findings = match &scanned {
-                Ok(s) if s.verdict == scan::Verdict::Allow => None,
-                Ok(s) => Some(json!(s.findings)),
-                Err(e) => Some(json!([{ "kind": "scan_error", "error": e.to_string() }])),
-            };
-            let Some(findings) = findings else {
-                stored.status = "relayed";
-                let id = store_message(&mut *conn, tenant, &stored)
-                    .await?
-                    .ok_or(EngineError::NotFound)?;
-                let kind = "service";
-                send(
-                    engine,
-                    conn,
-                    tenant,
-                    &format!("{id}:relay"),
-                    Some(thread),
-                    role,
-                    sitter_id.as_deref(),
-                    &from,
-                    &to,
-                    body,
-                    kind,
-                )
-                .await?;
-                return Ok("relayed");
-            };
-            stored.status = "blocked";
-            stored.reason = Some("poaching");
+            // The sitter of the conversation, whoever wrote (what the sitter's views show).
+            stored.sitter_id = sitter_id.as_deref();
+            stored.status = "relayed";
             let id = store_message(&mut *conn, tenant, &stored)
                 .await?
                 .ok_or(EngineError::NotFound)?;
-            block(
+            send(
                 engine,
                 conn,
                 tenant,
-                id,
+                &format!("{id}:relay"),
                 Some(thread),
                 role,
-                sitter_id.as_deref().filter(|_| role == "sitter"),
                 sitter_id.as_deref(),
-                findings,
-                &number.e164,
-                &sender_phone,
+                &from,
+                &to,
+                body,
+                "service",
             )
             .await?;
-            Ok("blocked")
+            Ok("relayed")
         }
     }
 }
@@ -956,10 +996,17 @@ pub async fn inbound(
         .filter_map(|i| payload[format!("MediaUrl{i}")].as_str().map(Value::from))
         .collect();
     let has_media = !media.is_empty()
-        || payload["NumMedia"].as_str().and_then(|n| n.parse::<u32>().ok()).unwrap_or(0) > 0;
+        || payload["NumMedia"]
+            .as_str()
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0)
+            > 0;
     let hold = (has_media || body.trim().is_empty())
         .then(|| ("media_not_relayed", json!({ "media": media })));
-    let outcome = handle(engine, &mut tx, tenant, &source, author, &number, &body, None, hold).await?;
+    let outcome = handle(
+        engine, &mut tx, tenant, &source, author, &number, &body, None, hold,
+    )
+    .await?;
     tx.commit().await?;
     tracing::info!(outcome, number.class = %number.class, "masked-number message routed");
     Ok(Some(outcome))

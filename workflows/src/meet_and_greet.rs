@@ -28,6 +28,8 @@ use crate::{decode, reason_of, Command, Ctx, Outcome, ParseError, Role, Workflow
 pub mod effects {
     /// Approved: the thread moves to the sitter's masked number.
     pub const APPROVED: &str = "msg_meet_greet_approved";
+    /// Failed: the sitter loses access to the thread.
+    pub const FAILED: &str = "msg_meet_greet_failed";
 }
 
 /// The meeting's parties and window.
@@ -176,7 +178,15 @@ impl Workflow for MeetAndGreet {
                     },
                     reason,
                 },
-                commands: vec![Command::Complete],
+                commands: vec![
+                    Command::Effect {
+                        name: effects::FAILED.into(),
+                        idempotency_key: "meet_greet:failed".into(),
+                        payload: json!({ "sitter_id": m.sitter_id }),
+                        reply: None,
+                    },
+                    Command::Complete,
+                ],
             },
         }
     }
