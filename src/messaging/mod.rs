@@ -19,6 +19,13 @@
 //!   within 90 days"): after its cooldown it is a pool number for good.
 //! - Routing follows the booking's window times, which are the times the
 //!   assignment-window timers fire at; a cancelled booking stops routing at once.
+//! - The front desk is the owner's line: a client's text there reaches the
+//!   owner even during a window (it may be about billing), and a sitter's
+//!   text there reaches the owner (outside an open meet-and-greet).
+//! - Every message is scanned, whatever its route; pictures (MMS) cannot be
+//!   scanned and go to the owner with their links.
+//! - A relay still queued when its sitter is offboarded is withheld and
+//!   handed to the owner.
 
 pub mod effects;
 pub mod routing;
