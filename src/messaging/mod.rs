@@ -140,6 +140,25 @@ fn idempotency(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
 }
 
+/// `{name: [rows]}` for a query of JSON rows of one tenant (`$1`).
+async fn list_of(
+    st: &ApiState,
+    tenant: Uuid,
+    name: &str,
+    sql: &'static str,
+) -> Result<Json<Value>, ApiError> {
+    let rows: Vec<(Value,)> = sqlx::query_as(sql)
+        .bind(tenant)
+        .fetch_all(st.engine.pool())
+        .await?;
+    let mut out = serde_json::Map::new();
+    out.insert(
+        name.to_string(),
+        Value::Array(rows.into_iter().map(|r| r.0).collect()),
+    );
+    Ok(Json(Value::Object(out)))
+}
+
 // ---- the detector ----
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -277,18 +296,10 @@ async fn add_number(
 #[utoipa::path(get, path = "/v1/messaging/numbers", tag = "messaging", security(("bearer" = [])), responses((status = 200, description = "Every number with its class, status and cooldown", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn list_numbers(State(st): State<ApiState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     require(&caller, OWNER, "read numbers")?;
-    let rows: Vec<(Value,)> = sqlx::query_as(
-        "select json_build_object('id', id, 'e164', e164, 'class', class, 'status', status, 'sitter_id', sitter_id,
+    list_of(&st, caller.0.tenant_id, "numbers", "select json_build_object('id', id, 'e164', e164, 'class', class, 'status', status, 'sitter_id', sitter_id,
                 'client_id', client_id, 'lease_until', lease_until, 'cooldown_until', cooldown_until,
                 'former_sitter_number', retired_sitter)
-           from msg_numbers where tenant_id = $1 order by created_at",
-    )
-    .bind(caller.0.tenant_id)
-    .fetch_all(st.engine.pool())
-    .await?;
-    Ok(Json(
-        json!({ "numbers": rows.into_iter().map(|r| r.0).collect::<Vec<_>>() }),
-    ))
+           from msg_numbers where tenant_id = $1 order by created_at").await
 }
 
 // ---- sitters ----
@@ -380,22 +391,14 @@ async fn onboard(
 #[utoipa::path(get, path = "/v1/messaging/sitters", tag = "messaging", security(("bearer" = [])), responses((status = 200, description = "Sitters with their number, lifecycle and strikes", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn list_sitters(State(st): State<ApiState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     require(&caller, OWNER, "read sitters")?;
-    let rows: Vec<(Value,)> = sqlx::query_as(
-        "select json_build_object('id', s.id, 'name', s.name, 'status', s.status, 'number', n.e164,
+    list_of(&st, caller.0.tenant_id, "sitters", "select json_build_object('id', s.id, 'name', s.name, 'status', s.status, 'number', n.e164,
                 'lifecycle', l.state_name, 'messaging', coalesce(p.state_name, 'CLEAR'),
                 'strikes_in_30_days', coalesce(jsonb_array_length(p.state->'strikes'), 0))
            from msg_sitters s
            left join msg_numbers n on n.tenant_id = s.tenant_id and n.id = s.number_id
            left join workflows l on l.tenant_id = s.tenant_id and l.kind = 'sitter_lifecycle' and l.key = s.id
            left join workflows p on p.tenant_id = s.tenant_id and p.kind = 'poaching_strikes' and p.key = s.id
-          where s.tenant_id = $1 order by s.created_at",
-    )
-    .bind(caller.0.tenant_id)
-    .fetch_all(st.engine.pool())
-    .await?;
-    Ok(Json(
-        json!({ "sitters": rows.into_iter().map(|r| r.0).collect::<Vec<_>>() }),
-    ))
+          where s.tenant_id = $1 order by s.created_at").await
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -653,18 +656,10 @@ async fn add_client(
 #[utoipa::path(get, path = "/v1/messaging/clients", tag = "messaging", security(("bearer" = [])), responses((status = 200, description = "Clients; `recurring` is derived", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn list_clients(State(st): State<ApiState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     require(&caller, OWNER, "read clients")?;
-    let rows: Vec<(Value,)> = sqlx::query_as(
-        "select json_build_object('id', c.id, 'name', c.name, 'is_one_time_client', c.is_one_time_client,
+    list_of(&st, caller.0.tenant_id, "clients", "select json_build_object('id', c.id, 'name', c.name, 'is_one_time_client', c.is_one_time_client,
                 'recurring', c.weekly_plan or exists (select 1 from msg_bookings b where b.tenant_id = c.tenant_id
                              and b.client_id = c.id and b.recurrence is not null and not b.cancelled))
-           from msg_clients c where c.tenant_id = $1 order by c.created_at",
-    )
-    .bind(caller.0.tenant_id)
-    .fetch_all(st.engine.pool())
-    .await?;
-    Ok(Json(
-        json!({ "clients": rows.into_iter().map(|r| r.0).collect::<Vec<_>>() }),
-    ))
+           from msg_clients c where c.tenant_id = $1 order by c.created_at").await
 }
 
 // ---- bookings ----
@@ -910,21 +905,13 @@ async fn list_bookings(
     caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
     require(&caller, OWNER, "read bookings")?;
-    let rows: Vec<(Value,)> = sqlx::query_as(
-        "select json_build_object('id', b.id, 'client_id', b.client_id, 'sitter_id', b.sitter_id, 'service_type', b.service_type,
+    list_of(&st, caller.0.tenant_id, "bookings", "select json_build_object('id', b.id, 'client_id', b.client_id, 'sitter_id', b.sitter_id, 'service_type', b.service_type,
                 'starts_at', b.starts_at, 'ends_at', b.ends_at, 'opens_at', b.opens_at, 'closes_at', b.closes_at,
                 'recurrence', b.recurrence, 'number', n.e164, 'number_class', n.class, 'window', w.state_name)
            from msg_bookings b
            join msg_numbers n on n.tenant_id = b.tenant_id and n.id = b.number_id
            left join workflows w on w.tenant_id = b.tenant_id and w.kind = 'assignment_window' and w.key = b.id::text
-          where b.tenant_id = $1 order by b.starts_at",
-    )
-    .bind(caller.0.tenant_id)
-    .fetch_all(st.engine.pool())
-    .await?;
-    Ok(Json(
-        json!({ "bookings": rows.into_iter().map(|r| r.0).collect::<Vec<_>>() }),
-    ))
+          where b.tenant_id = $1 order by b.starts_at").await
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -1536,19 +1523,11 @@ async fn reassign(
 #[utoipa::path(get, path = "/v1/messaging/inbox", tag = "messaging", security(("bearer" = [])), responses((status = 200, description = "Open owner inbox items, newest first", body = serde_json::Value), crate::openapi::ClientErrors))]
 async fn list_inbox(State(st): State<ApiState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     require(&caller, OWNER, "read the inbox")?;
-    let rows: Vec<(Value,)> = sqlx::query_as(
-        "select json_build_object('id', i.id, 'reason', i.reason, 'severity', i.severity, 'detail', i.detail,
+    list_of(&st, caller.0.tenant_id, "items", "select json_build_object('id', i.id, 'reason', i.reason, 'severity', i.severity, 'detail', i.detail,
                 'message_id', i.message_id, 'thread_id', i.thread_id, 'text', m.body, 'from', m.from_number,
                 'to', m.to_number, 'sender_role', m.sender_role, 'at', i.created_at)
            from msg_inbox i left join msg_messages m on m.tenant_id = i.tenant_id and m.id = i.message_id
-          where i.tenant_id = $1 and i.resolved_at is null order by i.created_at desc limit 500",
-    )
-    .bind(caller.0.tenant_id)
-    .fetch_all(st.engine.pool())
-    .await?;
-    Ok(Json(
-        json!({ "items": rows.into_iter().map(|r| r.0).collect::<Vec<_>>() }),
-    ))
+          where i.tenant_id = $1 and i.resolved_at is null order by i.created_at desc limit 500").await
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -1722,18 +1701,10 @@ async fn list_poaching(
     caller: Caller,
 ) -> Result<Json<Value>, ApiError> {
     require(&caller, OWNER, "read poaching attempts")?;
-    let rows: Vec<(Value,)> = sqlx::query_as(
-        "select json_build_object('id', p.id, 'message_id', p.message_id, 'thread_id', p.thread_id, 'sender_role', p.sender_role,
+    list_of(&st, caller.0.tenant_id, "attempts", "select json_build_object('id', p.id, 'message_id', p.message_id, 'thread_id', p.thread_id, 'sender_role', p.sender_role,
                 'sitter_id', p.sitter_id, 'findings', p.findings, 'text', m.body, 'status', m.status, 'at', p.at)
            from msg_poaching p join msg_messages m on m.tenant_id = p.tenant_id and m.id = p.message_id
-          where p.tenant_id = $1 order by p.at desc limit 500",
-    )
-    .bind(caller.0.tenant_id)
-    .fetch_all(st.engine.pool())
-    .await?;
-    Ok(Json(
-        json!({ "attempts": rows.into_iter().map(|r| r.0).collect::<Vec<_>>() }),
-    ))
+          where p.tenant_id = $1 order by p.at desc limit 500").await
 }
 
 /// The messaging routes.
