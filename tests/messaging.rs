@@ -1756,3 +1756,59 @@ fn dispatch_scan_prints_the_verdict_and_exits_1_on_block() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["verdict"], "allow");
 }
+
+#[tokio::test]
+async fn the_messaging_layer_switches_off_per_tenant_at_run_time_without_losing_a_message() {
+    let pet = Pet::new(1, 0).await;
+    let sam = pet.sitter_number("sam").await;
+    let b = pet
+        .book("cara", "sam", "walk", 10, 40, Some("weekly"))
+        .await;
+    // Relays off: nothing goes out, every message waits for the owner.
+    pet.app
+        .set_config(json!({"flags": {"message_relay": false, "assignment_window": false}}))
+        .await;
+    let m = pet.sms(CARA, &sam, "Leash is on the hook").await;
+    assert_eq!(
+        (m["status"].as_str(), m["reason"].as_str()),
+        (Some("routed_to_owner"), Some("relays_switched_off"))
+    );
+    pet.wait_inbox("relays_switched_off").await;
+    let thread = b["thread_id"].as_str().unwrap();
+    let (code, body) = pet
+        .owner(
+            "POST",
+            &format!("/v1/messaging/threads/{thread}/messages"),
+            json!({"text": "See you at 10"}),
+        )
+        .await;
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (409, Some("layer_disabled"))
+    );
+    // No new windows while their kind is off; nothing partial is stored.
+    let (code, body) = pet
+        .owner(
+            "POST",
+            "/v1/messaging/bookings",
+            json!({"client_id": "carl", "sitter_id": "sam", "service_type": "walk",
+            "starts_at": at_minutes(60), "ends_at": at_minutes(90), "recurrence": "weekly"}),
+        )
+        .await;
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (409, Some("layer_disabled"))
+    );
+    let (_, bookings) = pet
+        .owner("GET", "/v1/messaging/bookings", json!(null))
+        .await;
+    assert_eq!(bookings["bookings"].as_array().unwrap().len(), 1);
+    assert!(pet.sent_to(SAM_PHONE).is_empty());
+    // Back on, at once, in every process.
+    pet.app.set_config(json!({})).await;
+    assert_eq!(
+        pet.sms(CARA, &sam, "Leash is on the hook, again").await["status"],
+        "relayed"
+    );
+    pet.wait_sent(SAM_PHONE, "again").await;
+}

@@ -693,6 +693,18 @@ pub async fn handle(
         return Ok("duplicate");
     }
     let now = db_now(&mut *conn).await?;
+    // Relays switched off for the tenant (`flags.message_relay = false`, read
+    // in this transaction): nothing goes out; every message waits for the owner.
+    let config = crate::store::tenants::config(&mut *conn, tenant).await?;
+    let hold = if config
+        .pointer("/flags/message_relay")
+        .and_then(Value::as_bool)
+        == Some(false)
+    {
+        Some(("relays_switched_off", json!({})))
+    } else {
+        hold
+    };
     let held = hold.is_some();
     let route = match &author {
         // Held for the owner whoever wrote it (e.g. a picture message).
