@@ -659,7 +659,8 @@ async fn offboarding_while_messages_arrive_loses_none() {
         wait_for(WAIT, "the relays to go out", || async {
             let (withheld,): (i64,) = sqlx::query_as(
                 "select count(*) from msg_messages m where m.direction = 'out' and m.to_number = $1 and m.status = 'withheld'
-                    and exists (select 1 from msg_inbox i where i.message_id = m.id and i.reason = 'recipient_offboarded')",
+                    and exists (select 1 from msg_inbox i where i.source = 'message:' || m.id and i.reason = 'recipient_offboarded'
+                                and i.message_id = split_part(m.source, ':', 1)::uuid)",
             )
             .bind(to)
             .fetch_one(&pet.app.pool)
@@ -835,6 +836,18 @@ async fn inbound_on_a_pool_number_from_an_unmapped_sender_goes_to_the_owner_with
     let (from, body) = pet.wait_sent(CARA, "booking is complete").await;
     assert_eq!(from, p1);
     assert!(body.contains("front desk"));
+    // The same with contact details in it: still the owner and the auto-reply (flagged as an attempt).
+    let m = pet.sms(CARA, &p1, "New number, it's 415-555-0101").await;
+    assert_eq!(m["reason"], "pool_sender_not_mapped");
+    wait_for(WAIT, "the second auto-reply", || async {
+        (pet.sent_to(CARA)
+            .iter()
+            .filter(|(_, b)| b.contains("booking is complete"))
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
     let m = pet.sms("+15559990000", &p1, "who is this?").await;
     assert_eq!(m["reason"], "unknown_sender");
     pet.wait_sent("+15559990000", "booking is complete").await;
@@ -1022,31 +1035,61 @@ async fn exactly_one_active_window_routes_to_its_sitter_several_go_to_the_owner_
     assert_eq!(code, 200, "{body}");
     pet.wait_sent(PIA_PHONE, "Who is coming at noon?").await;
     assert_eq!(pet.audit("inbox_resolved").await.len(), 1);
-    // A held message is not cleared by resolving it: contact details still go out only by force-send.
+    // Contact details in a held message: logged and flagged as an attempt;
+    // resolving it relays it only when the owner forces it (audited).
     let m = pet
         .sms(CARA, &sam, "Whoever comes, text me on 415 555 0123")
         .await;
-    assert_eq!(m["status"], "blocked", "scanned before routing");
-    let held = pet.sms(CARA, &sam, "Which of you has the spare key?").await;
-    let item = wait_for(WAIT, "the second held message", || async {
+    assert_eq!(
+        (m["status"].as_str(), m["reason"].as_str()),
+        (Some("routed_to_owner"), Some("several_windows"))
+    );
+    wait_for(WAIT, "the attempt flag", || async {
         pet.inbox()
             .await
             .into_iter()
-            .find(|i| i["message_id"] == held["id"])
+            .find(|i| i["reason"] == "poaching_attempt" && i["message_id"] == m["id"])
     })
     .await;
-    let (code, _) = pet
+    let item = wait_for(WAIT, "the held item", || async {
+        pet.inbox()
+            .await
+            .into_iter()
+            .find(|i| i["reason"] == "several_windows" && i["message_id"] == m["id"])
+    })
+    .await;
+    let path = format!(
+        "/v1/messaging/inbox/{}/resolve",
+        item["id"].as_str().unwrap()
+    );
+    let (code, body) = pet
         .owner(
             "POST",
-            &format!(
-                "/v1/messaging/inbox/{}/resolve",
-                item["id"].as_str().unwrap()
-            ),
+            &path,
             json!({"reason": "sam", "booking_id": b1["id"]}),
         )
         .await;
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (409, Some("blocked_content"))
+    );
+    assert!(pet
+        .sent_to(SAM_PHONE)
+        .iter()
+        .all(|(_, b)| !b.contains("415 555 0123")));
+    let (code, _) = pet
+        .owner(
+            "POST",
+            &path,
+            json!({"reason": "her own number, fine", "booking_id": b1["id"], "force": true}),
+        )
+        .await;
     assert_eq!(code, 200);
-    pet.wait_sent(SAM_PHONE, "spare key").await;
+    pet.wait_sent(SAM_PHONE, "415 555 0123").await;
+    assert_eq!(
+        pet.audit("blocked_message_forced").await[0]["reason"],
+        "her own number, fine"
+    );
     let _ = b1;
     let m = pet.sms(CARL, &sam, "hello?").await;
     assert_eq!(m["reason"], "no_active_window");
@@ -1275,6 +1318,17 @@ async fn poaching_escalates_per_sitter_within_30_days_and_only_the_owner_unlocks
     let sam = pet.sitter_number("sam").await;
     pet.book("cara", "sam", "walk", 10, 40, Some("weekly"))
         .await;
+    // Writing to the office is not poaching: the owner gets it, flagged, with no warning and no strike.
+    let m = pet
+        .sms(SAM_PHONE, FRONT, "Locked out at the Smiths, call me")
+        .await;
+    assert_eq!(
+        (m["status"].as_str(), m["reason"].as_str()),
+        (Some("routed_to_owner"), Some("from_sitter"))
+    );
+    pet.wait_inbox("poaching_attempt").await;
+    assert_eq!(pet.state("poaching_strikes", "sam").await, "", "no strike");
+    assert!(pet.sent_to(SAM_PHONE).is_empty(), "no warning");
     assert_eq!(
         pet.sms(SAM_PHONE, &sam, "text me on whatsapp").await["status"],
         "blocked"

@@ -47,14 +47,14 @@ pub async fn deliver(
         message_relay::effects::SEND => {
             let id = uuid_field(p, "message_id")?;
             #[allow(clippy::type_complexity)]
-            let row: Option<(String, String, String, String, Option<Uuid>)> = sqlx::query_as(
-                "select from_number, to_number, body, sender_role, thread_id from msg_messages where tenant_id = $1 and id = $2",
+            let row: Option<(String, String, String, String, Option<Uuid>, String)> = sqlx::query_as(
+                "select from_number, to_number, body, sender_role, thread_id, source from msg_messages where tenant_id = $1 and id = $2",
             )
             .bind(tenant)
             .bind(id)
             .fetch_optional(&mut *conn)
             .await?;
-            let (from, to, body, role, thread) =
+            let (from, to, body, role, thread, source) =
                 row.ok_or_else(|| ChannelError::permanent("the message is gone"))?;
             // A client's message still waiting (a provider outage) when its
             // sitter was offboarded goes to the owner instead.
@@ -80,11 +80,25 @@ pub async fn deliver(
                 .bind(id)
                 .execute(&mut *conn)
                 .await?;
+                // The owner gets the client's original message, held for them
+                // (so it can be resolved to the successor like any other).
+                let original = source
+                    .strip_suffix(":relay")
+                    .and_then(|s| Uuid::parse_str(s).ok())
+                    .unwrap_or(id);
+                sqlx::query(
+                    "update msg_messages set status = 'routed_to_owner', reason = 'recipient_offboarded'
+                      where tenant_id = $1 and id = $2 and direction = 'in' and status = 'relayed'",
+                )
+                .bind(tenant)
+                .bind(original)
+                .execute(&mut *conn)
+                .await?;
                 super::routing::inbox(
                     &mut *conn,
                     tenant,
                     &format!("message:{id}"),
-                    Some(id),
+                    Some(original),
                     thread,
                     "recipient_offboarded",
                     "normal",

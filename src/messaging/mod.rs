@@ -232,6 +232,18 @@ async fn add_number(
             "the number (or the front desk) exists already",
         ));
     }
+    // Everything that can still fail comes before buying the number.
+    if b.class == "pool" {
+        st.engine
+            .start_in(
+                &mut tx,
+                tenant,
+                PoolNumber::KIND,
+                &id.to_string(),
+                &json!({}),
+            )
+            .await?;
+    }
     let mut sid = b.provider_sid.clone();
     if let Some(row) = providers::get(&mut tx, tenant, "twilio").await? {
         let http = crate::channels::http_client();
@@ -276,17 +288,6 @@ async fn add_number(
                 sid = Some(bought);
             }
         }
-    }
-    if b.class == "pool" {
-        st.engine
-            .start_in(
-                &mut tx,
-                tenant,
-                PoolNumber::KIND,
-                &id.to_string(),
-                &json!({}),
-            )
-            .await?;
     }
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(json!({ "id": id, "e164": b.e164, "class": b.class, "status": "available", "provider_sid": sid })))
@@ -804,7 +805,7 @@ async fn book(
         assignment_window::window(&b.service_type, b.starts_at, b.ends_at, &config)
             .map_err(|e| invalid(e.to_string()))?;
     let client: Option<(bool, bool)> =
-        sqlx::query_as("select is_one_time_client, weekly_plan from msg_clients where tenant_id = $1 and id = $2 for update")
+        sqlx::query_as("select is_one_time_client, weekly_plan from msg_clients where tenant_id = $1 and id = $2 for no key update")
             .bind(tenant)
             .bind(&b.client_id)
             .fetch_optional(&mut *tx)
@@ -1123,7 +1124,7 @@ async fn meet(
         .await?
         .ok_or_else(|| conflict("no_front_desk_number", "add the front-desk number first"))?;
     let ok: Option<(i64,)> = sqlx::query_as(
-        "select 1::bigint from msg_clients c, msg_sitters s where c.tenant_id = $1 and c.id = $2 and s.tenant_id = $1 and s.id = $3 and s.status = 'active'",
+        "select 1::bigint from msg_clients c, msg_sitters s where c.tenant_id = $1 and c.id = $2 and s.tenant_id = $1 and s.id = $3 and s.status = 'active' for share of s",
     )
     .bind(tenant)
     .bind(&b.client_id)
@@ -1221,7 +1222,9 @@ async fn list_threads(State(st): State<ApiState>, caller: Caller) -> Result<Json
         "select json_build_object('id', t.id, 'client_id', t.client_id, 'sitter_id', t.sitter_id, 'number', n.e164,
                 'number_class', n.class, 'scope', t.scope, 'status', t.status)
            from msg_threads t join msg_numbers n on n.tenant_id = t.tenant_id and n.id = t.number_id
-          where t.tenant_id = $1 and ($2::text is null or (t.status = 'active' and (t.sitter_id = $2 or exists (
+          where t.tenant_id = $1 and ($2::text is null or (t.status = 'active'
+            and exists (select 1 from msg_sitters s where s.tenant_id = $1 and s.id = $2 and s.status = 'active')
+            and (t.sitter_id = $2 or exists (
                 select 1 from msg_bookings b where b.tenant_id = t.tenant_id and b.sitter_id = $2
                    and b.client_id = t.client_id and b.number_id = t.number_id and not b.cancelled and b.closes_at > now()))))
           order by t.created_at",
@@ -1245,6 +1248,7 @@ async fn sitter_sees(
 ) -> Result<bool, ApiError> {
     let (ok,): (bool,) = sqlx::query_as(
         "select exists (select 1 from msg_threads t where t.tenant_id = $1 and t.id = $2 and t.status = 'active'
+            and exists (select 1 from msg_sitters s where s.tenant_id = $1 and s.id = $3 and s.status = 'active')
             and (t.sitter_id = $3 or exists (select 1 from msg_bookings b where b.tenant_id = t.tenant_id and b.sitter_id = $3
                  and b.client_id = t.client_id and b.number_id = t.number_id and not b.cancelled and b.closes_at > now())))",
     )
@@ -1457,6 +1461,12 @@ async fn reassign(
     let b: ReassignBody = parse_body(&body)?;
     let tenant = caller.0.tenant_id;
     let mut tx = st.engine.pool().begin().await?;
+    // Locked: an offboarding of the thread's sitter is either before or after.
+    sqlx::query("select id from msg_threads where tenant_id = $1 and id = $2 for update")
+        .bind(tenant)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
     let (client, from, number, _) = thread_row(&mut tx, tenant, id).await?;
     // The new sitter's own number (share-locked: not offboarded under us).
     let successor_number: Option<Uuid> = match &b.sitter_id {
@@ -1539,6 +1549,10 @@ struct ResolveBody {
     /// For a message held because several windows were open: relay it to this booking's sitter.
     #[serde(default)]
     booking_id: Option<Uuid>,
+    /// Relay it even though the anti-poaching rules would block it (audited
+    /// as a forced send, with this reason).
+    #[serde(default)]
+    force: bool,
 }
 
 #[utoipa::path(post, path = "/v1/messaging/inbox/{id}/resolve", tag = "messaging", params(("id" = Uuid, Path, description = "Inbox item id")), request_body = ResolveBody, security(("bearer" = [])), responses((status = 200, description = "Resolved (audited); with a booking, the held message is relayed to its sitter", body = serde_json::Value), crate::openapi::ClientErrors))]
@@ -1577,17 +1591,36 @@ async fn resolve(
         let (text, role, client) = held.ok_or_else(|| invalid("the item's message is not held"))?;
         // Held is not cleared: the same rule as any relay (a blocked message
         // goes out only by force-send, with its own reason).
-        if scan::verdict(&text) == scan::Verdict::Block {
+        if text.trim().is_empty() {
+            return Err(invalid(
+                "the held message has no text to relay (a picture message)",
+            ));
+        }
+        let blocked = scan::verdict(&text) == scan::Verdict::Block;
+        if blocked && !b.force {
             return Err(conflict(
                 "blocked_content",
-                "the held message would be blocked by the anti-poaching rules; force-send it instead",
+                "the held message would be blocked by the anti-poaching rules; resolve with `force: true` to send it anyway",
             ));
+        }
+        if blocked {
+            audit(
+                &mut tx,
+                &caller,
+                "blocked_message_forced",
+                None,
+                Some(&message.to_string()),
+                &reason,
+                Some("routed_to_owner"),
+                json!({ "via": "inbox" }),
+            )
+            .await?;
         }
         let w: Option<(String, String, Uuid, String)> = sqlx::query_as(
             "select s.phone, n.e164, b.number_id, s.id from msg_bookings b
                join msg_sitters s on s.tenant_id = b.tenant_id and s.id = b.sitter_id and s.status = 'active'
                join msg_numbers n on n.tenant_id = b.tenant_id and n.id = b.number_id
-              where b.tenant_id = $1 and b.id = $2 and b.client_id = $3 and not b.cancelled
+              where b.tenant_id = $1 and b.id = $2 and b.client_id = $3 and not b.cancelled and b.closes_at > now()
               for share of s",
         )
         .bind(tenant)

@@ -198,6 +198,7 @@ pub async fn sitter_locked(
     let (locked,): (bool,) = sqlx::query_as(
         "select exists (select 1 from workflows where tenant_id = $1 and kind = 'poaching_strikes' and key = $2 and state_name = 'LOCKED')
              or (select count(*) from msg_poaching p
+                  join msg_messages m on m.tenant_id = p.tenant_id and m.id = p.message_id and m.status in ('blocked', 'forced')
                   where p.tenant_id = $1 and p.sitter_id = $2 and p.sender_role = 'sitter'
                     and p.at > greatest(now() - interval '30 days',
                         coalesce((select max(at) from audit_log a where a.tenant_id = $1 and a.action = 'sitter_unlocked' and a.target = $2), '-infinity'))) >= 3",
@@ -740,50 +741,57 @@ pub async fn handle(
     };
     // Every attempt counts, wherever the message was going (a sitter, the
     // owner, or nowhere): fail closed, a scan error blocks.
-    let findings = if held {
-        None
-    } else {
-        match scan::scan(body) {
-            Ok(s) if s.verdict == scan::Verdict::Allow => None,
-            Ok(s) => Some(json!(s.findings)),
-            Err(e) => Some(json!([{ "kind": "scan_error", "error": e.to_string() }])),
-        }
+    // Every message is scanned, whatever its route (fail closed: a scan error
+    // counts as a finding). Only a relay is blocked, warned and struck; a
+    // message for the owner (or refused) keeps its route, and the attempt is
+    // logged and flagged.
+    let findings = match scan::scan(body) {
+        Ok(s) if s.verdict == scan::Verdict::Allow => None,
+        Ok(s) => Some(json!(s.findings)),
+        Err(e) => Some(json!([{ "kind": "scan_error", "error": e.to_string() }])),
     };
-    if let Some(findings) = findings {
-        let (thread, conversation_sitter) = match &route {
-            Route::Relay {
-                thread,
-                from,
-                to,
-                sitter_id,
-            } => {
-                // Where it would have gone, for the owner's force-send.
-                stored.deliver_from = Some(from);
-                stored.deliver_to = Some(to);
-                (Some(*thread), sitter_id.clone())
-            }
-            Route::Owner { thread, .. } => (*thread, None),
-            Route::Refuse { .. } => (None, None),
+    if let (
+        Some(findings),
+        false,
+        Route::Relay {
+            thread,
+            from,
+            to,
+            sitter_id,
+        },
+    ) = (&findings, held, &route)
+    {
+        // Where it would have gone, for the owner's force-send.
+        let blocked = Stored {
+            deliver_from: Some(from),
+            deliver_to: Some(to),
+            thread_id: Some(*thread),
+            sitter_id: sitter_id.as_deref(),
+            status: "blocked",
+            reason: Some("poaching"),
+            ..stored
         };
-        let conversation_sitter =
-            conversation_sitter.or_else(|| author.sitter_id().map(str::to_string));
-        stored.thread_id = thread;
-        stored.sitter_id = conversation_sitter.as_deref();
-        stored.status = "blocked";
-        stored.reason = Some("poaching");
-        let id = store_message(&mut *conn, tenant, &stored)
+        let id = store_message(&mut *conn, tenant, &blocked)
             .await?
             .ok_or(EngineError::NotFound)?;
-        block(
+        log_attempt(
+            &mut *conn,
+            tenant,
+            id,
+            Some(*thread),
+            role,
+            sitter_id.as_deref(),
+            findings,
+            "poaching_blocked",
+        )
+        .await?;
+        warn_and_strike(
             engine,
             conn,
             tenant,
             id,
-            thread,
-            role,
+            Some(*thread),
             author.sitter_id(),
-            conversation_sitter.as_deref(),
-            findings,
             &number.e164,
             &sender_phone,
         )
@@ -797,6 +805,19 @@ pub async fn handle(
             let id = store_message(&mut *conn, tenant, &stored)
                 .await?
                 .ok_or(EngineError::NotFound)?;
+            if let Some(f) = &findings {
+                log_attempt(
+                    &mut *conn,
+                    tenant,
+                    id,
+                    None,
+                    role,
+                    author.sitter_id(),
+                    f,
+                    "poaching_attempt",
+                )
+                .await?;
+            }
             send(
                 engine,
                 conn,
@@ -825,6 +846,19 @@ pub async fn handle(
             let id = store_message(&mut *conn, tenant, &stored)
                 .await?
                 .ok_or(EngineError::NotFound)?;
+            if let Some(f) = &findings {
+                log_attempt(
+                    &mut *conn,
+                    tenant,
+                    id,
+                    thread,
+                    role,
+                    author.sitter_id(),
+                    f,
+                    "poaching_attempt",
+                )
+                .await?;
+            }
             inbox(
                 &mut *conn,
                 tenant,
@@ -888,21 +922,19 @@ pub async fn handle(
     }
 }
 
-/// A blocked message: log the attempt, flag the owner, warn the sender, and
-/// count a sitter's strike.
+/// Log a poaching attempt (message, thread, sender role, sitter) and flag it
+/// in the owner's inbox (`reason`: `poaching_blocked`, or `poaching_attempt`
+/// for a message that was going to the owner anyway).
 #[allow(clippy::too_many_arguments)]
-async fn block(
-    engine: &Engine,
+async fn log_attempt(
     conn: &mut PgConnection,
     tenant: Uuid,
     message_id: Uuid,
     thread: Option<Uuid>,
     role: &str,
-    striking_sitter: Option<&str>,
-    thread_sitter: Option<&str>,
-    findings: Value,
-    warn_from: &str,
-    warn_to: &str,
+    sitter: Option<&str>,
+    findings: &Value,
+    reason: &str,
 ) -> Result<(), EngineError> {
     sqlx::query(
         "insert into msg_poaching (tenant_id, id, message_id, thread_id, sender_role, sitter_id, findings)
@@ -913,21 +945,36 @@ async fn block(
     .bind(message_id)
     .bind(thread)
     .bind(role)
-    .bind(thread_sitter)
-    .bind(&findings)
+    .bind(sitter)
+    .bind(findings)
     .execute(&mut *conn)
     .await?;
     inbox(
         &mut *conn,
         tenant,
-        &format!("message:{message_id}"),
+        &format!("poaching:{message_id}"),
         Some(message_id),
         thread,
-        "poaching_blocked",
+        reason,
         "normal",
-        json!({ "sender_role": role, "sitter_id": thread_sitter, "findings": findings }),
+        json!({ "sender_role": role, "sitter_id": sitter, "findings": findings }),
     )
     .await?;
+    Ok(())
+}
+
+/// A blocked relay: warn the sender, and count a sitter's strike.
+#[allow(clippy::too_many_arguments)]
+async fn warn_and_strike(
+    engine: &Engine,
+    conn: &mut PgConnection,
+    tenant: Uuid,
+    message_id: Uuid,
+    thread: Option<Uuid>,
+    striking_sitter: Option<&str>,
+    warn_from: &str,
+    warn_to: &str,
+) -> Result<(), EngineError> {
     let warning = "Your message was not delivered: sharing phone numbers, emails, links or social handles is not allowed here. Please keep the conversation on this number.";
     send(
         engine,
@@ -945,7 +992,9 @@ async fn block(
     .await?;
     if let Some(sitter) = striking_sitter {
         use workflows::poaching_strikes::PoachingStrikes;
-        engine
+        // With the strikes workflow switched off for the tenant the attempt
+        // still counts: `sitter_locked` also reads the attempts log.
+        let started = engine
             .start_in(
                 &mut *conn,
                 tenant,
@@ -953,7 +1002,13 @@ async fn block(
                 sitter,
                 &json!({}),
             )
-            .await?;
+            .await;
+        match started {
+            Err(EngineError::LayerDisabled(_)) => return Ok(()),
+            other => {
+                other?;
+            }
+        }
         engine
             .queue_signal_in(
                 conn,
