@@ -159,6 +159,18 @@ async fn list_of(
     Ok(Json(Value::Object(out)))
 }
 
+/// An owner's override: the role check, the body, and its reason (checked
+/// like every ops reason, and audited by the caller).
+fn owner_override<T: for<'de> Deserialize<'de>>(
+    caller: &Caller,
+    body: &Bytes,
+    what: &str,
+) -> Result<(T, String), ApiError> {
+    require(caller, OWNER, what)?;
+    let reason = reason_of(&parse_body::<Value>(body)?)?;
+    Ok((parse_body(body)?, reason))
+}
+
 // ---- the detector ----
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -169,8 +181,7 @@ struct ScanBody {
 }
 
 #[utoipa::path(post, path = "/v1/messages/scan", tag = "messaging", request_body = ScanBody, security(("bearer" = [])), responses((status = 200, description = "The verdict and what was found (character offsets, end exclusive). A scan error answers `block`: the detector fails closed.", body = serde_json::Value), crate::openapi::ClientErrors))]
-async fn scan_message(caller: Caller, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let _ = caller;
+async fn scan_message(_caller: Caller, body: Bytes) -> Result<Json<Value>, ApiError> {
     let b: ScanBody = parse_body(&body)?;
     Ok(Json(match scan::scan(&b.text) {
         Ok(s) => json!(s),
@@ -420,10 +431,7 @@ async fn offboard(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    require(&caller, OWNER, "offboard sitters")?;
-    let raw: Value = parse_body(&body)?;
-    let reason = reason_of(&raw)?;
-    let b: OffboardBody = parse_body(&body)?;
+    let (b, reason): (OffboardBody, String) = owner_override(&caller, &body, "offboard sitters")?;
     let tenant = caller.0.tenant_id;
     let mut tx = st.engine.pool().begin().await?;
     // Lock order as in routing: the number first, then the sitter (no deadlock
@@ -549,9 +557,7 @@ async fn unlock(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    require(&caller, OWNER, "unlock sitters")?;
-    let raw: Value = parse_body(&body)?;
-    let reason = reason_of(&raw)?;
+    let (_, reason): (Value, String) = owner_override(&caller, &body, "unlock sitters")?;
     let tenant = caller.0.tenant_id;
     let mut tx = st.engine.pool().begin().await?;
     let exists: Option<(String,)> =
@@ -1051,9 +1057,7 @@ async fn cancel_booking(
     Path(id): Path<Uuid>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    require(&caller, OWNER, "cancel bookings")?;
-    let raw: Value = parse_body(&body)?;
-    let reason = reason_of(&raw)?;
+    let (_, reason): (Value, String) = owner_override(&caller, &body, "cancel bookings")?;
     let tenant = caller.0.tenant_id;
     let mut tx = st.engine.pool().begin().await?;
     let n = sqlx::query("update msg_bookings set cancelled = true where tenant_id = $1 and id = $2 and not cancelled")
@@ -1348,7 +1352,7 @@ async fn send_message(
         idempotency(&headers)?.unwrap_or_else(|| Uuid::now_v7().to_string())
     );
     let mut tx = st.engine.pool().begin().await?;
-    let (client_id, thread_sitter, number_id, status) = thread_row(&mut tx, tenant, id).await?;
+    let (client_id, _, number_id, _) = thread_row(&mut tx, tenant, id).await?;
     if OWNER.contains(&caller.0.role) {
         // The owner writes from the front desk; billing goes on the client's front-desk thread.
         let fd = routing::front_desk(&mut tx, tenant)
@@ -1393,7 +1397,6 @@ async fn send_message(
     if !sitter_sees(&mut tx, tenant, id, &me).await? {
         return Err(not_found("thread"));
     }
-    let _ = (thread_sitter, status);
     if kind == "billing" {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -1410,7 +1413,7 @@ async fn send_message(
     let number: Number = routing::number_by_id(&mut tx, tenant, number_id)
         .await?
         .ok_or_else(|| not_found("thread"))?;
-    let outcome = routing::handle(
+    routing::handle(
         &st.engine,
         &mut tx,
         tenant,
@@ -1431,7 +1434,6 @@ async fn send_message(
     .await?;
     tx.commit().await?;
     let (message_id, status, reason) = row.ok_or_else(|| not_found("message"))?;
-    let _ = outcome;
     Ok(Json(
         json!({ "message_id": message_id, "status": status, "reason": reason }),
     ))
@@ -1455,10 +1457,7 @@ async fn reassign(
     Path(id): Path<Uuid>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    require(&caller, OWNER, "reassign threads")?;
-    let raw: Value = parse_body(&body)?;
-    let reason = reason_of(&raw)?;
-    let b: ReassignBody = parse_body(&body)?;
+    let (b, reason): (ReassignBody, String) = owner_override(&caller, &body, "reassign threads")?;
     let tenant = caller.0.tenant_id;
     let mut tx = st.engine.pool().begin().await?;
     // Locked: an offboarding of the thread's sitter is either before or after.
@@ -1562,10 +1561,7 @@ async fn resolve(
     Path(id): Path<Uuid>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    require(&caller, OWNER, "resolve inbox items")?;
-    let raw: Value = parse_body(&body)?;
-    let reason = reason_of(&raw)?;
-    let b: ResolveBody = parse_body(&body)?;
+    let (b, reason): (ResolveBody, String) = owner_override(&caller, &body, "resolve inbox items")?;
     let tenant = caller.0.tenant_id;
     let mut tx = st.engine.pool().begin().await?;
     let item: Option<(Option<Uuid>,)> = sqlx::query_as(
@@ -1678,9 +1674,8 @@ async fn force_send(
     Path(id): Path<Uuid>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    require(&caller, OWNER, "force-send blocked messages")?;
-    let raw: Value = parse_body(&body)?;
-    let reason = reason_of(&raw)?;
+    let (_, reason): (Value, String) =
+        owner_override(&caller, &body, "force-send blocked messages")?;
     let tenant = caller.0.tenant_id;
     let mut tx = st.engine.pool().begin().await?;
     #[allow(clippy::type_complexity)]
