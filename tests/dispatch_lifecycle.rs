@@ -891,15 +891,23 @@ async fn a_job_cancelled_before_its_post_was_published_gets_the_post_marked_canc
         ],
         "the post went out, then was marked cancelled"
     );
-    let (_, wf) = app.get(&app.keys.operator, &lead).await;
-    assert_eq!(wf["state"], "CANCELLED");
-    let published = wf["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["signal_name"] == "published")
-        .unwrap()
-        .clone();
+    // The publish effect's reply is a signal of its own, applied after the
+    // effect settled: wait for it in the history.
+    let published = wait_for(
+        Duration::from_secs(20),
+        "the late `published` reply",
+        || async {
+            let (_, wf) = app.get(&app.keys.operator, &lead).await;
+            assert_eq!(wf["state"], "CANCELLED");
+            wf["history"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["signal_name"] == "published")
+                .cloned()
+        },
+    )
+    .await;
     assert_eq!(published["reason"], "final_state");
 }
 
