@@ -102,7 +102,8 @@ pub async fn embed(settings: &Settings, pool: PgPool) -> Result<(axum::Router, R
         pool.clone(),
         Arc::new(known(settings)),
         settings.engine.clone(),
-    );
+    )
+    .with_start_guard(Arc::new(crate::crew::start_guard));
     let (applied, _) = broadcast::channel(4096);
     http::spawn_signal_listener(pool, applied.clone(), running.shutdown.clone());
     let router = http::router(ApiState {
@@ -130,7 +131,8 @@ pub async fn launch(
         pool.clone(),
         Arc::new(known(settings)),
         settings.engine.clone(),
-    );
+    )
+    .with_start_guard(Arc::new(crate::crew::start_guard));
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     let mut addr = None;
@@ -148,14 +150,11 @@ pub async fn launch(
             public_url: settings.public_url.clone(),
             max_body_bytes: settings.max_body_bytes,
         });
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            let server = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await });
-            if let Err(e) = server.await {
-                tracing::error!(error = %e, "http server failed");
-            }
-        });
+        let edge = crate::edge::EdgeConfig {
+            max_body_bytes: settings.max_body_bytes,
+            ..settings.edge.clone()
+        };
+        tasks.spawn(crate::edge::serve(listener, app, edge, shutdown.clone()));
     }
     if matches!(role, ProcessRole::Worker | ProcessRole::All) {
         let outbox = Outbox::new(pool.clone(), settings.outbox.clone());

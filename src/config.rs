@@ -74,6 +74,10 @@ pub struct Settings {
     /// Worker tuning (`DISPATCH_WORKER_CONCURRENCY`, `DISPATCH_POLL_MS`,
     /// `DISPATCH_SWEEP_MS`, `DISPATCH_SWEEP_GRACE_MS`, `DISPATCH_SHUTDOWN_GRACE_MS`).
     pub workers: WorkerConfig,
+    /// HTTP edge limits (`DISPATCH_HTTP_HEADER_TIMEOUT_MS`,
+    /// `DISPATCH_HTTP_BODY_TIMEOUT_MS`, `DISPATCH_HTTP_IDLE_TIMEOUT_MS`,
+    /// `DISPATCH_HTTP_MAX_CONNECTIONS`); the body limit is `max_body_bytes`.
+    pub edge: crate::edge::EdgeConfig,
 }
 
 impl Default for Settings {
@@ -90,6 +94,7 @@ impl Default for Settings {
             engine: EngineConfig::default(),
             outbox: OutboxConfig::default(),
             workers: WorkerConfig::default(),
+            edge: crate::edge::EdgeConfig::default(),
         }
     }
 }
@@ -162,6 +167,36 @@ impl Settings {
         ms("DISPATCH_SWEEP_MS", &mut s.workers.sweep_interval)?;
         ms("DISPATCH_SWEEP_GRACE_MS", &mut s.workers.sweep_grace)?;
         ms("DISPATCH_SHUTDOWN_GRACE_MS", &mut s.workers.shutdown_grace)?;
+        ms("DISPATCH_HTTP_HEADER_TIMEOUT_MS", &mut s.edge.header_timeout)?;
+        ms("DISPATCH_HTTP_BODY_TIMEOUT_MS", &mut s.edge.body_timeout)?;
+        ms("DISPATCH_HTTP_IDLE_TIMEOUT_MS", &mut s.edge.idle_timeout)?;
+        for (name, d) in [
+            ("DISPATCH_HTTP_HEADER_TIMEOUT_MS", s.edge.header_timeout),
+            ("DISPATCH_HTTP_BODY_TIMEOUT_MS", s.edge.body_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError {
+                    name,
+                    message: "must be at least 1 ms".into(),
+                });
+            }
+        }
+        // A long poll (`?wait_ms=`) moves no byte while it waits.
+        if s.edge.idle_timeout <= Duration::from_millis(crate::http::MAX_WAIT_MS) {
+            return Err(ConfigError {
+                name: "DISPATCH_HTTP_IDLE_TIMEOUT_MS",
+                message: format!("must exceed the longest wait_ms ({})", crate::http::MAX_WAIT_MS),
+            });
+        }
+        if let Some(v) = num::<usize>("DISPATCH_HTTP_MAX_CONNECTIONS")? {
+            if v == 0 {
+                return Err(ConfigError {
+                    name: "DISPATCH_HTTP_MAX_CONNECTIONS",
+                    message: "must be at least 1".into(),
+                });
+            }
+            s.edge.max_connections = v;
+        }
         // Each served kind has an apply and an effect queue, plus the intake
         // queue; every handler may hold a connection.
         let kinds = s

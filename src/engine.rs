@@ -124,12 +124,18 @@ pub struct ApplyReport {
     pub more: bool,
 }
 
+/// A product's extra check on a start input, run after the workflow's own
+/// `start` accepted it and before anything is stored: `(kind, key, input,
+/// tenant config)`. The moving product's keeps unsafe text from crews.
+pub type StartGuard = Arc<dyn Fn(&str, &str, &Value, &Value) -> Result<(), ParseError> + Send + Sync>;
+
 /// The durable engine.
 #[derive(Clone)]
 pub struct Engine {
     pool: PgPool,
     registry: Arc<Registry>,
     config: EngineConfig,
+    start_guard: Option<StartGuard>,
 }
 
 impl Engine {
@@ -139,7 +145,14 @@ impl Engine {
             pool,
             registry,
             config,
+            start_guard: None,
         }
+    }
+
+    /// The same engine with a product's start guard (see [`StartGuard`]).
+    pub fn with_start_guard(mut self, guard: StartGuard) -> Self {
+        self.start_guard = Some(guard);
+        self
     }
 
     /// The pool.
@@ -215,6 +228,9 @@ impl Engine {
                 actor: &system,
             };
             let started = wf.start(key, input, &ctx)?;
+            if let Some(guard) = &self.start_guard {
+                guard(kind, key, input, &config)?;
+            }
             let input_hash = hash_json(input);
             let new = NewWorkflow {
                 tenant_id,
@@ -587,7 +603,7 @@ impl Engine {
                 }
                 // A stored signal that no longer parses is rejected, never retried forever.
                 Err(e) => Transition::Reject {
-                    reason: format!("invalid_signal: {e}"),
+                    reason: workflows::text::redact(&format!("invalid_signal: {e}")),
                 },
             };
             let mut event = NewEvent {

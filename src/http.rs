@@ -71,9 +71,12 @@ impl IntoResponse for ApiError {
             let body = json!({"error": {"code": "internal", "message": "internal error"}});
             return (self.status, Json(body)).into_response();
         }
+        // Errors name the field, never the value: whatever a message quotes
+        // of the request is taken out, and the rest is bounded.
+        let message = workflows::text::redact(&self.message);
         (
             self.status,
-            Json(json!({"error": {"code": self.code, "message": self.message}})),
+            Json(json!({"error": {"code": self.code, "message": message}})),
         )
             .into_response()
     }
@@ -83,9 +86,11 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         use StatusCode as S;
         match &e {
-            EngineError::UnknownKind(_) => {
-                ApiError::new(S::NOT_FOUND, "unknown_kind", e.to_string())
-            }
+            EngineError::UnknownKind(_) => ApiError::new(
+                S::NOT_FOUND,
+                "unknown_kind",
+                "`kind` is not a workflow kind this service runs",
+            ),
             EngineError::NotFound => ApiError::new(S::NOT_FOUND, "not_found", e.to_string()),
             EngineError::LayerDisabled(_) => {
                 ApiError::new(S::CONFLICT, "layer_disabled", e.to_string())
@@ -99,14 +104,19 @@ impl From<EngineError> for ApiError {
                 e.to_string(),
             ),
             EngineError::Forbidden(..) => ApiError::new(S::FORBIDDEN, "forbidden", e.to_string()),
-            EngineError::Parse(ParseError::UnknownSignal(_)) => {
-                ApiError::new(S::UNPROCESSABLE_ENTITY, "unknown_signal", e.to_string())
-            }
+            EngineError::Parse(ParseError::UnknownSignal(_)) => ApiError::new(
+                S::UNPROCESSABLE_ENTITY,
+                "unknown_signal",
+                "`name` is not a signal of this workflow kind",
+            ),
             EngineError::Parse(ParseError::InvalidKey(_)) => {
                 ApiError::new(S::UNPROCESSABLE_ENTITY, "invalid_key", e.to_string())
             }
             EngineError::Parse(ParseError::StoredState(_)) => {
                 ApiError::new(S::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            }
+            EngineError::Parse(ParseError::CrewUnsafe(_)) => {
+                ApiError::new(S::UNPROCESSABLE_ENTITY, "crew_unsafe_field", e.to_string())
             }
             EngineError::Parse(ParseError::InvalidPayload(_)) => {
                 ApiError::new(S::UNPROCESSABLE_ENTITY, "invalid_payload", e.to_string())
@@ -186,13 +196,7 @@ impl FromRequestParts<ApiState> for Caller {
 }
 
 pub(crate) fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed_json",
-            format!("body is not valid JSON: {e}"),
-        )
-    })?;
+    let value = parse_json(body)?;
     serde_json::from_value(value).map_err(|e| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -200,6 +204,101 @@ pub(crate) fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T
             e.to_string(),
         )
     })
+}
+
+/// Parse a JSON body strictly: malformed JSON is `400 malformed_json`, and an
+/// object with the same key twice is `400 duplicate_key` — a proxy or an
+/// audit reading the first of two `role`s must see the request we act on.
+pub(crate) fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
+    let malformed = |e: serde_json::Error| {
+        if let Some(key) = e.to_string().strip_prefix(DUPLICATE) {
+            let key = key.split(" at line").next().unwrap_or("");
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "duplicate_key",
+                format!("an object holds the key `{key}` twice"),
+            );
+        }
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!(
+                "body is not valid JSON (line {}, column {})",
+                e.line(),
+                e.column()
+            ),
+        )
+    };
+    let strict: Strict = serde_json::from_slice(body).map_err(malformed)?;
+    Ok(strict.0)
+}
+
+const DUPLICATE: &str = "duplicate key ";
+
+/// A JSON value whose objects refuse a repeated key.
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(Strict(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                let shown: String = if key.len() <= 64 && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    key
+                } else {
+                    "(a key)".into()
+                };
+                return Err(serde::de::Error::custom(format!("{DUPLICATE}{shown}")));
+            }
+            let Strict(v) = map.next_value()?;
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
+    }
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]

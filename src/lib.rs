@@ -14,6 +14,8 @@ pub mod channels;
 pub mod config;
 pub mod console;
 pub mod courier;
+pub mod crew;
+pub mod edge;
 pub mod engine;
 pub mod http;
 pub mod intake;

@@ -69,6 +69,11 @@ enum Cmd {
         /// Seconds for `latency`, `ingest` and pgbench.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Start the embedded server (when DATABASE_URL is unset) with the
+        /// fast, non-durable settings (fsync, synchronous_commit and
+        /// full_page_writes off) instead of PostgreSQL's durable defaults.
+        #[arg(long)]
+        fast_pg: bool,
     },
     /// Operations on the running system (needs DATABASE_URL).
     Ops {
@@ -308,12 +313,18 @@ async fn main() -> anyhow::Result<()> {
             due,
             rate,
             seconds,
+            fast_pg,
         } => {
             let url = match &settings.database_url {
                 Some(u) => u.expose().to_string(),
                 None => {
                     let dir = std::path::Path::new(&settings.data_dir).join("pg");
-                    tokio::task::spawn_blocking(move || dispatch::pg::start(&dir))
+                    let durability = if fast_pg {
+                        dispatch::pg::Durability::Fast
+                    } else {
+                        dispatch::pg::Durability::Durable
+                    };
+                    tokio::task::spawn_blocking(move || dispatch::pg::start_on(&dir, None, durability))
                         .await??
                         .url
                 }

@@ -6,6 +6,10 @@ use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+/// Connections refused over `DISPATCH_HTTP_MAX_CONNECTIONS`.
+pub const HTTP_CONNECTIONS_REFUSED: &str = "dispatch_http_connections_refused_total";
+/// Requests whose body did not arrive within the body timeout.
+pub const HTTP_BODY_TIMEOUTS: &str = "dispatch_http_body_timeouts_total";
 /// Signals accepted by the API or intake, by workflow kind.
 pub const SIGNALS_RECEIVED: &str = "dispatch_signals_received_total";
 /// Signals applied (accepted by the transition), by kind.

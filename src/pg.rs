@@ -107,14 +107,50 @@ fn chown_to_pg(path: &Path) -> Result<(), PgError> {
     Ok(())
 }
 
+/// How the embedded server treats the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// PostgreSQL's own defaults (`fsync`, `synchronous_commit`,
+    /// `full_page_writes` on): an acknowledged commit survives an OS crash or
+    /// power cut. What `dispatch dev` runs.
+    #[default]
+    Durable,
+    /// `fsync=off`, `synchronous_commit=off`, `full_page_writes=off`: fast, and
+    /// a power cut can lose commits or corrupt the cluster. For throwaway
+    /// clusters only: the tests, and `dispatch bench --fast-pg`.
+    Fast,
+}
+
+impl Durability {
+    /// The server settings this choice adds to the command line.
+    fn settings(self) -> &'static [&'static str] {
+        match self {
+            Durability::Durable => &[],
+            Durability::Fast => &[
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ],
+        }
+    }
+}
+
 fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Start (initializing if needed) a cluster in `data_dir`. With `keep` false
-/// the folder is treated as scratch. The server stops when this process exits.
+/// Start (initializing if needed) a cluster in `data_dir`, durable (see
+/// [`Durability`]). The server stops when this process exits.
 pub fn start(data_dir: &Path) -> Result<EmbeddedPg, PgError> {
-    start_on(data_dir, None)
+    start_on(data_dir, None, Durability::Durable)
+}
+
+/// [`start`] with the fast, non-durable settings: for throwaway clusters.
+pub fn start_fast(data_dir: &Path) -> Result<EmbeddedPg, PgError> {
+    start_on(data_dir, None, Durability::Fast)
 }
 
 impl EmbeddedPg {
@@ -136,7 +172,11 @@ impl EmbeddedPg {
 }
 
 /// [`start`] on a given port (to restart a cluster where its clients expect it).
-pub fn start_on(data_dir: &Path, fixed_port: Option<u16>) -> Result<EmbeddedPg, PgError> {
+pub fn start_on(
+    data_dir: &Path,
+    fixed_port: Option<u16>,
+    durability: Durability,
+) -> Result<EmbeddedPg, PgError> {
     let bin = find_bin_dir().ok_or(PgError::NoBinaries)?;
     std::fs::create_dir_all(data_dir)?;
     let data_dir = data_dir.canonicalize()?;
@@ -155,8 +195,9 @@ pub fn start_on(data_dir: &Path, fixed_port: Option<u16>) -> Result<EmbeddedPg, 
                 "--auth=trust",
                 "--encoding=UTF8",
                 "--locale=C",
-                "--no-sync",
             ])
+            // A durable cluster is synced once created; a throwaway one need not be.
+            .args((durability == Durability::Fast).then_some("--no-sync"))
             .stdout(Stdio::null())
             .output()?;
         if !out.status.success() {
@@ -189,14 +230,7 @@ pub fn start_on(data_dir: &Path, fixed_port: Option<u16>) -> Result<EmbeddedPg, 
                 "-c",
             ])
             .arg(format!("unix_socket_directories={}", sockets.display()))
-            .args([
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
-            ])
+            .args(durability.settings())
             .args(["-c", "max_connections=400", "-c", "shared_buffers=128MB"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

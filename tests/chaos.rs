@@ -119,7 +119,7 @@ async fn workflows_complete_with_every_effect_once_through_worker_kills_and_a_da
     let _ = std::fs::remove_dir_all(&dir);
     let pg = {
         let dir = dir.clone();
-        tokio::task::spawn_blocking(move || dispatch::pg::start(&dir))
+        tokio::task::spawn_blocking(move || dispatch::pg::start_fast(&dir))
             .await
             .unwrap()
             .unwrap()
@@ -177,7 +177,7 @@ async fn workflows_complete_with_every_effect_once_through_worker_kills_and_a_da
                     let pg_dir = pg_dir.clone();
                     let new = tokio::task::spawn_blocking(move || {
                         old.stop().unwrap();
-                        dispatch::pg::start_on(&pg_dir, Some(port)).unwrap()
+                        dispatch::pg::start_on(&pg_dir, Some(port), dispatch::pg::Durability::Fast).unwrap()
                     })
                     .await
                     .unwrap();

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use sqlx::PgConnection;
 use uuid::Uuid;
 use workflows::dispatch::effects as dispatch_effects;
-use workflows::lead::{short_id, CrewLeadView, FullLead};
+use workflows::lead::{short_id, FullLead};
 use workflows::lead_finalization::effects as lead_effects;
 
 use super::email::Email;
@@ -142,7 +142,8 @@ impl Router {
             }
             return Ok(json!({ "bound": true }));
         }
-        let mut message = render(conn, effect).await?;
+        let mut message = render(conn, effect, &config).await?;
+        gate(effect, &message)?;
         if message.edit.is_none() {
             if let Some(publish_key) = str_field(&effect.payload, "publish_key") {
                 // Cancelled before the post was known: edit it once it exists.
@@ -534,17 +535,53 @@ async fn handle(
     executor: &str,
 ) -> Result<String, ChannelError> {
     let person = providers::person(conn, tenant, executor).await?;
-    Ok(match person {
+    let username = |u: &str| {
+        (3..=32).contains(&u.len()) && u.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    let shown = match person {
         Some(Person {
             telegram_username: Some(u),
             ..
-        }) => format!("@{u}"),
+        }) if username(&u) => format!("@{u}"),
         Some(p) => p.display_name,
-        None => format!("@{executor}"),
-    })
+        None if username(executor) => format!("@{executor}"),
+        None => String::new(),
+    };
+    // A name that reads as contact details is not repeated to the crew.
+    let plain = !shown.is_empty()
+        && crate::crew::check(&shown, shown.starts_with('@'), |_| String::new()).is_ok();
+    Ok(if plain { shown } else { "a crew member".into() })
 }
 
-async fn render(conn: &mut PgConnection, effect: &EffectRow) -> Result<Message, ChannelError> {
+/// The second check (see [`crate::crew`]): whatever a crew or a driver will
+/// read passes the detector right before it is sent. A hit fails the effect
+/// permanently, so ops see it and nothing reaches the chat.
+fn gate(effect: &EffectRow, m: &Message) -> Result<(), ChannelError> {
+    let name = effect.name.as_str();
+    let claim_notice = name == dispatch_effects::CREW_POST_RESERVED
+        || name == dispatch_effects::NOTIFY_OPERATOR_CLAIMED;
+    let crew_visible = matches!(m.audience, Audience::Crew | Audience::Driver(..))
+        || name == lead_effects::NOTIFY_OPERATOR_CREW_FALLBACK
+        || claim_notice;
+    // The registration e-mail carries our own deep link, to the driver themself.
+    if !crew_visible || name == registration_effects::REGISTRATION_EMAIL {
+        return Ok(());
+    }
+    crate::crew::check(&m.text, claim_notice, |_| format!("{name} text"))
+        .map_err(|e| ChannelError::permanent(format!("not sent: {e}")))
+}
+
+/// The checked crew post (see [`crate::crew`]): refused, never scrubbed.
+fn crew_post(lead_id: Uuid, lead: &FullLead, config: &Value) -> Result<String, ChannelError> {
+    crate::crew::crew_post(lead_id, lead, config)
+        .map_err(|e| ChannelError::permanent(format!("crew post refused: {e}")))
+}
+
+async fn render(
+    conn: &mut PgConnection,
+    effect: &EffectRow,
+    config: &Value,
+) -> Result<Message, ChannelError> {
     let p = &effect.payload;
     let tenant = effect.tenant_id;
     if effect.name == SIGNAL_REPLY {
@@ -604,7 +641,7 @@ async fn render(conn: &mut PgConnection, effect: &EffectRow) -> Result<Message, 
             claim_button: Some(short.clone()),
             ..m(
                 Audience::Crew,
-                CrewLeadView::from_lead(lead_id, &load_lead(conn, effect).await?).render(),
+                crew_post(lead_id, &load_lead(conn, effect).await?, config)?,
             )
         },
         dispatch_effects::CREW_POST_RESERVED => Message {
@@ -622,7 +659,7 @@ async fn render(conn: &mut PgConnection, effect: &EffectRow) -> Result<Message, 
             claim_button: Some(short.clone()),
             ..m(
                 Audience::Crew,
-                CrewLeadView::from_lead(lead_id, &load_lead(conn, effect).await?).render(),
+                crew_post(lead_id, &load_lead(conn, effect).await?, config)?,
             )
         },
         dispatch_effects::CREW_POST_CANCELLED => Message {
@@ -659,7 +696,7 @@ async fn render(conn: &mut PgConnection, effect: &EffectRow) -> Result<Message, 
         },
         lead_effects::NOTIFY_OPERATOR_CREW_FALLBACK => m(
             Audience::Operator,
-            CrewLeadView::from_lead(lead_id, &load_lead(conn, effect).await?).render(),
+            crew_post(lead_id, &load_lead(conn, effect).await?, config)?,
         ),
         _ => return Err(ChannelError::permanent("no renderer for this effect")),
     })

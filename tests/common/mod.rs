@@ -41,7 +41,7 @@ fn server_url() -> String {
                 }
             }
             let dir = root.join(std::process::id().to_string());
-            dispatch::pg::start(&dir)
+            dispatch::pg::start_fast(&dir)
                 .expect("start embedded PostgreSQL")
                 .url
         })

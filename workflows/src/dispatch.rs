@@ -379,7 +379,12 @@ fn payload<T: for<'de> Deserialize<'de>>(p: &Value) -> Result<T, ParseError> {
 
 fn reason_of(p: &Value) -> Result<Option<String>, ParseError> {
     let r = payload::<WithReason>(p)?.reason;
-    Ok(r.map(|s| s.trim().to_string()).filter(|s| !s.is_empty()))
+    let r = r.map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+    if let Some(r) = &r {
+        crate::text::check_field("reason", r, crate::text::TextKind::Line, 500)
+            .map_err(ParseError::InvalidPayload)?;
+    }
+    Ok(r)
 }
 
 /// The dispatch workflow.
@@ -469,6 +474,8 @@ impl Workflow for Dispatch {
         if let Some(raw) = raw_input.get("lead") {
             crate::lead::FullLead::parse_strict(raw).map_err(ParseError::InvalidPayload)?;
         }
+        crate::lead::CrewLeadView::checked(lead_id, &input.lead, ctx.tenant_config)
+            .map_err(|e| ParseError::CrewUnsafe(e.to_string()))?;
         if input.lead.id.is_some_and(|id| id != lead_id) {
             return Err(ParseError::InvalidPayload(
                 "lead.id differs from the workflow key".into(),

@@ -182,12 +182,7 @@ impl Workflow for DriverRegistration {
             }),
             "expire" => Ok(RegistrationSignal::Expire),
             "revoke" => Ok(RegistrationSignal::Revoke {
-                reason: payload["reason"]
-                    .as_str()
-                    .map(str::trim)
-                    .filter(|r| !r.is_empty() && r.len() <= 500)
-                    .ok_or_else(|| ParseError::InvalidPayload("a reason is required".into()))?
-                    .to_string(),
+                reason: crate::reason_of(payload)?,
             }),
             other => Err(ParseError::UnknownSignal(other.to_string())),
         }

@@ -113,38 +113,258 @@ pub fn short_id(lead_id: Uuid) -> String {
     lead_id.simple().to_string()[..8].to_string()
 }
 
-/// Keep a label only if it is a short, plain label: crews must never receive a
-/// phone number, link or sentence smuggled into a normalized field.
-fn label(s: &Option<String>) -> Option<String> {
-    s.as_deref().and_then(|v| {
-        let v = v.trim();
-        let plain = !v.is_empty()
-            && v.chars().count() <= 40
-            && !v.contains("://")
-            && !v.contains('@')
-            && v.chars().filter(|c| c.is_ascii_digit()).count() < 5;
-        plain.then(|| v.to_string())
-    })
+/// Volume categories a tenant accepts when it sets no `dispatch.crew.volumes`.
+pub const DEFAULT_VOLUMES: &[&str] = &[
+    "Few items", "Studio", "1BR", "2BR", "3BR", "4BR", "5BR+", "House", "Office", "Storage unit",
+];
+
+/// Extras a tenant accepts when it sets no `dispatch.crew.extras`.
+pub const DEFAULT_EXTRAS: &[&str] = &[
+    "Fridge", "Washing machine", "Dryer", "Dishwasher", "Oven", "Piano", "Sofa", "Bed",
+    "Wardrobe", "Table", "Chairs", "TV", "Boxes", "Packing", "Disassembly", "Assembly",
+    "Crane", "Storage", "Safe", "Aquarium", "Bicycle", "Plants", "Mirror", "Artwork",
+];
+
+/// Time windows a tenant accepts when it sets no `dispatch.crew.time_windows`.
+pub const DEFAULT_TIME_WINDOWS: &[&str] =
+    &["Morning", "Noon", "Afternoon", "Evening", "All day", "Flexible"];
+
+/// Longest locality name (characters).
+pub const MAX_LOCALITY_CHARS: usize = 60;
+/// Digits all labels of one job may hold together (`3BR`, `2 ACs`).
+pub const MAX_LABEL_DIGITS: usize = 4;
+/// Most extras on one job.
+pub const MAX_EXTRAS: usize = 20;
+/// Floors a job may name (basement levels to a tall tower).
+pub const FLOORS: std::ops::RangeInclusive<i32> = -5..=120;
+/// Largest estimate, in whole shekels.
+pub const MAX_ESTIMATE: u32 = 1_000_000;
+
+/// A crew-visible field that may not be shown to a crew, and why. It names
+/// the field, never its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnsafeField {
+    /// The field's path in the start input, e.g. `lead.extras[2]`.
+    pub field: String,
+    /// Why, in words that carry none of the value.
+    pub reason: &'static str,
+}
+
+impl std::fmt::Display for UnsafeField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}` {}", self.field, self.reason)
+    }
+}
+
+/// Unicode-normalize (NFKC: full-width and other compatibility digits become
+/// ASCII digits) and trim; every check runs on this form.
+pub fn normalize(s: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    s.nfkc().collect::<String>().trim().to_string()
+}
+
+/// The tenant's closed list at `pointer`, or `default`.
+fn vocabulary(config: &serde_json::Value, pointer: &str, default: &[&str]) -> Vec<String> {
+    match config.pointer(pointer).and_then(serde_json::Value::as_array) {
+        Some(list) => list
+            .iter()
+            .filter_map(serde_json::Value::as_str)
+            .map(normalize)
+            .collect(),
+        None => default.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// The list's own spelling of `value`, compared after normalization, ignoring case.
+fn from_vocabulary(
+    value: &str,
+    list: &[String],
+    field: String,
+    reason: &'static str,
+) -> Result<String, UnsafeField> {
+    let v = normalize(value).to_lowercase();
+    list.iter()
+        .find(|entry| entry.to_lowercase() == v)
+        .cloned()
+        .ok_or(UnsafeField { field, reason })
+}
+
+/// Whole words of a text, lower-cased, after normalization.
+fn words(s: &str) -> Vec<String> {
+    normalize(s)
+        .to_lowercase()
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| w.chars().count() >= 2)
+        .map(str::to_string)
+        .collect()
+}
+
+/// A place name: letters (any script), spaces and `-'’.()`, at least one
+/// letter, no digit, length-bounded; never a word of the client's name; from
+/// the tenant's `dispatch.crew.localities` when it keeps one.
+fn locality(
+    value: &Option<String>,
+    field: &str,
+    lead: &FullLead,
+    config: &serde_json::Value,
+) -> Result<Option<String>, UnsafeField> {
+    let Some(raw) = value else { return Ok(None) };
+    let v = normalize(raw);
+    let fail = |reason| UnsafeField {
+        field: field.to_string(),
+        reason,
+    };
+    if v.is_empty() {
+        return Ok(None);
+    }
+    if v.chars().count() > MAX_LOCALITY_CHARS {
+        return Err(fail("is longer than a place name"));
+    }
+    let shape = v.chars().any(char::is_alphabetic)
+        && v.chars().all(|c| {
+            (c.is_alphabetic() && !c.is_numeric())
+                || c == ' '
+                || "-'’.()".contains(c)
+                || is_combining_mark(c)
+        });
+    if !shape {
+        return Err(fail(
+            "must be a place name: letters, spaces and - ' . ( ) only",
+        ));
+    }
+    let name = lead.client.name.as_deref().map(words).unwrap_or_default();
+    if words(&v).iter().any(|w| name.contains(w)) {
+        return Err(fail("carries the client's name"));
+    }
+    if config.pointer("/dispatch/crew/localities").is_some() {
+        let list = vocabulary(config, "/dispatch/crew/localities", &[]);
+        return from_vocabulary(
+            &v,
+            &list,
+            field.to_string(),
+            "is not one of the tenant's localities",
+        )
+        .map(Some);
+    }
+    Ok(Some(v))
+}
+
+/// Combining marks (Hebrew points, Arabic harakat, accents written apart).
+fn is_combining_mark(c: char) -> bool {
+    matches!(c as u32, 0x0300..=0x036F | 0x0591..=0x05C7 | 0x0610..=0x061A | 0x064B..=0x065F | 0x0670 | 0x06D6..=0x06ED)
 }
 
 impl CrewLeadView {
-    /// Build the crew view from the allowlist.
-    pub fn from_lead(lead_id: Uuid, lead: &FullLead) -> Self {
-        CrewLeadView {
+    /// Build the crew view from the allowlist, every field checked: volume,
+    /// extras and time window from the tenant's closed lists (their own
+    /// spelling is what crews see), localities as place names, numbers in
+    /// range. The first field that fails is named; nothing is scrubbed.
+    pub fn checked(
+        lead_id: Uuid,
+        lead: &FullLead,
+        config: &serde_json::Value,
+    ) -> Result<Self, UnsafeField> {
+        let volumes = vocabulary(config, "/dispatch/crew/volumes", DEFAULT_VOLUMES);
+        let extras_list = vocabulary(config, "/dispatch/crew/extras", DEFAULT_EXTRAS);
+        let windows = vocabulary(config, "/dispatch/crew/time_windows", DEFAULT_TIME_WINDOWS);
+        let volume = lead
+            .volume
+            .as_deref()
+            .map(|v| {
+                from_vocabulary(
+                    v,
+                    &volumes,
+                    "lead.volume".into(),
+                    "is not one of the tenant's volume categories",
+                )
+            })
+            .transpose()?;
+        let time_window = lead
+            .time_window
+            .as_deref()
+            .map(|v| {
+                from_vocabulary(
+                    v,
+                    &windows,
+                    "lead.time_window".into(),
+                    "is not one of the tenant's time windows",
+                )
+            })
+            .transpose()?;
+        if lead.extras.len() > MAX_EXTRAS {
+            return Err(UnsafeField {
+                field: "lead.extras".into(),
+                reason: "has more items than a job carries",
+            });
+        }
+        let extras = lead
+            .extras
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                from_vocabulary(
+                    e,
+                    &extras_list,
+                    format!("lead.extras[{i}]"),
+                    "is not one of the tenant's extras",
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // Labels are words; a number dictated across several of them (a tenant
+        // list with digit items, "+1 555", "0100", "199") is not a label.
+        let mut digits = 0;
+        let labels = volume.iter().map(|v| ("lead.volume".to_string(), v))
+            .chain(time_window.iter().map(|v| ("lead.time_window".to_string(), v)))
+            .chain(extras.iter().enumerate().map(|(i, v)| (format!("lead.extras[{i}]"), v)));
+        for (field, label) in labels {
+            digits += label.chars().filter(char::is_ascii_digit).count();
+            if digits > MAX_LABEL_DIGITS {
+                return Err(UnsafeField {
+                    field,
+                    reason: "brings the labels' digits past what a label holds",
+                });
+            }
+        }
+        for (field, floor) in [("lead.from.floor", lead.from.floor), ("lead.to.floor", lead.to.floor)] {
+            if floor.is_some_and(|f| !FLOORS.contains(&f)) {
+                return Err(UnsafeField {
+                    field: field.into(),
+                    reason: "is not a floor between -5 and 120",
+                });
+            }
+        }
+        if let Some(e) = lead.estimate {
+            if e.min > e.max || e.max > MAX_ESTIMATE {
+                return Err(UnsafeField {
+                    field: "lead.estimate".into(),
+                    reason: "must have min <= max <= 1000000",
+                });
+            }
+        }
+        Ok(CrewLeadView {
             short_id: short_id(lead_id),
-            from_locality: label(&lead.from.locality),
-            to_locality: label(&lead.to.locality),
+            from_locality: locality(&lead.from.locality, "lead.from.locality", lead, config)?,
+            to_locality: locality(&lead.to.locality, "lead.to.locality", lead, config)?,
             date: lead.date,
-            time_window: label(&lead.time_window),
-            volume: label(&lead.volume),
+            time_window,
+            volume,
             floors: (lead.from.floor, lead.to.floor),
             elevators: (lead.from.elevator, lead.to.elevator),
-            extras: lead
-                .extras
-                .iter()
-                .filter_map(|e| label(&Some(e.clone())))
-                .collect(),
+            extras,
             estimate: lead.estimate,
+        })
+    }
+
+    /// The crew field a line of [`CrewLeadView::render`] shows, by its label.
+    pub fn field_of_line(line: &str) -> &'static str {
+        match line.split(':').next().unwrap_or("") {
+            "Route" => "lead.from.locality / lead.to.locality",
+            "Date" => "lead.date / lead.time_window",
+            "Volume" => "lead.volume",
+            "Floors" => "lead.from.floor / lead.to.floor",
+            "Extras" => "lead.extras",
+            "Estimate" => "lead.estimate",
+            _ => "key",
         }
     }
 
@@ -233,10 +453,16 @@ mod tests {
         .unwrap()
     }
 
+    fn crew(l: &FullLead) -> Result<CrewLeadView, UnsafeField> {
+        CrewLeadView::checked(Uuid::nil(), l, &serde_json::json!({}))
+    }
+
     #[test]
     fn crew_message_matches_the_domain_example() {
         let id = Uuid::parse_str("0952ef82-0000-4000-8000-000000000000").unwrap();
-        let text = CrewLeadView::from_lead(id, &lead()).render();
+        let text = CrewLeadView::checked(id, &lead(), &serde_json::json!({}))
+            .unwrap()
+            .render();
         assert_eq!(
             text,
             "FOR CREW (copy to group)\nJob #0952ef82\nRoute: Haifa → Kiryat Ata\nDate: 23 Feb (Morning)\nVolume: 1BR\nFloors: 3 → 2 (No elevator)\nExtras: Fridge, Washing machine\nEstimate: ₪850–₪950"
@@ -244,11 +470,62 @@ mod tests {
     }
 
     #[test]
-    fn crew_view_never_carries_personal_fields() {
+    fn crew_fields_come_from_closed_lists_whatever_the_digits() {
+        let field = |l: &FullLead| crew(l).unwrap_err().field;
         let mut l = lead();
-        l.volume = Some("call +972501234567".into());
-        l.extras.push("see https://x.y".into());
-        let text = CrewLeadView::from_lead(Uuid::nil(), &l).render();
+        l.volume = Some("０５５５-０１００-１９９".into());
+        assert_eq!(field(&l), "lead.volume");
+        let mut l = lead();
+        l.volume = Some("٠٥٥٥٠١٠٠١٩٩".into());
+        assert_eq!(field(&l), "lead.volume");
+        let mut l = lead();
+        l.extras = vec!["+1 555".into(), "0100".into(), "199".into()];
+        assert_eq!(field(&l), "lead.extras[0]");
+        let mut l = lead();
+        l.time_window = Some("call 0501234567".into());
+        assert_eq!(field(&l), "lead.time_window");
+    }
+
+    #[test]
+    fn a_locality_is_a_place_name_never_the_clients_name() {
+        let mut l = lead();
+        l.to.locality = Some("Canary Name".into());
+        let e = crew(&l).unwrap_err();
+        assert_eq!(e.field, "lead.to.locality");
+        assert!(!e.to_string().contains("Canary"), "{e}");
+        for bad in ["Haifa ０５５５０１００", "x@y.z", "https://t.me/x", "Haifa 5"] {
+            let mut l = lead();
+            l.from.locality = Some(bad.into());
+            assert_eq!(crew(&l).unwrap_err().field, "lead.from.locality", "{bad}");
+        }
+        for good in ["Tel Aviv-Yafo", "Kiryat Ata", "חיפה", "Ma'alot-Tarshiha", "Rishon LeZion"] {
+            let mut l = lead();
+            l.from.locality = Some(good.into());
+            assert!(crew(&l).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn tenant_lists_replace_the_defaults_and_keep_their_spelling() {
+        let cfg = serde_json::json!({"dispatch": {"crew": {
+            "volumes": ["דירת 3 חדרים"], "extras": ["Fridge", "Washing machine"],
+            "localities": ["Haifa", "Kiryat Ata"]
+        }}});
+        let mut l = lead();
+        l.volume = Some("דירת 3 חדרים".into());
+        l.extras = vec!["fridge".into()];
+        let v = CrewLeadView::checked(Uuid::nil(), &l, &cfg).unwrap();
+        assert_eq!(v.extras, vec!["Fridge".to_string()]);
+        l.from.locality = Some("Nazareth".into());
+        assert_eq!(
+            CrewLeadView::checked(Uuid::nil(), &l, &cfg).unwrap_err().field,
+            "lead.from.locality"
+        );
+    }
+
+    #[test]
+    fn crew_view_never_carries_personal_fields() {
+        let text = crew(&lead()).unwrap().render();
         for canary in ["Canary", "972501234567", "Street", "call me", "https://"] {
             assert!(!text.contains(canary), "{canary} leaked into: {text}");
         }
@@ -263,10 +540,37 @@ impl FullLead {
     pub fn parse_strict(value: &serde_json::Value) -> Result<FullLead, String> {
         let lead: FullLead = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
         let known = serde_json::to_value(&lead).map_err(|e| e.to_string())?;
-        match unknown_field(value, &known, "lead") {
-            Some(path) => Err(format!("`{path}` is not a known field")),
-            None => Ok(lead),
+        if let Some(path) = unknown_field(value, &known, "lead") {
+            return Err(format!("`{path}` is not a known field"));
         }
+        lead.check_text()?;
+        Ok(lead)
+    }
+
+    /// Every text field of the lead under the one printable-text rule:
+    /// names without bidirectional controls, notes on several lines.
+    fn check_text(&self) -> Result<(), String> {
+        use crate::text::{check_field, TextKind};
+        let opt = |field: &str, v: &Option<String>, kind, max| match v {
+            Some(v) => check_field(field, v, kind, max),
+            None => Ok(()),
+        };
+        opt("lead.client.name", &self.client.name, TextKind::Name, 200)?;
+        opt("lead.client.phone", &self.client.phone, TextKind::Line, 40)?;
+        for (end, a) in [("from", &self.from), ("to", &self.to)] {
+            opt(&format!("lead.{end}.street"), &a.street, TextKind::Line, 300)?;
+            opt(&format!("lead.{end}.locality"), &a.locality, TextKind::Name, 200)?;
+        }
+        opt("lead.time_window", &self.time_window, TextKind::Line, 100)?;
+        opt("lead.volume", &self.volume, TextKind::Line, 100)?;
+        opt("lead.notes", &self.notes, TextKind::Multiline, 5000)?;
+        for (i, e) in self.extras.iter().enumerate() {
+            check_field(&format!("lead.extras[{i}]"), e, TextKind::Line, 100)?;
+        }
+        for (i, m) in self.media.iter().enumerate() {
+            check_field(&format!("lead.media[{i}]"), m, TextKind::Line, 2000)?;
+        }
+        Ok(())
     }
 }
 

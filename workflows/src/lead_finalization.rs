@@ -94,6 +94,12 @@ impl Workflow for LeadFinalization {
         let sent_full = flag(cfg, "/dispatch/operator/send_full", true);
         let sent_crew_fallback = flag(cfg, "/dispatch/operator/send_crew_fallback", true);
         let dispatch_started = flag(cfg, "/dispatch/crew/enabled", false);
+        if sent_crew_fallback || dispatch_started {
+            // The crew view is built now, so a lead no crew may read is refused
+            // here, naming the field, instead of failing in a worker later.
+            crate::lead::CrewLeadView::checked(lead_id, &parsed.lead, cfg)
+                .map_err(|e| ParseError::CrewUnsafe(e.to_string()))?;
+        }
         let refs = json!({ "lead_id": lead_id, "short_id": short_id(lead_id) });
         let mut commands = Vec::new();
         if sent_full {

@@ -29,6 +29,7 @@ pub mod pool_number;
 mod registry;
 pub mod route_dispatch;
 pub mod sitter_lifecycle;
+pub mod text;
 
 pub use registry::{DynWorkflow, Registry, Started, Transition};
 
@@ -189,6 +190,10 @@ pub enum ParseError {
     /// The business key is not valid for this workflow.
     #[error("invalid key: {0}")]
     InvalidKey(String),
+    /// A field a crew or driver would read is not safe to show them (it names
+    /// the field and why, never the value).
+    #[error("{0}")]
+    CrewUnsafe(String),
     /// The stored state does not decode (e.g. an older binary reading a newer
     /// state): a runtime fault, never the signal's fault.
     #[error("stored state does not decode: {0}")]
@@ -214,16 +219,13 @@ pub(crate) fn decode<T: for<'de> Deserialize<'de>>(v: &Value) -> Result<T, Parse
     serde_json::from_value(v.clone()).map_err(|e| ParseError::InvalidPayload(e.to_string()))
 }
 
-/// The `reason` of an override: 1..=500 characters after trimming.
+/// The `reason` of an override: 1..=500 printable characters after trimming.
 pub(crate) fn reason_of(payload: &Value) -> Result<String, ParseError> {
-    payload["reason"]
-        .as_str()
-        .map(str::trim)
-        .filter(|r| !r.is_empty() && r.chars().count() <= 500)
-        .map(str::to_string)
-        .ok_or_else(|| {
-            ParseError::InvalidPayload("a reason (1..=500 characters) is required".into())
-        })
+    let r = payload["reason"].as_str().map(str::trim).ok_or_else(|| {
+        ParseError::InvalidPayload("a reason (1..=500 characters) is required".into())
+    })?;
+    text::check_field("reason", r, text::TextKind::Line, 500).map_err(ParseError::InvalidPayload)?;
+    Ok(r.to_string())
 }
 
 /// A Mermaid state diagram from a workflow's [`Workflow::EDGES`].
