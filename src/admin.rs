@@ -93,11 +93,10 @@ fn validate_person(id: String, b: PersonBody) -> Result<Person, ApiError> {
         return Err(invalid("role must be `executor` or `operator`"));
     }
     let display_name = b.display_name.trim().to_string();
-    if display_name.is_empty()
-        || display_name.chars().count() > 100
-        || display_name.chars().any(char::is_control)
-    {
-        return Err(invalid("display_name must be 1..=100 printable characters"));
+    if workflows::text::check(&display_name, workflows::text::TextKind::Name, 100).is_err() {
+        return Err(invalid(
+            "display_name must be 1..=100 printable characters, no bidirectional controls",
+        ));
     }
     let username = match b.telegram_username {
         Some(u) => {
@@ -119,10 +118,11 @@ fn validate_person(id: String, b: PersonBody) -> Result<Person, ApiError> {
         ),
         None => None,
     };
-    if b.email
-        .as_ref()
-        .is_some_and(|e| !e.contains('@') || e.len() > 254 || e.chars().any(char::is_whitespace))
-    {
+    if b.email.as_ref().is_some_and(|e| {
+        !e.contains('@')
+            || e.chars().any(char::is_whitespace)
+            || workflows::text::check(e, workflows::text::TextKind::Line, 254).is_err()
+    }) {
         return Err(invalid("email is not an address"));
     }
     Ok(Person {
@@ -286,6 +286,15 @@ struct CrewCfg {
     provider: Option<CrewProvider>,
     #[serde(default)]
     chat_id: Option<Value>,
+    /// The closed lists crew posts draw from (defaults in `workflows::lead`).
+    #[serde(default)]
+    volumes: Option<Vec<String>>,
+    #[serde(default)]
+    extras: Option<Vec<String>>,
+    #[serde(default)]
+    time_windows: Option<Vec<String>>,
+    #[serde(default)]
+    localities: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -319,9 +328,52 @@ struct LogCfg {
     failure: Option<String>,
 }
 
+/// Every string of the config document under the one text rule.
+fn printable_strings(v: &Value, at: &str) -> Result<(), ApiError> {
+    match v {
+        Value::String(s) => {
+            workflows::text::check_field(at, s, workflows::text::TextKind::Multiline, 2048)
+                .map_err(invalid)
+        }
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, x)| printable_strings(x, &format!("{at}[{i}]"))),
+        Value::Object(o) => o
+            .iter()
+            .try_for_each(|(k, x)| printable_strings(x, &format!("{at}.{k}"))),
+        _ => Ok(()),
+    }
+}
+
+/// A crew list: 1..=200 entries, each a one-line label of at most 40
+/// characters that the detector passes (what crews will read).
+fn check_crew_list(name: &str, list: &Option<Vec<String>>) -> Result<(), ApiError> {
+    let Some(list) = list else { return Ok(()) };
+    if list.is_empty() || list.len() > 200 {
+        return Err(invalid(format!("dispatch.crew.{name} must hold 1..=200 entries")));
+    }
+    for (i, item) in list.iter().enumerate() {
+        let field = format!("dispatch.crew.{name}[{i}]");
+        let label = workflows::lead::normalize(item);
+        workflows::text::check_field(&field, &label, workflows::text::TextKind::Name, 40)
+            .map_err(invalid)?;
+        crate::crew::check(&label, false, |_| field.clone())
+            .map_err(|e| invalid(e.to_string()))?;
+    }
+    Ok(())
+}
+
 fn validate_config(doc: &Value) -> Result<(), ApiError> {
+    printable_strings(doc, "config")?;
     let parsed: ConfigDoc =
         serde_json::from_value(doc.clone()).map_err(|e| invalid(e.to_string()))?;
+    if let Some(c) = parsed.dispatch.as_ref().and_then(|d| d.crew.as_ref()) {
+        check_crew_list("volumes", &c.volumes)?;
+        check_crew_list("extras", &c.extras)?;
+        check_crew_list("time_windows", &c.time_windows)?;
+        check_crew_list("localities", &c.localities)?;
+    }
     let known = workflows::Registry::builtin().kinds();
     if let Some(flag) = parsed
         .flags
@@ -457,9 +509,12 @@ async fn put_provider(
     let doc: Map<String, Value> = parse_body(&body)?;
     let (mut settings, mut secrets) = (Map::new(), Map::new());
     for (k, v) in doc {
-        let Some(s) = v.as_str().filter(|s| !s.is_empty() && s.len() <= 2048) else {
+        let Some(s) = v.as_str() else {
             return Err(invalid(format!("`{k}` must be a non-empty string")));
         };
+        // Settings and secrets alike: one printable line.
+        workflows::text::check_field(&k, s, workflows::text::TextKind::Line, 2048)
+            .map_err(invalid)?;
         if setting_names.contains(&k.as_str()) {
             if (k == "base_url" || k == "webhook_url")
                 && !(s.starts_with("https://") || s.starts_with("http://"))

@@ -155,10 +155,10 @@ fn validate_driver(id: String, b: DriverBody) -> Result<Driver, ApiError> {
         ));
     }
     let name = b.name.trim().to_string();
-    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+    if workflows::text::check(&name, workflows::text::TextKind::Name, 200).is_err() {
         return Err(invalid(
             "invalid_body",
-            "name: 1..=200 printable characters",
+            "name: 1..=200 printable characters, no bidirectional controls",
         ));
     }
     let email = match b.email.map(|e| e.trim().to_string()) {
@@ -437,24 +437,36 @@ struct Planned {
     existing: Option<wf_store::WorkflowRow>,
 }
 
-fn check_route(r: &RouteBody) -> Result<(), String> {
-    let reference = r.reference.trim().chars().count();
-    let text = r.text.trim().chars().count();
-    if reference == 0 || reference > 100 {
-        return Err("route.reference must be 1..=100 characters".into());
+/// A route is driver-visible: printable (the one text rule, checked before
+/// anything of a batch is stored), and every field passes the anti-poaching
+/// detector ([`crate::crew`]), naming the field that did not.
+fn check_route(r: &RouteBody) -> Result<(), RouteRefusal> {
+    use workflows::text::{check_field, TextKind};
+    let invalid = RouteRefusal::Invalid;
+    check_field("route.reference", r.reference.trim(), TextKind::Line, 100).map_err(invalid)?;
+    check_field("route.text", r.text.trim(), TextKind::Multiline, 3500).map_err(invalid)?;
+    if let Some(d) = &r.date {
+        check_field("route.date", d.trim(), TextKind::Line, 100).map_err(invalid)?;
     }
-    if text == 0 || text > 3500 {
-        return Err("route.text must be 1..=3500 characters".into());
-    }
-    if r.date.as_ref().is_some_and(|d| d.chars().count() > 100) {
-        return Err("route.date is at most 100 characters".into());
-    }
-    // Checked before anything of a batch is stored (PostgreSQL refuses NUL).
-    let printable = |s: &str| !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t');
-    if !printable(&r.reference) || !printable(&r.text) || !r.date.as_deref().is_none_or(printable) {
-        return Err("route fields must be printable text".into());
+    let fields = [
+        ("route.reference", Some(&r.reference)),
+        ("route.text", Some(&r.text)),
+        ("route.date", r.date.as_ref()),
+    ];
+    for (field, value) in fields {
+        if let Some(v) = value {
+            crate::crew::check(v, false, |_| field.to_string())
+                .map_err(|e| RouteRefusal::Unsafe(e.to_string()))?;
+        }
     }
     Ok(())
+}
+
+/// Why a route was refused: bad text (`invalid_body`) or contact details a
+/// driver may not receive (`crew_unsafe_field`).
+enum RouteRefusal {
+    Invalid(String),
+    Unsafe(String),
 }
 
 fn check_key(key: &str) -> Result<(), String> {
@@ -503,7 +515,10 @@ async fn prepare(
     route: &RouteBody,
 ) -> Result<Planned, ApiError> {
     check_key(key).map_err(|m| invalid("invalid_key", m))?;
-    check_route(route).map_err(|m| invalid("invalid_body", m))?;
+    check_route(route).map_err(|r| match r {
+        RouteRefusal::Invalid(m) => invalid("invalid_body", m),
+        RouteRefusal::Unsafe(m) => invalid("crew_unsafe_field", m),
+    })?;
     let request = json!({ "driver_id": driver_id, "route": { "reference": route.reference.trim(), "date": route.date, "text": route.text } });
     if let Some(row) = wf_store::find(conn, tenant, RouteDispatch::KIND, key).await? {
         let stored = wf_store::input(conn, tenant, row.id)

@@ -48,10 +48,11 @@ fn not_found(what: &str) -> ApiError {
 
 /// Every mutating action needs a reason (1..=500 characters).
 pub(crate) fn reason_of(body: &Value) -> Result<String, ApiError> {
+    use workflows::text::{check, TextKind};
     body.get("reason")
         .and_then(Value::as_str)
         .map(str::trim)
-        .filter(|r| !r.is_empty() && r.chars().count() <= 500 && !r.chars().any(char::is_control))
+        .filter(|r| check(r, TextKind::Line, 500).is_ok())
         .map(str::to_string)
         .ok_or_else(|| {
             ApiError::new(

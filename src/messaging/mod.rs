@@ -86,13 +86,11 @@ pub fn valid_e164(s: &str) -> bool {
 }
 
 fn valid_name(s: &str) -> bool {
-    let n = s.trim().chars().count();
-    (1..=200).contains(&n) && !s.chars().any(char::is_control)
+    workflows::text::check(s.trim(), workflows::text::TextKind::Name, 200).is_ok()
 }
 
 fn valid_text(s: &str) -> Result<(), ApiError> {
-    let n = s.chars().count();
-    if n == 0 || n > MAX_TEXT || s.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+    if workflows::text::check(s, workflows::text::TextKind::Multiline, MAX_TEXT).is_err() {
         return Err(invalid(format!(
             "text: 1..={MAX_TEXT} characters, no control characters"
         )));
@@ -1347,31 +1345,110 @@ async fn send_message(
         .subject
         .clone()
         .unwrap_or_else(|| caller.0.key_id.to_string());
+    let key = idempotency(&headers)?;
     let source = format!(
         "api:{who}:{}",
-        idempotency(&headers)?.unwrap_or_else(|| Uuid::now_v7().to_string())
+        key.clone().unwrap_or_else(|| Uuid::now_v7().to_string())
     );
     let mut tx = st.engine.pool().begin().await?;
-    let (client_id, _, number_id, _) = thread_row(&mut tx, tenant, id).await?;
+    // Like every other Idempotency-Key: scoped to the caller, bound to the
+    // request (thread, text, kind). A replay gets the first answer; the same
+    // key for another message is refused, never silently dropped.
+    let request = crate::store::hash_json(&json!({ "thread": id, "text": b.text, "kind": kind }));
+    if key.is_some() {
+        if let Some(answer) = claim_request(&mut tx, tenant, &source, &request).await? {
+            return Ok(Json(answer));
+        }
+    }
+    let answer = send_message_in(&st, &caller, &mut tx, id, &b.text, kind, &source).await?;
+    if key.is_some() {
+        sqlx::query("update msg_api_requests set answer = $3 where tenant_id = $1 and source = $2")
+            .bind(tenant)
+            .bind(&source)
+            .bind(&answer)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(Json(answer))
+}
+
+/// Take `source` for this request: `None` when it is new (the caller goes
+/// on and records its answer in the same transaction), the first answer when
+/// it is a replay, `422 idempotency_key_reused` when the key was used for
+/// another request. A concurrent twin waits on the first one's row.
+async fn claim_request(
+    tx: &mut sqlx::PgConnection,
+    tenant: Uuid,
+    source: &str,
+    request: &[u8],
+) -> Result<Option<Value>, ApiError> {
+    let inserted = sqlx::query(
+        "insert into msg_api_requests (tenant_id, source, request_hash) values ($1, $2, $3) on conflict do nothing",
+    )
+    .bind(tenant)
+    .bind(source)
+    .bind(request)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if inserted == 1 {
+        return Ok(None);
+    }
+    let (hash, answer): (Vec<u8>, Option<Value>) = sqlx::query_as(
+        "select request_hash, answer from msg_api_requests where tenant_id = $1 and source = $2",
+    )
+    .bind(tenant)
+    .bind(source)
+    .fetch_one(&mut *tx)
+    .await?;
+    if hash != request {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used with a different request",
+        ));
+    }
+    answer.map(Some).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "concurrent_update",
+            "the first request with this key is still in flight; try again",
+        )
+    })
+}
+
+/// One message from the API, inside the caller's transaction; its answer.
+async fn send_message_in(
+    st: &ApiState,
+    caller: &Caller,
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    id: Uuid,
+    text: &str,
+    kind: &str,
+    source: &str,
+) -> Result<Value, ApiError> {
+    let tenant = caller.0.tenant_id;
+    let (client_id, _, number_id, _) = thread_row(&mut *tx, tenant, id).await?;
     if OWNER.contains(&caller.0.role) {
         // The owner writes from the front desk; billing goes on the client's front-desk thread.
-        let fd = routing::front_desk(&mut tx, tenant)
+        let fd = routing::front_desk(&mut *tx, tenant)
             .await?
             .ok_or_else(|| conflict("no_front_desk_number", "add the front-desk number first"))?;
         let phone: (String,) =
             sqlx::query_as("select phone from msg_clients where tenant_id = $1 and id = $2")
                 .bind(tenant)
                 .bind(&client_id)
-                .fetch_one(&mut *tx)
+                .fetch_one(&mut **tx)
                 .await?;
         let thread = if kind == "billing" {
-            routing::thread_for(&mut tx, tenant, &client_id, fd.id, None, "front_desk").await?
+            routing::thread_for(&mut *tx, tenant, &client_id, fd.id, None, "front_desk").await?
         } else {
             id
         };
         let sent = routing::send(
             &st.engine,
-            &mut tx,
+            &mut *tx,
             tenant,
             &source,
             Some(thread),
@@ -1379,22 +1456,19 @@ async fn send_message(
             None,
             &fd.e164,
             &phone.0,
-            &b.text,
+            &text,
             kind,
         )
         .await?;
-        tx.commit().await?;
         let status = if sent.is_some() {
             "queued"
         } else {
             "duplicate"
         };
-        return Ok(Json(
-            json!({ "thread_id": thread, "status": status, "from": fd.e164 }),
-        ));
+        return Ok(json!({ "thread_id": thread, "status": status, "from": fd.e164 }));
     }
     let me = sitter_subject(&caller)?.to_string();
-    if !sitter_sees(&mut tx, tenant, id, &me).await? {
+    if !sitter_sees(&mut *tx, tenant, id, &me).await? {
         return Err(not_found("thread"));
     }
     if kind == "billing" {
@@ -1407,20 +1481,20 @@ async fn send_message(
     let sitter: Option<Sitter> = sqlx::query_as("select id, phone, status from msg_sitters where tenant_id = $1 and id = $2 and status = 'active'")
         .bind(tenant)
         .bind(&me)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut **tx)
         .await?;
     let sitter = sitter.ok_or_else(|| not_found("thread"))?;
-    let number: Number = routing::number_by_id(&mut tx, tenant, number_id)
+    let number: Number = routing::number_by_id(&mut *tx, tenant, number_id)
         .await?
         .ok_or_else(|| not_found("thread"))?;
     routing::handle(
         &st.engine,
-        &mut tx,
+        &mut *tx,
         tenant,
         &source,
         Author::Sitter(&sitter),
         &number,
-        &b.text,
+        &text,
         Some(&client_id),
         None,
     )
@@ -1430,13 +1504,10 @@ async fn send_message(
     )
     .bind(tenant)
     .bind(&source)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut **tx)
     .await?;
-    tx.commit().await?;
     let (message_id, status, reason) = row.ok_or_else(|| not_found("message"))?;
-    Ok(Json(
-        json!({ "message_id": message_id, "status": status, "reason": reason }),
-    ))
+    Ok(json!({ "message_id": message_id, "status": status, "reason": reason }))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
