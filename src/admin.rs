@@ -351,15 +351,16 @@ fn printable_strings(v: &Value, at: &str) -> Result<(), ApiError> {
 fn check_crew_list(name: &str, list: &Option<Vec<String>>) -> Result<(), ApiError> {
     let Some(list) = list else { return Ok(()) };
     if list.is_empty() || list.len() > 200 {
-        return Err(invalid(format!("dispatch.crew.{name} must hold 1..=200 entries")));
+        return Err(invalid(format!(
+            "dispatch.crew.{name} must hold 1..=200 entries"
+        )));
     }
     for (i, item) in list.iter().enumerate() {
         let field = format!("dispatch.crew.{name}[{i}]");
         let label = workflows::lead::normalize(item);
         workflows::text::check_field(&field, &label, workflows::text::TextKind::Name, 40)
             .map_err(invalid)?;
-        crate::crew::check(&label, false, |_| field.clone())
-            .map_err(|e| invalid(e.to_string()))?;
+        crate::crew::check(&label, false, |_| field.clone()).map_err(|e| invalid(e.to_string()))?;
     }
     Ok(())
 }

@@ -167,7 +167,10 @@ impl Settings {
         ms("DISPATCH_SWEEP_MS", &mut s.workers.sweep_interval)?;
         ms("DISPATCH_SWEEP_GRACE_MS", &mut s.workers.sweep_grace)?;
         ms("DISPATCH_SHUTDOWN_GRACE_MS", &mut s.workers.shutdown_grace)?;
-        ms("DISPATCH_HTTP_HEADER_TIMEOUT_MS", &mut s.edge.header_timeout)?;
+        ms(
+            "DISPATCH_HTTP_HEADER_TIMEOUT_MS",
+            &mut s.edge.header_timeout,
+        )?;
         ms("DISPATCH_HTTP_BODY_TIMEOUT_MS", &mut s.edge.body_timeout)?;
         ms("DISPATCH_HTTP_IDLE_TIMEOUT_MS", &mut s.edge.idle_timeout)?;
         for (name, d) in [
@@ -185,7 +188,10 @@ impl Settings {
         if s.edge.idle_timeout <= Duration::from_millis(crate::http::MAX_WAIT_MS) {
             return Err(ConfigError {
                 name: "DISPATCH_HTTP_IDLE_TIMEOUT_MS",
-                message: format!("must exceed the longest wait_ms ({})", crate::http::MAX_WAIT_MS),
+                message: format!(
+                    "must exceed the longest wait_ms ({})",
+                    crate::http::MAX_WAIT_MS
+                ),
             });
         }
         if let Some(v) = num::<usize>("DISPATCH_HTTP_MAX_CONNECTIONS")? {

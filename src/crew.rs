@@ -128,7 +128,10 @@ mod tests {
 
     #[test]
     fn an_all_digit_short_id_is_not_a_phone() {
-        for id in ["55501001-0000-4000-8000-000000000000", "05550100-0000-4000-8000-000000000000"] {
+        for id in [
+            "55501001-0000-4000-8000-000000000000",
+            "05550100-0000-4000-8000-000000000000",
+        ] {
             let id = Uuid::parse_str(id).unwrap();
             assert!(crew_post(id, &lead(&[]), &Value::Null).is_ok(), "{id}");
         }

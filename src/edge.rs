@@ -135,7 +135,10 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("connections still open after the shutdown grace; closing them");
     }
 }
@@ -319,8 +322,16 @@ fn rewrite_automatic(buf: &[u8]) -> Option<Vec<u8>> {
     }
     let status: u16 = head.get(9..12)?.parse().ok()?;
     let (reason, code, message) = match status {
-        400 => ("Bad Request", "malformed_request", "the request line or a header is malformed"),
-        414 => ("URI Too Long", "uri_too_long", "the request path is too long"),
+        400 => (
+            "Bad Request",
+            "malformed_request",
+            "the request line or a header is malformed",
+        ),
+        414 => (
+            "URI Too Long",
+            "uri_too_long",
+            "the request path is too long",
+        ),
         431 => (
             "Request Header Fields Too Large",
             "headers_too_large",

@@ -127,7 +127,8 @@ pub struct ApplyReport {
 /// A product's extra check on a start input, run after the workflow's own
 /// `start` accepted it and before anything is stored: `(kind, key, input,
 /// tenant config)`. The moving product's keeps unsafe text from crews.
-pub type StartGuard = Arc<dyn Fn(&str, &str, &Value, &Value) -> Result<(), ParseError> + Send + Sync>;
+pub type StartGuard =
+    Arc<dyn Fn(&str, &str, &Value, &Value) -> Result<(), ParseError> + Send + Sync>;
 
 /// The durable engine.
 #[derive(Clone)]

@@ -287,7 +287,9 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
         let mut out = serde_json::Map::new();
         while let Some(key) = map.next_key::<String>()? {
             if out.contains_key(&key) {
-                let shown: String = if key.len() <= 64 && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                let shown: String = if key.len() <= 64
+                    && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                {
                     key
                 } else {
                     "(a key)".into()

@@ -324,9 +324,11 @@ async fn main() -> anyhow::Result<()> {
                     } else {
                         dispatch::pg::Durability::Durable
                     };
-                    tokio::task::spawn_blocking(move || dispatch::pg::start_on(&dir, None, durability))
-                        .await??
-                        .url
+                    tokio::task::spawn_blocking(move || {
+                        dispatch::pg::start_on(&dir, None, durability)
+                    })
+                    .await??
+                    .url
                 }
             };
             let args = dispatch::bench::BenchArgs {

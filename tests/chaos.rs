@@ -177,7 +177,8 @@ async fn workflows_complete_with_every_effect_once_through_worker_kills_and_a_da
                     let pg_dir = pg_dir.clone();
                     let new = tokio::task::spawn_blocking(move || {
                         old.stop().unwrap();
-                        dispatch::pg::start_on(&pg_dir, Some(port), dispatch::pg::Durability::Fast).unwrap()
+                        dispatch::pg::start_on(&pg_dir, Some(port), dispatch::pg::Durability::Fast)
+                            .unwrap()
                     })
                     .await
                     .unwrap();

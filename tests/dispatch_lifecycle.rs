@@ -923,6 +923,7 @@ async fn keys_paths_and_text_are_validated_before_anything_is_stored() {
         (code, body["error"]["code"].as_str()),
         (422, Some("invalid_key"))
     );
+    // A NUL is a control character: the one text rule refuses it, naming the field.
     let mut nul = lead_input(None);
     nul["lead"]["notes"] = json!("a\u{0}b");
     let (code, body) = app
@@ -930,9 +931,13 @@ async fn keys_paths_and_text_are_validated_before_anything_is_stored() {
         .await;
     assert_eq!(
         (code, body["error"]["code"].as_str()),
-        (422, Some("invalid_text")),
+        (422, Some("invalid_payload")),
         "{body}"
     );
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("`lead.notes`"));
     let (n,): (i64,) = sqlx::query_as("select count(*) from workflows")
         .fetch_one(&app.pool)
         .await

@@ -1866,3 +1866,99 @@ async fn the_messaging_layer_switches_off_per_tenant_at_run_time_without_losing_
     );
     pet.wait_sent(SAM_PHONE, "again").await;
 }
+
+/// Issue 17, item 3: a messaging send honours `Idempotency-Key` like every
+/// other endpoint. The same key and message replays the first answer; the
+/// same key with another text or on another thread is `422
+/// idempotency_key_reused`, and that other message is neither stored nor sent.
+#[tokio::test]
+async fn a_reused_idempotency_key_with_another_message_is_refused_not_dropped() {
+    let pet = Pet::new(1, 0).await;
+    let b = pet
+        .book("cara", "sam", "walk", 10, 40, Some("weekly"))
+        .await;
+    let thread = b["thread_id"].as_str().unwrap().to_string();
+    let other = pet
+        .book("carl", "sam", "walk", 10, 40, Some("weekly"))
+        .await;
+    let other = other["thread_id"].as_str().unwrap().to_string();
+    let send = |thread: String, text: &'static str, key: &'static str| {
+        let pet = &pet;
+        async move {
+            let r = pet
+                .app
+                .http
+                .post(format!(
+                    "{}/v1/messaging/threads/{thread}/messages",
+                    pet.app.url
+                ))
+                .bearer_auth(&pet.app.keys.operator)
+                .header("Idempotency-Key", key)
+                .json(&json!({"text": text}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (code, first) = send(thread.clone(), "See you at 10 tomorrow", "owner-msg-1").await;
+    assert_eq!(
+        (code, first["status"].as_str()),
+        (200, Some("queued")),
+        "{first}"
+    );
+    let (code, replay) = send(thread.clone(), "See you at 10 tomorrow", "owner-msg-1").await;
+    assert_eq!(code, 200);
+    assert_eq!(replay, first, "a replay returns the first answer");
+    for (thread, text) in [
+        (thread.clone(), "Actually, make it 11"),
+        (other.clone(), "See you at 10 tomorrow"),
+    ] {
+        let (code, body) = send(thread, text, "owner-msg-1").await;
+        assert_eq!(
+            (code, body["error"]["code"].as_str()),
+            (422, Some("idempotency_key_reused")),
+            "{body}"
+        );
+    }
+    // Another caller's key space is its own.
+    let sam = pet.sitter_key("sam").await;
+    let r = pet
+        .app
+        .http
+        .post(format!(
+            "{}/v1/messaging/threads/{thread}/messages",
+            pet.app.url
+        ))
+        .bearer_auth(&sam)
+        .header("Idempotency-Key", "owner-msg-1")
+        .json(&json!({"text": "On my way"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    pet.wait_sent(CARA, "See you at 10 tomorrow").await;
+    pet.app.wait_effects_settled().await;
+    let (stored,): (i64,) = sqlx::query_as(
+        "select count(*) from msg_messages where body in ('Actually, make it 11') or (body = 'See you at 10 tomorrow' and thread_id <> $1)",
+    )
+    .bind(Uuid::parse_str(&thread).unwrap())
+    .fetch_one(&pet.app.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, 0, "the refused messages are not stored");
+    let to_cara: Vec<_> = pet.sent_to(CARA);
+    assert_eq!(
+        to_cara
+            .iter()
+            .filter(|(_, t)| t.contains("See you at 10"))
+            .count(),
+        1,
+        "sent once: {to_cara:?}"
+    );
+    assert!(
+        pet.sent_to(CARL).is_empty(),
+        "nothing went to the other thread's client"
+    );
+    assert!(!to_cara.iter().any(|(_, t)| t.contains("make it 11")));
+}

@@ -34,6 +34,18 @@ const MORE_CANARIES: &[&str] = &[
     "+15557770002",
 ];
 
+/// Phone numbers written so that an ASCII-digit count misses them, and a
+/// client's name given as a place (issue 17): refused at the start, so none
+/// may reach any crew, driver or executor-visible text, log or metric.
+const DIGIT_CANARIES: &[&str] = &[
+    "０７７７-０３１３-９９９",
+    "٠٧٧٧٠٣١٣٩٩٩",
+    "0777-0313-999",
+    "07770313999",
+    "+1 777",
+    "Canary Placename",
+];
+
 struct Api {
     http: reqwest::Client,
     url: String,
@@ -65,6 +77,25 @@ impl Api {
         let text = r.text().await.unwrap();
         assert!(status.as_u16() < 300, "{method} {path}: {status} {text}");
         serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    /// A request that must be refused with 422 `code`; its answer is kept
+    /// with the non-operator answers.
+    async fn refused(&self, path: &str, key: &str, body: Value, code: &str) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(key)
+            .header("Idempotency-Key", Uuid::new_v4().to_string())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        assert_eq!(status, 422, "{path}: {text}");
+        assert!(text.contains(code), "{path}: {text}");
+        self.seen.lock().unwrap().push_str(&text);
     }
 
     /// A call by a role that must see no personal data: its answer is kept.
@@ -260,6 +291,31 @@ async fn a_trace_level_run_of_every_flow_leaks_no_personal_data() {
     api.watched("GET", "/v1/ops/audit", &keys.ops, None, None)
         .await;
 
+    // Hostile leads: every digit form, a split number, a name as a place.
+    let hostile: [(&str, Value); 5] = [
+        ("/volume", json!("０７７７-０３１３-９９９")),
+        ("/volume", json!("٠٧٧٧٠٣١٣٩٩٩")),
+        ("/time_window", json!("٠٧٧٧٠٣١٣٩٩٩")),
+        ("/extras", json!(["+1 777", "0313", "999"])),
+        ("/to/locality", json!("Canary Placename")),
+    ];
+    for (at, value) in hostile {
+        let mut input = lead_input(None);
+        if at == "/to/locality" {
+            input["lead"]["client"]["name"] = json!("Canary Placename");
+        }
+        *input["lead"].pointer_mut(at).unwrap() = value;
+        for kind in ["lead_finalization", "dispatch"] {
+            api.refused(
+                "/v1/workflows",
+                &keys.integration,
+                json!({"kind": kind, "key": Uuid::new_v4().to_string(), "input": input}),
+                "crew_unsafe_field",
+            )
+            .await;
+        }
+    }
+
     // Courier: a driver registers by deep link and acknowledges a route.
     api.send("POST", "/v1/drivers", &keys.operator, Some(json!({"id": "drv-1", "name": "Canary Drivername", "email": "canary.driver@canary.example"})), None).await;
     let reg = api
@@ -290,6 +346,13 @@ async fn a_trace_level_run_of_every_flow_leaks_no_personal_data() {
             chat.map(|_| ())
         }
     })
+    .await;
+    api.refused(
+        "/v1/dispatches",
+        &keys.integration,
+        json!({"driver_id": "drv-1", "route": {"reference": "R-8", "text": "Stop 1, the client is on ０７７７-０３１３-９９９"}}),
+        "crew_unsafe_field",
+    )
     .await;
     let d = api.send("POST", "/v1/dispatches", &keys.integration, Some(json!({"driver_id": "drv-1", "route": {"reference": "R-9", "text": "Canary Route Stop 1, then depot"}})), Some("route-9")).await;
     let id = d["id"].as_str().unwrap().to_string();
@@ -469,7 +532,17 @@ async fn a_trace_level_run_of_every_flow_leaks_no_personal_data() {
     );
     assert!(logs.contains("\"level\":\"TRACE\""), "JSON logs at TRACE");
     let seen = api.seen.lock().unwrap().clone();
-    for canary in CANARIES.iter().chain(MORE_CANARIES) {
+    // Nothing of the refused leads went to anyone: crew, driver, executor or operator.
+    for canary in DIGIT_CANARIES {
+        if let Some(at) = to_provider.find(canary) {
+            let from = at.saturating_sub(200);
+            panic!(
+                "`{canary}` was sent to a provider: …{}…",
+                &to_provider[from..(at + 50).min(to_provider.len())]
+            );
+        }
+    }
+    for canary in CANARIES.iter().chain(MORE_CANARIES).chain(DIGIT_CANARIES) {
         for (what, text) in [
             ("the logs", &logs),
             ("the metrics", &metrics),

@@ -536,7 +536,9 @@ async fn handle(
 ) -> Result<String, ChannelError> {
     let person = providers::person(conn, tenant, executor).await?;
     let username = |u: &str| {
-        (3..=32).contains(&u.len()) && u.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        (3..=64).contains(&u.len())
+            && u.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
     };
     let shown = match person {
         Some(Person {
@@ -560,11 +562,11 @@ fn gate(effect: &EffectRow, m: &Message) -> Result<(), ChannelError> {
     let name = effect.name.as_str();
     let claim_notice = name == dispatch_effects::CREW_POST_RESERVED
         || name == dispatch_effects::NOTIFY_OPERATOR_CLAIMED;
-    let crew_visible = matches!(m.audience, Audience::Crew | Audience::Driver(..))
+    // Driver messages are checked field by field in `render_courier`.
+    let crew_visible = m.audience == Audience::Crew
         || name == lead_effects::NOTIFY_OPERATOR_CREW_FALLBACK
         || claim_notice;
-    // The registration e-mail carries our own deep link, to the driver themself.
-    if !crew_visible || name == registration_effects::REGISTRATION_EMAIL {
+    if !crew_visible {
         return Ok(());
     }
     crate::crew::check(&m.text, claim_notice, |_| format!("{name} text"))
@@ -762,6 +764,16 @@ async fn render_courier(
         .map(|d| format!(" — {d}"))
         .unwrap_or_default();
     let body = str_field(route, "text").unwrap_or("");
+    // The second check of what a driver reads (the first ran when the
+    // dispatch was accepted): the route's own fields, not our wording around them.
+    for (field, text) in [
+        ("route.reference", reference),
+        ("route.date", str_field(route, "date").unwrap_or("")),
+        ("route.text", body),
+    ] {
+        crate::crew::check(text, false, |_| field.to_string())
+            .map_err(|e| ChannelError::permanent(format!("not sent: {e}")))?;
+    }
     let subject = format!("Route {reference}{date}");
     if name == route_effects::TELEGRAM {
         let ack = json!({ "inline_keyboard": [[{

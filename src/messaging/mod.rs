@@ -1450,13 +1450,13 @@ async fn send_message_in(
             &st.engine,
             &mut *tx,
             tenant,
-            &source,
+            source,
             Some(thread),
             "owner",
             None,
             &fd.e164,
             &phone.0,
-            &text,
+            text,
             kind,
         )
         .await?;
@@ -1467,7 +1467,7 @@ async fn send_message_in(
         };
         return Ok(json!({ "thread_id": thread, "status": status, "from": fd.e164 }));
     }
-    let me = sitter_subject(&caller)?.to_string();
+    let me = sitter_subject(caller)?.to_string();
     if !sitter_sees(&mut *tx, tenant, id, &me).await? {
         return Err(not_found("thread"));
     }
@@ -1491,10 +1491,10 @@ async fn send_message_in(
         &st.engine,
         &mut *tx,
         tenant,
-        &source,
+        source,
         Author::Sitter(&sitter),
         &number,
-        &text,
+        text,
         Some(&client_id),
         None,
     )
@@ -1503,7 +1503,7 @@ async fn send_message_in(
         "select id, status, reason from msg_messages where tenant_id = $1 and source = $2",
     )
     .bind(tenant)
-    .bind(&source)
+    .bind(source)
     .fetch_optional(&mut **tx)
     .await?;
     let (message_id, status, reason) = row.ok_or_else(|| not_found("message"))?;

@@ -147,7 +147,7 @@ fn sha2_digest(bytes: &[u8]) -> u128 {
     h
 }
 
-async fn connect_retry(url: &str) -> sqlx::PgConnection {
+pub async fn connect_retry(url: &str) -> sqlx::PgConnection {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match sqlx::PgConnection::connect(url).await {

@@ -115,19 +115,55 @@ pub fn short_id(lead_id: Uuid) -> String {
 
 /// Volume categories a tenant accepts when it sets no `dispatch.crew.volumes`.
 pub const DEFAULT_VOLUMES: &[&str] = &[
-    "Few items", "Studio", "1BR", "2BR", "3BR", "4BR", "5BR+", "House", "Office", "Storage unit",
+    "Few items",
+    "Studio",
+    "1BR",
+    "2BR",
+    "3BR",
+    "4BR",
+    "5BR+",
+    "House",
+    "Office",
+    "Storage unit",
 ];
 
 /// Extras a tenant accepts when it sets no `dispatch.crew.extras`.
 pub const DEFAULT_EXTRAS: &[&str] = &[
-    "Fridge", "Washing machine", "Dryer", "Dishwasher", "Oven", "Piano", "Sofa", "Bed",
-    "Wardrobe", "Table", "Chairs", "TV", "Boxes", "Packing", "Disassembly", "Assembly",
-    "Crane", "Storage", "Safe", "Aquarium", "Bicycle", "Plants", "Mirror", "Artwork",
+    "Fridge",
+    "Washing machine",
+    "Dryer",
+    "Dishwasher",
+    "Oven",
+    "Piano",
+    "Sofa",
+    "Bed",
+    "Wardrobe",
+    "Table",
+    "Chairs",
+    "TV",
+    "Boxes",
+    "Packing",
+    "Disassembly",
+    "Assembly",
+    "Crane",
+    "Storage",
+    "Safe",
+    "Aquarium",
+    "Bicycle",
+    "Plants",
+    "Mirror",
+    "Artwork",
 ];
 
 /// Time windows a tenant accepts when it sets no `dispatch.crew.time_windows`.
-pub const DEFAULT_TIME_WINDOWS: &[&str] =
-    &["Morning", "Noon", "Afternoon", "Evening", "All day", "Flexible"];
+pub const DEFAULT_TIME_WINDOWS: &[&str] = &[
+    "Morning",
+    "Noon",
+    "Afternoon",
+    "Evening",
+    "All day",
+    "Flexible",
+];
 
 /// Longest locality name (characters).
 pub const MAX_LOCALITY_CHARS: usize = 60;
@@ -165,7 +201,10 @@ pub fn normalize(s: &str) -> String {
 
 /// The tenant's closed list at `pointer`, or `default`.
 fn vocabulary(config: &serde_json::Value, pointer: &str, default: &[&str]) -> Vec<String> {
-    match config.pointer(pointer).and_then(serde_json::Value::as_array) {
+    match config
+        .pointer(pointer)
+        .and_then(serde_json::Value::as_array)
+    {
         Some(list) => list
             .iter()
             .filter_map(serde_json::Value::as_str)
@@ -313,9 +352,20 @@ impl CrewLeadView {
         // Labels are words; a number dictated across several of them (a tenant
         // list with digit items, "+1 555", "0100", "199") is not a label.
         let mut digits = 0;
-        let labels = volume.iter().map(|v| ("lead.volume".to_string(), v))
-            .chain(time_window.iter().map(|v| ("lead.time_window".to_string(), v)))
-            .chain(extras.iter().enumerate().map(|(i, v)| (format!("lead.extras[{i}]"), v)));
+        let labels = volume
+            .iter()
+            .map(|v| ("lead.volume".to_string(), v))
+            .chain(
+                time_window
+                    .iter()
+                    .map(|v| ("lead.time_window".to_string(), v)),
+            )
+            .chain(
+                extras
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (format!("lead.extras[{i}]"), v)),
+            );
         for (field, label) in labels {
             digits += label.chars().filter(char::is_ascii_digit).count();
             if digits > MAX_LABEL_DIGITS {
@@ -325,7 +375,10 @@ impl CrewLeadView {
                 });
             }
         }
-        for (field, floor) in [("lead.from.floor", lead.from.floor), ("lead.to.floor", lead.to.floor)] {
+        for (field, floor) in [
+            ("lead.from.floor", lead.from.floor),
+            ("lead.to.floor", lead.to.floor),
+        ] {
             if floor.is_some_and(|f| !FLOORS.contains(&f)) {
                 return Err(UnsafeField {
                     field: field.into(),
@@ -493,12 +546,23 @@ mod tests {
         let e = crew(&l).unwrap_err();
         assert_eq!(e.field, "lead.to.locality");
         assert!(!e.to_string().contains("Canary"), "{e}");
-        for bad in ["Haifa ０５５５０１００", "x@y.z", "https://t.me/x", "Haifa 5"] {
+        for bad in [
+            "Haifa ０５５５０１００",
+            "x@y.z",
+            "https://t.me/x",
+            "Haifa 5",
+        ] {
             let mut l = lead();
             l.from.locality = Some(bad.into());
             assert_eq!(crew(&l).unwrap_err().field, "lead.from.locality", "{bad}");
         }
-        for good in ["Tel Aviv-Yafo", "Kiryat Ata", "חיפה", "Ma'alot-Tarshiha", "Rishon LeZion"] {
+        for good in [
+            "Tel Aviv-Yafo",
+            "Kiryat Ata",
+            "חיפה",
+            "Ma'alot-Tarshiha",
+            "Rishon LeZion",
+        ] {
             let mut l = lead();
             l.from.locality = Some(good.into());
             assert!(crew(&l).is_ok(), "{good}");
@@ -518,7 +582,9 @@ mod tests {
         assert_eq!(v.extras, vec!["Fridge".to_string()]);
         l.from.locality = Some("Nazareth".into());
         assert_eq!(
-            CrewLeadView::checked(Uuid::nil(), &l, &cfg).unwrap_err().field,
+            CrewLeadView::checked(Uuid::nil(), &l, &cfg)
+                .unwrap_err()
+                .field,
             "lead.from.locality"
         );
     }
@@ -558,8 +624,18 @@ impl FullLead {
         opt("lead.client.name", &self.client.name, TextKind::Name, 200)?;
         opt("lead.client.phone", &self.client.phone, TextKind::Line, 40)?;
         for (end, a) in [("from", &self.from), ("to", &self.to)] {
-            opt(&format!("lead.{end}.street"), &a.street, TextKind::Line, 300)?;
-            opt(&format!("lead.{end}.locality"), &a.locality, TextKind::Name, 200)?;
+            opt(
+                &format!("lead.{end}.street"),
+                &a.street,
+                TextKind::Line,
+                300,
+            )?;
+            opt(
+                &format!("lead.{end}.locality"),
+                &a.locality,
+                TextKind::Name,
+                200,
+            )?;
         }
         opt("lead.time_window", &self.time_window, TextKind::Line, 100)?;
         opt("lead.volume", &self.volume, TextKind::Line, 100)?;

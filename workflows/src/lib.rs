@@ -224,7 +224,8 @@ pub(crate) fn reason_of(payload: &Value) -> Result<String, ParseError> {
     let r = payload["reason"].as_str().map(str::trim).ok_or_else(|| {
         ParseError::InvalidPayload("a reason (1..=500 characters) is required".into())
     })?;
-    text::check_field("reason", r, text::TextKind::Line, 500).map_err(ParseError::InvalidPayload)?;
+    text::check_field("reason", r, text::TextKind::Line, 500)
+        .map_err(ParseError::InvalidPayload)?;
     Ok(r.to_string())
 }
 

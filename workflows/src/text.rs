@@ -147,10 +147,9 @@ pub fn redact(message: &str) -> String {
 fn is_identifier(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "_.[]/-".contains(c))
-        && !s.chars().filter(char::is_ascii_digit).nth(4).is_some()
+        && s.chars().filter(char::is_ascii_digit).nth(4).is_none()
 }
 
 #[cfg(test)]
@@ -160,11 +159,23 @@ mod tests {
     #[test]
     fn one_rule_for_every_field() {
         assert!(check("late truck", TextKind::Line, 500).is_ok());
-        assert_eq!(check("a\u{7}b", TextKind::Line, 500), Err(TextError::Unprintable));
-        assert_eq!(check("a\nb", TextKind::Line, 500), Err(TextError::Unprintable));
+        assert_eq!(
+            check("a\u{7}b", TextKind::Line, 500),
+            Err(TextError::Unprintable)
+        );
+        assert_eq!(
+            check("a\nb", TextKind::Line, 500),
+            Err(TextError::Unprintable)
+        );
         assert!(check("a\nb\tc", TextKind::Multiline, 500).is_ok());
-        assert_eq!(check("a\u{1b}[2Jb", TextKind::Multiline, 500), Err(TextError::Unprintable));
-        assert_eq!(check("Eve\u{202E}rotaredo", TextKind::Name, 200), Err(TextError::Bidi));
+        assert_eq!(
+            check("a\u{1b}[2Jb", TextKind::Multiline, 500),
+            Err(TextError::Unprintable)
+        );
+        assert_eq!(
+            check("Eve\u{202E}rotaredo", TextKind::Name, 200),
+            Err(TextError::Bidi)
+        );
         assert_eq!(check("  ", TextKind::Name, 200), Err(TextError::Empty));
         assert_eq!(check("ab", TextKind::Name, 1), Err(TextError::TooLong(1)));
         assert!(check("דנה כהן", TextKind::Name, 200).is_ok());
@@ -173,11 +184,26 @@ mod tests {
     #[test]
     fn errors_keep_the_field_and_lose_the_value() {
         let cases = [
-            ("invalid type: string \"+15550100199\", expected i64", "invalid type: string, expected i64"),
-            ("unknown variant `dana@example.com`, expected `telegram` or `whatsapp`", "unknown variant (value), expected `telegram` or `whatsapp`"),
-            ("invalid type: integer `5550100199`, expected a string", "invalid type: integer, expected a string"),
-            ("`lead.volume` is not one of the tenant's volume categories", "`lead.volume` is not one of the tenant's volume categories"),
-            ("unknown field `+1 555 0100`, expected `name`", "unknown field (value), expected `name`"),
+            (
+                "invalid type: string \"+15550100199\", expected i64",
+                "invalid type: string, expected i64",
+            ),
+            (
+                "unknown variant `dana@example.com`, expected `telegram` or `whatsapp`",
+                "unknown variant (value), expected `telegram` or `whatsapp`",
+            ),
+            (
+                "invalid type: integer `5550100199`, expected a string",
+                "invalid type: integer, expected a string",
+            ),
+            (
+                "`lead.volume` is not one of the tenant's volume categories",
+                "`lead.volume` is not one of the tenant's volume categories",
+            ),
+            (
+                "unknown field `+1 555 0100`, expected `name`",
+                "unknown field (value), expected `name`",
+            ),
         ];
         for (given, want) in cases {
             assert_eq!(redact(given), want);
