@@ -38,7 +38,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -74,6 +74,9 @@ impl Default for EdgeConfig {
     }
 }
 
+/// The request head (line and headers) a connection may send.
+const MAX_HEAD_BYTES: usize = 96 * 1024;
+
 /// How long connections may take to finish their requests after shutdown.
 const DRAIN: Duration = Duration::from_secs(10);
 
@@ -107,6 +110,14 @@ pub async fn serve(
             tokio::spawn(refuse(stream));
             continue;
         };
+        // A second handle on the socket, for the lingering close below.
+        let (stream, linger) = match duplicate(stream) {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not set up a connection");
+                continue;
+            }
+        };
         let activity = Arc::new(Activity::new());
         let io = TokioIo::new(EdgeIo::new(stream, activity.clone()));
         let cfg = config.clone();
@@ -119,6 +130,9 @@ pub async fn serve(
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(config.header_timeout)
+            // Request heads over 96 KiB are refused (431); hyper checks
+            // between reads, so what it accepts stays under twice this.
+            .max_buf_size(MAX_HEAD_BYTES)
             .serve_connection(io, service);
         let conn = graceful.watch(conn);
         let idle = config.idle_timeout;
@@ -131,6 +145,7 @@ pub async fn serve(
                     tracing::debug!("idle connection closed");
                 }
             }
+            linger_close(linger).await;
             drop(permit);
         });
     }
@@ -141,6 +156,35 @@ pub async fn serve(
     {
         tracing::warn!("connections still open after the shutdown grace; closing them");
     }
+}
+
+/// The socket twice: one for hyper, one kept for [`linger_close`].
+fn duplicate(stream: TcpStream) -> io::Result<(TcpStream, TcpStream)> {
+    let std = stream.into_std()?;
+    let dup = std.try_clone()?;
+    Ok((TcpStream::from_std(std)?, TcpStream::from_std(dup)?))
+}
+
+/// Close the way nginx does (`lingering_close`): send FIN, then read and
+/// drop what the client still sends, for a moment. Closing a socket with
+/// unread data makes the kernel send a reset, and a reset can destroy our
+/// last answer (a 408, 413 or 431 written while the client was still
+/// sending) before the client reads it.
+async fn linger_close(mut stream: TcpStream) {
+    const LINGER: Duration = Duration::from_secs(1);
+    const MAX_DRAIN: usize = 1 << 20;
+    let _ = stream.shutdown().await;
+    let mut buf = [0u8; 8192];
+    let mut drained = 0;
+    let _ = tokio::time::timeout(LINGER, async {
+        while drained < MAX_DRAIN {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
 }
 
 /// Read the body whole (bounded in size and time), then route the request.
