@@ -331,6 +331,7 @@ struct LogCfg {
 /// Every string of the config document under the one text rule.
 fn printable_strings(v: &Value, at: &str) -> Result<(), ApiError> {
     match v {
+        Value::String(s) if s.is_empty() => Ok(()),
         Value::String(s) => {
             workflows::text::check_field(at, s, workflows::text::TextKind::Multiline, 2048)
                 .map_err(invalid)

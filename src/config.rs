@@ -195,10 +195,10 @@ impl Settings {
             });
         }
         if let Some(v) = num::<usize>("DISPATCH_HTTP_MAX_CONNECTIONS")? {
-            if v == 0 {
+            if !(1..=65_536).contains(&v) {
                 return Err(ConfigError {
                     name: "DISPATCH_HTTP_MAX_CONNECTIONS",
-                    message: "must be at least 1".into(),
+                    message: "must be 1..=65536".into(),
                 });
             }
             s.edge.max_connections = v;

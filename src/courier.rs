@@ -437,29 +437,14 @@ struct Planned {
     existing: Option<wf_store::WorkflowRow>,
 }
 
-/// A route is driver-visible: printable (the one text rule, checked before
-/// anything of a batch is stored), and every field passes the anti-poaching
-/// detector ([`crate::crew`]), naming the field that did not.
+/// A route is driver-visible: the one text rule and the detector, checked
+/// before anything of a batch is stored ([`crate::crew::check_route`]).
 fn check_route(r: &RouteBody) -> Result<(), RouteRefusal> {
-    use workflows::text::{check_field, TextKind};
-    let invalid = RouteRefusal::Invalid;
-    check_field("route.reference", r.reference.trim(), TextKind::Line, 100).map_err(invalid)?;
-    check_field("route.text", r.text.trim(), TextKind::Multiline, 3500).map_err(invalid)?;
-    if let Some(d) = &r.date {
-        check_field("route.date", d.trim(), TextKind::Line, 100).map_err(invalid)?;
-    }
-    let fields = [
-        ("route.reference", Some(&r.reference)),
-        ("route.text", Some(&r.text)),
-        ("route.date", r.date.as_ref()),
-    ];
-    for (field, value) in fields {
-        if let Some(v) = value {
-            crate::crew::check(v, false, |_| field.to_string())
-                .map_err(|e| RouteRefusal::Unsafe(e.to_string()))?;
-        }
-    }
-    Ok(())
+    let route = serde_json::json!({"reference": r.reference, "date": r.date, "text": r.text});
+    crate::crew::check_route(&route).map_err(|e| match e {
+        workflows::ParseError::CrewUnsafe(m) => RouteRefusal::Unsafe(m),
+        other => RouteRefusal::Invalid(other.to_string()),
+    })
 }
 
 /// Why a route was refused: bad text (`invalid_body`) or contact details a

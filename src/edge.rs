@@ -89,9 +89,12 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let config = Arc::new(config);
+    raise_fd_limit(config.max_connections);
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -107,7 +110,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             metrics::counter!(crate::metrics::HTTP_CONNECTIONS_REFUSED).increment(1);
-            tokio::spawn(refuse(stream));
+            connections.spawn(refuse(stream));
             continue;
         };
         // A second handle on the socket, for the lingering close below.
@@ -136,7 +139,7 @@ pub async fn serve(
             .serve_connection(io, service);
         let conn = graceful.watch(conn);
         let idle = config.idle_timeout;
-        tokio::spawn(async move {
+        connections.spawn(async move {
             tokio::select! {
                 r = conn => if let Err(e) = r {
                     tracing::debug!(error = %e, "connection ended with an error");
@@ -155,6 +158,41 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("connections still open after the shutdown grace; closing them");
+    }
+    // Nothing of ours outlives the server: lingering closes and stragglers end here.
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
+}
+
+/// Each connection holds two descriptors (see [`duplicate`]); raise the
+/// soft open-file limit to the hard one, and say so when the cap cannot fit.
+fn raise_fd_limit(max_connections: usize) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on our own process with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    let need = 2 * max_connections as u64 + 256;
+    if lim.rlim_cur < need {
+        tracing::warn!(
+            open_files = lim.rlim_cur,
+            need,
+            "the open-file limit is below 2 x DISPATCH_HTTP_MAX_CONNECTIONS + 256; connections beyond it will wait in the backlog"
+        );
     }
 }
 
@@ -277,11 +315,10 @@ async fn refuse(mut stream: TcpStream) {
         "too_many_connections",
         "too many open connections; try again shortly",
     );
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        stream.write_all(&answer).await?;
-        stream.shutdown().await
-    })
-    .await;
+    let written = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&answer)).await;
+    if matches!(written, Ok(Ok(()))) {
+        linger_close(stream).await;
+    }
 }
 
 /// When a connection last moved a byte.
@@ -355,6 +392,10 @@ impl EdgeIo {
 /// hyper's automatic answer to a request it could not parse, as JSON; `None`
 /// for anything else (every answer of ours carries a content type).
 fn rewrite_automatic(buf: &[u8]) -> Option<Vec<u8>> {
+    // hyper's automatic answers are one short, bodiless head.
+    if buf.len() > 512 || !buf.starts_with(b"HTTP/1.") || !buf.ends_with(b"\r\n\r\n") {
+        return None;
+    }
     let head = std::str::from_utf8(buf).ok()?;
     let (head, rest) = head.split_once("\r\n\r\n")?;
     if !rest.is_empty() || !head.starts_with("HTTP/1.") {

@@ -229,9 +229,6 @@ impl Engine {
                 actor: &system,
             };
             let started = wf.start(key, input, &ctx)?;
-            if let Some(guard) = &self.start_guard {
-                guard(kind, key, input, &config)?;
-            }
             let input_hash = hash_json(input);
             let new = NewWorkflow {
                 tenant_id,
@@ -252,6 +249,12 @@ impl Engine {
                     Err(EngineError::WorkflowExists)
                 };
             };
+            // A new workflow only: a replay of an identical start answers with
+            // the existing one even if the tenant's lists changed since. An
+            // error here rolls the insert back with the caller's transaction.
+            if let Some(guard) = &self.start_guard {
+                guard(kind, key, input, &config)?;
+            }
             store::workflows::insert_input(&mut *conn, tenant_id, row.id, input).await?;
             let status = self.carry_out(&mut *conn, &row, &started.commands).await?;
             store::workflows::append_history(

@@ -138,6 +138,20 @@ impl Durability {
     }
 }
 
+/// The file in a data folder saying how its cluster last ran.
+const DURABILITY_MARK: &str = "durability";
+
+fn durability_mark(data_dir: &Path) -> Option<Durability> {
+    match std::fs::read_to_string(data_dir.join(DURABILITY_MARK))
+        .ok()?
+        .trim()
+    {
+        "durable" => Some(Durability::Durable),
+        "fast" => Some(Durability::Fast),
+        _ => None,
+    }
+}
+
 fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -209,7 +223,33 @@ pub fn start_on(
     } else {
         chown_to_pg(&data_dir)?;
         // A server left by a killed run would hold the lock file: stale pid files are cleared by postgres itself.
+        if durability == Durability::Durable
+            && durability_mark(&data_dir) != Some(Durability::Durable)
+        {
+            // The cluster ran with fsync off (or predates this mark): what it
+            // wrote may sit only in the OS cache. PostgreSQL's advice when
+            // turning fsync back on: sync the data folder first.
+            let out = server_cmd(&bin.join("initdb"))
+                .args(["--sync-only", "-D"])
+                .arg(&pgdata)
+                .stdout(Stdio::null())
+                .output()?;
+            if !out.status.success() {
+                return Err(PgError::Failed(format!(
+                    "initdb --sync-only failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )));
+            }
+        }
     }
+    std::fs::write(
+        data_dir.join(DURABILITY_MARK),
+        if durability == Durability::Durable {
+            "durable"
+        } else {
+            "fast"
+        },
+    )?;
     let mut last_err = String::new();
     for _ in 0..5 {
         let port = match fixed_port {

@@ -175,6 +175,21 @@ async fn a_phone_in_any_digit_form_or_a_name_in_a_place_field_never_reaches_the_
             .unwrap()
             .contains("`route.text`"));
     }
+    // The generic start is held to the same rule as /v1/dispatches.
+    let (status, body) = app
+        .start(
+            &app.keys.integration,
+            "route_dispatch",
+            "route-generic",
+            json!({"driver_id": "drv-1", "channels": ["email"],
+                   "route": {"reference": "R-2", "text": "Stop 1: ring ٠٥٥٥٠١٠٠١٩٩"}}),
+        )
+        .await;
+    assert_eq!(
+        (status, code(&body)),
+        (422, Some("crew_unsafe_field")),
+        "{body}"
+    );
     assert_eq!(
         count(
             &app,

@@ -575,7 +575,7 @@ fn gate(effect: &EffectRow, m: &Message) -> Result<(), ChannelError> {
 
 /// The checked crew post (see [`crate::crew`]): refused, never scrubbed.
 fn crew_post(lead_id: Uuid, lead: &FullLead, config: &Value) -> Result<String, ChannelError> {
-    crate::crew::crew_post(lead_id, lead, config)
+    crate::crew::crew_post(lead_id, lead, config, false)
         .map_err(|e| ChannelError::permanent(format!("crew post refused: {e}")))
 }
 

@@ -214,18 +214,40 @@ fn vocabulary(config: &serde_json::Value, pointer: &str, default: &[&str]) -> Ve
     }
 }
 
-/// The list's own spelling of `value`, compared after normalization, ignoring case.
+/// The list's own spelling of `value`, compared after normalization, ignoring
+/// case. With `enforce` false a value off the list passes as normalized (the
+/// list was enforced when the lead arrived).
 fn from_vocabulary(
     value: &str,
     list: &[String],
+    enforce: bool,
     field: String,
     reason: &'static str,
 ) -> Result<String, UnsafeField> {
-    let v = normalize(value).to_lowercase();
-    list.iter()
-        .find(|entry| entry.to_lowercase() == v)
-        .cloned()
-        .ok_or(UnsafeField { field, reason })
+    let v = normalize(value);
+    let lower = v.to_lowercase();
+    match list.iter().find(|entry| entry.to_lowercase() == lower) {
+        Some(entry) => Ok(entry.clone()),
+        None if !enforce && v.chars().count() <= 40 => Ok(v),
+        None => Err(UnsafeField { field, reason }),
+    }
+}
+
+/// A time window in the strict shape `HH:MM-HH:MM` (or with `–`), normalized.
+fn time_range(value: &str) -> Option<String> {
+    let v = normalize(value).replace('–', "-").replace(' ', "");
+    let (a, b) = v.split_once('-')?;
+    let hhmm = |t: &str| {
+        let (h, m) = t.split_once(':')?;
+        let (h, m) = (h.parse::<u8>().ok()?, m.parse::<u8>().ok()?);
+        (h < 24 && m < 60 && t.len() == 5).then(|| format!("{h:02}:{m:02}"))
+    };
+    Some(format!("{}–{}", hhmm(a)?, hhmm(b)?))
+}
+
+/// A blank optional text is an absent one.
+fn present(v: &Option<String>) -> Option<&str> {
+    v.as_deref().filter(|s| !s.trim().is_empty())
 }
 
 /// Whole words of a text, lower-cased, after normalization.
@@ -246,16 +268,16 @@ fn locality(
     field: &str,
     lead: &FullLead,
     config: &serde_json::Value,
+    enforce: bool,
 ) -> Result<Option<String>, UnsafeField> {
-    let Some(raw) = value else { return Ok(None) };
+    let Some(raw) = present(value) else {
+        return Ok(None);
+    };
     let v = normalize(raw);
     let fail = |reason| UnsafeField {
         field: field.to_string(),
         reason,
     };
-    if v.is_empty() {
-        return Ok(None);
-    }
     if v.chars().count() > MAX_LOCALITY_CHARS {
         return Err(fail("is longer than a place name"));
     }
@@ -271,8 +293,12 @@ fn locality(
             "must be a place name: letters, spaces and - ' . ( ) only",
         ));
     }
+    // The client's name, whole, or a place made only of words of it ("Kfar
+    // Yona" for a client named Yona is a real town; "Yona Cohen" is not).
     let name = lead.client.name.as_deref().map(words).unwrap_or_default();
-    if words(&v).iter().any(|w| name.contains(w)) {
+    let place = words(&v);
+    let whole_name = !name.is_empty() && place.windows(name.len()).any(|w| w == name.as_slice());
+    if whole_name || (!place.is_empty() && place.iter().all(|w| name.contains(w))) {
         return Err(fail("carries the client's name"));
     }
     if config.pointer("/dispatch/crew/localities").is_some() {
@@ -280,6 +306,7 @@ fn locality(
         return from_vocabulary(
             &v,
             &list,
+            enforce,
             field.to_string(),
             "is not one of the tenant's localities",
         )
@@ -303,31 +330,42 @@ impl CrewLeadView {
         lead: &FullLead,
         config: &serde_json::Value,
     ) -> Result<Self, UnsafeField> {
+        Self::checked_with(lead_id, lead, config, true)
+    }
+
+    /// [`CrewLeadView::checked`], the tenant's closed lists enforced or not
+    /// (`lists`); every shape rule holds either way.
+    pub fn checked_with(
+        lead_id: Uuid,
+        lead: &FullLead,
+        config: &serde_json::Value,
+        lists: bool,
+    ) -> Result<Self, UnsafeField> {
         let volumes = vocabulary(config, "/dispatch/crew/volumes", DEFAULT_VOLUMES);
         let extras_list = vocabulary(config, "/dispatch/crew/extras", DEFAULT_EXTRAS);
         let windows = vocabulary(config, "/dispatch/crew/time_windows", DEFAULT_TIME_WINDOWS);
-        let volume = lead
-            .volume
-            .as_deref()
+        let volume = present(&lead.volume)
             .map(|v| {
                 from_vocabulary(
                     v,
                     &volumes,
+                    lists,
                     "lead.volume".into(),
                     "is not one of the tenant's volume categories",
                 )
             })
             .transpose()?;
-        let time_window = lead
-            .time_window
-            .as_deref()
+        let time_window = present(&lead.time_window)
             .map(|v| {
-                from_vocabulary(
-                    v,
-                    &windows,
-                    "lead.time_window".into(),
-                    "is not one of the tenant's time windows",
-                )
+                time_range(v).map(Ok).unwrap_or_else(|| {
+                    from_vocabulary(
+                        v,
+                        &windows,
+                        lists,
+                        "lead.time_window".into(),
+                        "is neither one of the tenant's time windows nor HH:MM-HH:MM",
+                    )
+                })
             })
             .transpose()?;
         if lead.extras.len() > MAX_EXTRAS {
@@ -344,6 +382,7 @@ impl CrewLeadView {
                 from_vocabulary(
                     e,
                     &extras_list,
+                    lists,
                     format!("lead.extras[{i}]"),
                     "is not one of the tenant's extras",
                 )
@@ -352,20 +391,12 @@ impl CrewLeadView {
         // Labels are words; a number dictated across several of them (a tenant
         // list with digit items, "+1 555", "0100", "199") is not a label.
         let mut digits = 0;
-        let labels = volume
-            .iter()
-            .map(|v| ("lead.volume".to_string(), v))
-            .chain(
-                time_window
-                    .iter()
-                    .map(|v| ("lead.time_window".to_string(), v)),
-            )
-            .chain(
-                extras
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| (format!("lead.extras[{i}]"), v)),
-            );
+        let labels = volume.iter().map(|v| ("lead.volume".to_string(), v)).chain(
+            extras
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (format!("lead.extras[{i}]"), v)),
+        );
         for (field, label) in labels {
             digits += label.chars().filter(char::is_ascii_digit).count();
             if digits > MAX_LABEL_DIGITS {
@@ -396,8 +427,14 @@ impl CrewLeadView {
         }
         Ok(CrewLeadView {
             short_id: short_id(lead_id),
-            from_locality: locality(&lead.from.locality, "lead.from.locality", lead, config)?,
-            to_locality: locality(&lead.to.locality, "lead.to.locality", lead, config)?,
+            from_locality: locality(
+                &lead.from.locality,
+                "lead.from.locality",
+                lead,
+                config,
+                lists,
+            )?,
+            to_locality: locality(&lead.to.locality, "lead.to.locality", lead, config, lists)?,
             date: lead.date,
             time_window,
             volume,
@@ -408,13 +445,20 @@ impl CrewLeadView {
         })
     }
 
-    /// The crew field a line of [`CrewLeadView::render`] shows, by its label.
-    pub fn field_of_line(line: &str) -> &'static str {
+    /// The crew field shown at char `at` of a text [`CrewLeadView::render`]
+    /// made (a detector finding's start).
+    pub fn field_at(text: &str, at: usize) -> &'static str {
+        let before: String = text.chars().take(at).collect();
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let line = text[line_start..].lines().next().unwrap_or("");
+        let column = &before[line_start..];
         match line.split(':').next().unwrap_or("") {
-            "Route" => "lead.from.locality / lead.to.locality",
-            "Date" => "lead.date / lead.time_window",
+            "Route" if column.contains('→') => "lead.to.locality",
+            "Route" => "lead.from.locality",
+            "Date" => "lead.time_window",
             "Volume" => "lead.volume",
-            "Floors" => "lead.from.floor / lead.to.floor",
+            "Floors" if column.contains('→') => "lead.to.floor",
+            "Floors" => "lead.from.floor",
             "Extras" => "lead.extras",
             "Estimate" => "lead.estimate",
             _ => "key",
@@ -590,6 +634,36 @@ mod tests {
     }
 
     #[test]
+    fn blank_optional_fields_are_absent_and_time_ranges_have_a_strict_shape() {
+        let mut l = lead();
+        l.notes = Some(String::new());
+        l.from.street = Some("  ".into());
+        l.to.locality = Some(String::new());
+        assert!(l.check_text().is_ok());
+        let v = crew(&l).unwrap();
+        assert_eq!(v.to_locality, None);
+        l.time_window = Some("０８:００ - 10:30".into());
+        assert_eq!(
+            crew(&l).unwrap().time_window.as_deref(),
+            Some("08:00–10:30")
+        );
+        l.time_window = Some("08:00-10:30 call 0501234567".into());
+        assert_eq!(crew(&l).unwrap_err().field, "lead.time_window");
+    }
+
+    #[test]
+    fn a_town_named_like_a_word_of_the_clients_name_is_still_a_town() {
+        let mut l = lead();
+        l.client.name = Some("Yona Cohen".into());
+        l.to.locality = Some("Kfar Yona".into());
+        assert!(crew(&l).is_ok());
+        for bad in ["Yona Cohen", "Cohen", "Near Yona Cohen"] {
+            l.to.locality = Some(bad.into());
+            assert_eq!(crew(&l).unwrap_err().field, "lead.to.locality", "{bad}");
+        }
+    }
+
+    #[test]
     fn crew_view_never_carries_personal_fields() {
         let text = crew(&lead()).unwrap().render();
         for canary in ["Canary", "972501234567", "Street", "call me", "https://"] {
@@ -617,7 +691,7 @@ impl FullLead {
     /// names without bidirectional controls, notes on several lines.
     fn check_text(&self) -> Result<(), String> {
         use crate::text::{check_field, TextKind};
-        let opt = |field: &str, v: &Option<String>, kind, max| match v {
+        let opt = |field: &str, v: &Option<String>, kind, max| match present(v) {
             Some(v) => check_field(field, v, kind, max),
             None => Ok(()),
         };

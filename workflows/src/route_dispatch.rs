@@ -170,14 +170,17 @@ impl Workflow for RouteDispatch {
         let input: Input = serde_json::from_value(input.clone())
             .map_err(|e| ParseError::InvalidPayload(e.to_string()))?;
         let bad = |m: &str| Err(ParseError::InvalidPayload(m.to_string()));
+        use crate::text::{check_field, TextKind};
         let reference = input.route.reference.trim();
-        if reference.is_empty() || reference.chars().count() > 100 {
-            return bad("route.reference must be 1..=100 characters");
-        }
-        let text_len = input.route.text.trim().chars().count();
-        if text_len == 0 || text_len > 3500 {
-            return bad("route.text must be 1..=3500 characters");
-        }
+        check_field("route.reference", reference, TextKind::Line, 100)
+            .map_err(ParseError::InvalidPayload)?;
+        check_field(
+            "route.text",
+            input.route.text.trim(),
+            TextKind::Multiline,
+            3500,
+        )
+        .map_err(ParseError::InvalidPayload)?;
         let mut channels = BTreeMap::new();
         let mut commands = Vec::new();
         for c in &input.channels {

@@ -112,7 +112,13 @@ pub fn redact(message: &str) -> String {
             break;
         };
         let inner = &after[..j];
-        if quote == '`' && is_identifier(inner) {
+        // serde quotes the client's own value right after these.
+        let clause = out.rsplit(", ").next().unwrap_or(&out);
+        let their_value = ["unknown variant", "invalid value", "invalid type"]
+            .iter()
+            .any(|p| clause.contains(p))
+            && !clause.contains('`');
+        if quote == '`' && is_identifier(inner) && !their_value {
             // Our own field names (`lead.volume`) and serde's expected names.
             out.push('`');
             out.push_str(inner);
