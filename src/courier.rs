@@ -514,7 +514,7 @@ async fn prepare(
         if !same {
             return Err(invalid(
                 "idempotency_key_reused",
-                format!("`{key}` was used for a different dispatch"),
+                "this idempotency key was used for a different dispatch",
             ));
         }
         return Ok(Planned {
@@ -525,12 +525,12 @@ async fn prepare(
     }
     let driver = drivers_by_id
         .get(driver_id)
-        .ok_or_else(|| invalid("unknown_driver", format!("no driver `{driver_id}`")))?;
+        .ok_or_else(|| invalid("unknown_driver", "`driver_id` names no driver"))?;
     let (channels, skipped) = plan(driver);
     if channels.is_empty() {
         return Err(invalid(
             "driver_unreachable",
-            format!("driver `{driver_id}` has no usable channel: {skipped:?}"),
+            format!("the driver has no usable channel: {skipped:?}"),
         ));
     }
     let mut input = request;

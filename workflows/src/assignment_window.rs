@@ -41,10 +41,10 @@ pub fn window(
     let default = match service_type {
         "walk" | "drop_in" => 60,
         "house_sitting" => 120,
-        other => {
-            return Err(ParseError::InvalidPayload(format!(
-                "service_type `{other}` is not one of walk, drop_in, house_sitting"
-            )))
+        _ => {
+            return Err(ParseError::InvalidPayload(
+                "`service_type` is not one of walk, drop_in, house_sitting".into(),
+            ))
         }
     };
     if ends_at <= starts_at {
