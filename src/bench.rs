@@ -17,7 +17,7 @@ use uuid::Uuid;
 use workflows::{Actor, Role};
 
 use crate::config::{ProcessRole, Secret, Settings};
-use crate::engine::Engine;
+use crate::engine::{Engine, SignalIn};
 use crate::store::{self, tenants};
 
 /// What to run.
@@ -201,15 +201,15 @@ impl Bench {
                     if steps {
                         for s in 1..=2 {
                             engine
-                                .signal(
-                                    &Self::integration(),
+                                .signal(SignalIn::new(
                                     tenant,
                                     KIND,
                                     key,
                                     &format!("s{s}"),
                                     "step",
                                     &json!({}),
-                                )
+                                    &Self::integration(),
+                                ))
                                 .await?;
                         }
                     }

@@ -87,6 +87,79 @@ impl Default for EngineConfig {
     }
 }
 
+/// One signal on its way in, whatever its source.
+#[derive(Debug, Clone, Copy)]
+pub struct SignalIn<'a> {
+    /// The tenant.
+    pub tenant_id: Uuid,
+    /// The workflow's kind.
+    pub kind: &'a str,
+    /// The workflow's business key.
+    pub key: &'a str,
+    /// The sender's idempotency key (`Idempotency-Key`, a provider's event id).
+    pub idempotency_key: &'a str,
+    /// The signal's name.
+    pub name: &'a str,
+    /// Its payload (`null` is the same request as `{}`).
+    pub payload: &'a Value,
+    /// Who sends it.
+    pub actor: &'a Actor,
+    /// A chat-originated signal's sender, answered with the outcome (a
+    /// `signal_reply` effect written with it).
+    pub origin: Option<&'a Value>,
+    /// Whether the actor's role must be allowed to send it (ops overrides
+    /// and the system's own sources do not check).
+    pub enforce_roles: bool,
+}
+
+impl<'a> SignalIn<'a> {
+    /// A signal from `actor`, role-checked, with no origin to answer.
+    pub fn new(
+        tenant_id: Uuid,
+        kind: &'a str,
+        key: &'a str,
+        idempotency_key: &'a str,
+        name: &'a str,
+        payload: &'a Value,
+        actor: &'a Actor,
+    ) -> Self {
+        Self {
+            tenant_id,
+            kind,
+            key,
+            idempotency_key,
+            name,
+            payload,
+            actor,
+            origin: None,
+            enforce_roles: true,
+        }
+    }
+
+    /// The same signal, answered at `origin` (when given) once decided.
+    pub fn answered_at(self, origin: Option<&'a Value>) -> Self {
+        Self { origin, ..self }
+    }
+
+    /// The same signal, its sender's role checked or not (ops overrides and
+    /// the system's own sources are not).
+    pub fn roles_checked(self, enforce_roles: bool) -> Self {
+        Self {
+            enforce_roles,
+            ..self
+        }
+    }
+
+    fn payload(&self) -> &'a Value {
+        static EMPTY: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+        if self.payload.is_null() {
+            EMPTY.get_or_init(|| json!({}))
+        } else {
+            self.payload
+        }
+    }
+}
+
 /// A signal's answer, as the API shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct SignalAnswer {
@@ -284,200 +357,92 @@ impl Engine {
         })
     }
 
-    /// Queue a signal for a workflow. Validates it first (nothing is stored for
-    /// a bad one); the same idempotency key returns the first signal's answer;
-    /// the same key with a different request is [`EngineError::IdempotencyKeyReused`].
-    #[allow(clippy::too_many_arguments)]
-    pub async fn signal(
-        &self,
-        actor: &Actor,
-        tenant_id: Uuid,
-        kind: &str,
-        key: &str,
-        idempotency_key: &str,
-        name: &str,
-        payload: &Value,
-    ) -> Result<SignalAnswer, EngineError> {
-        self.signal_from(
-            actor,
-            tenant_id,
-            kind,
-            key,
-            idempotency_key,
-            name,
-            payload,
-            None,
-        )
-        .await
-    }
-
-    /// [`Engine::signal`] for a signal that came from a chat: once applied or
-    /// rejected, the sender is answered at `origin` (a `signal_reply` effect
-    /// written in the same transaction as the outcome).
-    #[instrument(skip_all, fields(tenant.id = %tenant_id, workflow.kind = kind, signal.name = name))]
-    #[allow(clippy::too_many_arguments)]
-    pub async fn signal_from(
-        &self,
-        actor: &Actor,
-        tenant_id: Uuid,
-        kind: &str,
-        key: &str,
-        idempotency_key: &str,
-        name: &str,
-        payload: &Value,
-        origin: Option<&Value>,
-    ) -> Result<SignalAnswer, EngineError> {
-        self.signal_inner(
-            actor,
-            tenant_id,
-            kind,
-            key,
-            idempotency_key,
-            name,
-            payload,
-            origin,
-            true,
-        )
-        .await
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn signal_inner(
-        &self,
-        actor: &Actor,
-        tenant_id: Uuid,
-        kind: &str,
-        key: &str,
-        idempotency_key: &str,
-        name: &str,
-        payload: &Value,
-        origin: Option<&Value>,
-        enforce_roles: bool,
-    ) -> Result<SignalAnswer, EngineError> {
-        let wf = self
-            .registry
-            .get(kind)
-            .ok_or_else(|| EngineError::UnknownKind(kind.into()))?;
-        // An absent payload and an empty object are the same request.
-        let empty = json!({});
-        let payload = if payload.is_null() { &empty } else { payload };
-        wf.check_signal(name, payload)?;
-        if enforce_roles && !wf.allowed_roles(name).contains(&actor.role) {
-            return Err(EngineError::Forbidden(
-                actor.role.as_str(),
-                format!("send `{name}`"),
-            ));
-        }
+    /// The one way a signal comes in from outside the engine — HTTP, ops,
+    /// chat commands and webhooks, the messaging layer — in its own
+    /// transaction. Validates it first (nothing is stored for a bad one); the
+    /// same idempotency key returns the first signal's answer; the same key
+    /// with a different request is [`EngineError::IdempotencyKeyReused`].
+    #[instrument(skip_all, fields(tenant.id = %signal.tenant_id, workflow.kind = signal.kind, signal.name = signal.name))]
+    pub async fn signal(&self, signal: SignalIn<'_>) -> Result<SignalAnswer, EngineError> {
+        self.check(&signal)?;
         let mut tx = self.pool.begin().await?;
-        let (answer, received) = self
-            .queue_signal(
-                &mut tx,
-                actor,
-                tenant_id,
-                kind,
-                key,
-                idempotency_key,
-                name,
-                payload,
-                origin,
-            )
-            .await?;
+        let (answer, received) = self.queue_signal(&mut tx, &signal).await?;
         tx.commit().await?;
         if received {
-            metrics::counter!(m::SIGNALS_RECEIVED, "kind" => kind.to_string()).increment(1);
+            metrics::counter!(m::SIGNALS_RECEIVED, "kind" => signal.kind.to_string()).increment(1);
         }
         Ok(answer)
     }
 
-    /// Queue a signal inside the caller's transaction, so the caller can write
-    /// its own record (e.g. an ops audit entry) atomically with it. Checks the
-    /// signal parses and, with `enforce_roles`, that the actor may send it.
-    /// Returns the answer and whether this call stored a new signal (false for
-    /// a replay of the idempotency key).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn queue_signal_in(
+    /// [`Engine::signal`] inside the caller's transaction, so the caller can
+    /// write its own records (an ops audit entry, a routed message)
+    /// atomically with it. Returns the answer and whether this call stored a
+    /// new signal (false for a replay of the idempotency key).
+    pub async fn signal_in(
         &self,
         conn: &mut PgConnection,
-        actor: &Actor,
-        tenant_id: Uuid,
-        kind: &str,
-        key: &str,
-        idempotency_key: &str,
-        name: &str,
-        payload: &Value,
-        enforce_roles: bool,
+        signal: SignalIn<'_>,
     ) -> Result<(SignalAnswer, bool), EngineError> {
-        let wf = self
-            .registry
-            .get(kind)
-            .ok_or_else(|| EngineError::UnknownKind(kind.into()))?;
-        let empty = json!({});
-        let payload = if payload.is_null() { &empty } else { payload };
-        wf.check_signal(name, payload)?;
-        if enforce_roles && !wf.allowed_roles(name).contains(&actor.role) {
-            return Err(EngineError::Forbidden(
-                actor.role.as_str(),
-                format!("send `{name}`"),
-            ));
-        }
-        self.queue_signal(
-            conn,
-            actor,
-            tenant_id,
-            kind,
-            key,
-            idempotency_key,
-            name,
-            payload,
-            None,
-        )
-        .await
+        self.check(&signal)?;
+        self.queue_signal(conn, &signal).await
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Read-only checks, before any row is touched: the kind is known, the
+    /// signal parses, and the actor's role may send it.
+    fn check(&self, signal: &SignalIn<'_>) -> Result<(), EngineError> {
+        let wf = self
+            .registry
+            .get(signal.kind)
+            .ok_or_else(|| EngineError::UnknownKind(signal.kind.into()))?;
+        wf.check_signal(signal.name, signal.payload())?;
+        if signal.enforce_roles && !wf.allowed_roles(signal.name).contains(&signal.actor.role) {
+            return Err(EngineError::Forbidden(
+                signal.actor.role.as_str(),
+                format!("send `{}`", signal.name),
+            ));
+        }
+        Ok(())
+    }
+
     async fn queue_signal(
         &self,
         tx: &mut PgConnection,
-        actor: &Actor,
-        tenant_id: Uuid,
-        kind: &str,
-        key: &str,
-        idempotency_key: &str,
-        name: &str,
-        payload: &Value,
-        origin: Option<&Value>,
+        signal: &SignalIn<'_>,
     ) -> Result<(SignalAnswer, bool), EngineError> {
+        let (actor, payload) = (signal.actor, signal.payload());
         let request_hash = hash_json(&json!({
-            "name": name, "payload": payload, "role": actor.role, "subject": actor.subject,
+            "name": signal.name, "payload": payload, "role": actor.role, "subject": actor.subject,
         }));
-        let row = store::workflows::find(&mut *tx, tenant_id, kind, key)
+        let row = store::workflows::find(&mut *tx, signal.tenant_id, signal.kind, signal.key)
             .await?
             .ok_or(EngineError::NotFound)?;
         let new = NewSignal {
-            tenant_id,
+            tenant_id: signal.tenant_id,
             workflow_id: row.id,
-            idempotency_key,
-            name,
+            idempotency_key: signal.idempotency_key,
+            name: signal.name,
             payload,
             request_hash: &request_hash,
             actor_role: actor.role.as_str(),
             actor_subject: actor.subject.as_deref(),
             received_at: None,
-            origin,
+            origin: signal.origin,
         };
         match signals::insert(&mut *tx, &new).await? {
             Some(sig) => {
                 let job = ApplyJob {
-                    tenant_id,
+                    tenant_id: signal.tenant_id,
                     workflow_id: row.id,
                 };
-                jobs::enqueue_apply(&mut *tx, kind, &job, Some(format!("sig:{}", sig.id))).await?;
+                jobs::enqueue_apply(&mut *tx, signal.kind, &job, Some(format!("sig:{}", sig.id)))
+                    .await?;
                 Ok((SignalAnswer::from(&sig), true))
             }
             None => {
-                let first = signals::by_key(&mut *tx, tenant_id, row.id, idempotency_key)
-                    .await?
-                    .ok_or(EngineError::NotFound)?;
+                let first =
+                    signals::by_key(&mut *tx, signal.tenant_id, row.id, signal.idempotency_key)
+                        .await?
+                        .ok_or(EngineError::NotFound)?;
                 if first.request_hash != request_hash {
                     return Err(EngineError::IdempotencyKeyReused);
                 }

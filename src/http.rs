@@ -17,7 +17,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 use workflows::{Actor, ParseError, Role};
 
-use crate::engine::{Engine, EngineError, SignalAnswer, SIGNAL_CHANNEL};
+use crate::engine::{Engine, EngineError, SignalAnswer, SignalIn, SIGNAL_CHANNEL};
 use crate::store::tenants::{self, Principal};
 use crate::store::{effects, jobs, timers, workflows as wf_store};
 
@@ -468,15 +468,15 @@ async fn send_signal(
     let rx = st.applied.subscribe();
     let answer = st
         .engine
-        .signal(
-            &caller.actor(),
+        .signal(SignalIn::new(
             caller.0.tenant_id,
             &kind,
             &key,
             &idem,
             &req.name,
             &req.payload,
-        )
+            &caller.actor(),
+        ))
         .await?;
     let answer = match q.wait_ms {
         Some(ms) if answer.status == "queued" && ms > 0 => {

@@ -29,7 +29,7 @@ use workflows::{Actor, Role, Workflow};
 
 use crate::channels::route::Router;
 use crate::channels::ChannelError;
-use crate::engine::{Engine, EngineError};
+use crate::engine::{Engine, EngineError, SignalIn};
 use crate::store::providers::{self, Person};
 
 /// Constant-time string equality.
@@ -457,15 +457,15 @@ async fn delivery_event(
     };
     let idem = format!("{}:{}", row.provider, row.event_id);
     engine
-        .signal(
-            &Actor::system(),
+        .signal(SignalIn::new(
             tenant_id,
             &kind,
             &key,
             &idem,
             signal,
             &payload,
-        )
+            &Actor::system(),
+        ))
         .await?;
     Ok("signalled")
 }
@@ -529,15 +529,17 @@ async fn start_registration(
         subject: Some(format!("telegram:{user}")),
     };
     match engine
-        .signal_from(
-            &actor,
-            tenant_id,
-            workflows::driver_registration::DriverRegistration::KIND,
-            &registration.to_string(),
-            &format!("telegram:{event_id}"),
-            "bind",
-            &json!({ "chat_id": user }),
-            Some(&inbound.origin),
+        .signal(
+            SignalIn::new(
+                tenant_id,
+                workflows::driver_registration::DriverRegistration::KIND,
+                &registration.to_string(),
+                &format!("telegram:{event_id}"),
+                "bind",
+                &json!({ "chat_id": user }),
+                &actor,
+            )
+            .answered_at(Some(&inbound.origin)),
         )
         .await
     {
@@ -586,15 +588,17 @@ async fn acknowledge(
         subject: Some(format!("driver:{driver}")),
     };
     engine
-        .signal_from(
-            &actor,
-            tenant_id,
-            workflows::route_dispatch::RouteDispatch::KIND,
-            &key,
-            &format!("telegram:{event_id}"),
-            "acknowledge",
-            &json!({ "channel": "telegram" }),
-            Some(&inbound.origin),
+        .signal(
+            SignalIn::new(
+                tenant_id,
+                workflows::route_dispatch::RouteDispatch::KIND,
+                &key,
+                &format!("telegram:{event_id}"),
+                "acknowledge",
+                &json!({ "channel": "telegram" }),
+                &actor,
+            )
+            .answered_at(Some(&inbound.origin)),
         )
         .await?;
     Ok(("signalled", None))
@@ -689,15 +693,9 @@ async fn act(
     };
     let idem = format!("{provider}:{event_id}");
     engine
-        .signal_from(
-            &actor,
-            tenant_id,
-            "dispatch",
-            key,
-            &idem,
-            signal,
-            &payload,
-            Some(&inbound.origin),
+        .signal(
+            SignalIn::new(tenant_id, "dispatch", key, &idem, signal, &payload, &actor)
+                .answered_at(Some(&inbound.origin)),
         )
         .await?;
     Ok(("signalled", None))

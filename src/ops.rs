@@ -5,6 +5,7 @@
 //! Roles: `ops` may do everything for its tenant; `operator` may list, show,
 //! send signals by hand and cancel (its tenant's business actions).
 
+use crate::engine::SignalIn;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -532,16 +533,18 @@ async fn send(
     let enforce_roles = caller.0.role != Role::Ops;
     let (answer, new) = st
         .engine
-        .queue_signal_in(
+        .signal_in(
             &mut tx,
-            &actor,
-            caller.0.tenant_id,
-            &row.kind,
-            &row.key,
-            idem,
-            name,
-            payload,
-            enforce_roles,
+            SignalIn::new(
+                caller.0.tenant_id,
+                &row.kind,
+                &row.key,
+                idem,
+                name,
+                payload,
+                &actor,
+            )
+            .roles_checked(enforce_roles),
         )
         .await?;
     let audit_id = if new {

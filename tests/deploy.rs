@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use dispatch::engine::SignalIn;
 use dispatch::store;
 use dispatch::workflows::{Actor, Command, Ctx, Outcome, ParseError, Registry, Role, Workflow};
 use dispatch::{Engine, ProcessRole};
@@ -340,7 +341,15 @@ async fn drive(engine: &Engine, tenant: Uuid, key: &str, idem: &str) -> String {
         subject: Some("op-1".into()),
     };
     let answer = engine
-        .signal(&actor, tenant, "counter", key, idem, "bump", &json!({}))
+        .signal(SignalIn::new(
+            tenant,
+            "counter",
+            key,
+            idem,
+            "bump",
+            &json!({}),
+            &actor,
+        ))
         .await
         .unwrap();
     let row: (Uuid,) = sqlx::query_as("select workflow_id from signals where id = $1")
@@ -465,15 +474,15 @@ async fn in_flight_workflows_migrate_to_a_new_definition_as_data() {
         subject: None,
     };
     let a = new
-        .signal(
-            &actor,
+        .signal(SignalIn::new(
             tenant,
             "counter",
             "broken",
             "broken-2",
             "bump",
             &json!({}),
-        )
+            &actor,
+        ))
         .await
         .unwrap();
     let wf: (Uuid,) = sqlx::query_as("select id from workflows where key = 'broken'")

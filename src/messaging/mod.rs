@@ -30,6 +30,7 @@
 pub mod effects;
 pub mod routing;
 
+use crate::engine::SignalIn;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -529,16 +530,18 @@ async fn offboard(
     audit(&mut tx, &caller, "sitter_offboarded", None, Some(&id), &reason, None,
         json!({ "threads_reassigned": threads.len(), "to": b.reassign_to.as_deref().unwrap_or("owner") })).await?;
     st.engine
-        .queue_signal_in(
+        .signal_in(
             &mut tx,
-            &caller.actor(),
-            tenant,
-            SitterLifecycle::KIND,
-            &id,
-            "offboard",
-            "offboard",
-            &json!({ "reason": reason, "reassign_to": b.reassign_to }),
-            true,
+            SignalIn::new(
+                tenant,
+                SitterLifecycle::KIND,
+                &id,
+                "offboard",
+                "offboard",
+                &json!({ "reason": reason, "reassign_to": b.reassign_to }),
+                &caller.actor(),
+            )
+            .roles_checked(true),
         )
         .await?;
     tx.commit().await?;
@@ -586,16 +589,18 @@ async fn unlock(
     .await?;
     let answer = st
         .engine
-        .queue_signal_in(
+        .signal_in(
             &mut tx,
-            &caller.actor(),
-            tenant,
-            "poaching_strikes",
-            &id,
-            &format!("unlock:{}", Uuid::now_v7()),
-            "unlock",
-            &json!({ "reason": reason }),
-            true,
+            SignalIn::new(
+                tenant,
+                "poaching_strikes",
+                &id,
+                &format!("unlock:{}", Uuid::now_v7()),
+                "unlock",
+                &json!({ "reason": reason }),
+                &caller.actor(),
+            )
+            .roles_checked(true),
         )
         .await?
         .0;
@@ -887,8 +892,7 @@ async fn book(
         .await?;
     if let Some(exhausted) = pool {
         st.engine
-            .queue_signal_in(&mut tx, &Actor::system(), tenant, PoolNumber::KIND, &number_id.to_string(), &format!("lease:{id}"), "lease",
-                &json!({ "client_id": b.client_id, "until": closes_at, "pool_exhausted": exhausted }), false)
+            .signal_in(&mut tx, SignalIn::new(tenant, PoolNumber::KIND, &number_id.to_string(), &format!("lease:{id}"), "lease", &json!({ "client_id": b.client_id, "until": closes_at, "pool_exhausted": exhausted }), &Actor::system()).roles_checked(false))
             .await?;
     }
     let e164: (String,) =
@@ -984,16 +988,18 @@ async fn reschedule(
     let key = format!("reschedule:{}", Uuid::now_v7());
     let (answer, _) = st
         .engine
-        .queue_signal_in(
+        .signal_in(
             &mut tx,
-            &caller.actor(),
-            tenant,
-            AssignmentWindow::KIND,
-            &id.to_string(),
-            &key,
-            "reschedule",
-            &times,
-            true,
+            SignalIn::new(
+                tenant,
+                AssignmentWindow::KIND,
+                &id.to_string(),
+                &key,
+                "reschedule",
+                &times,
+                &caller.actor(),
+            )
+            .roles_checked(true),
         )
         .await?;
     if class == "pool" {
@@ -1029,17 +1035,7 @@ async fn reschedule(
             (number, false)
         };
         st.engine
-            .queue_signal_in(
-                &mut tx,
-                &Actor::system(),
-                tenant,
-                PoolNumber::KIND,
-                &number.to_string(),
-                &format!("lease:{key}"),
-                "lease",
-                &json!({ "client_id": client, "until": closes_at, "pool_exhausted": exhausted }),
-                false,
-            )
+            .signal_in(&mut tx, SignalIn::new(tenant, PoolNumber::KIND, &number.to_string(), &format!("lease:{key}"), "lease", &json!({ "client_id": client, "until": closes_at, "pool_exhausted": exhausted }), &Actor::system()).roles_checked(false))
             .await?;
     }
     tx.commit().await?;
@@ -1069,16 +1065,18 @@ async fn cancel_booking(
     }
     let (answer, _) = st
         .engine
-        .queue_signal_in(
+        .signal_in(
             &mut tx,
-            &caller.actor(),
-            tenant,
-            AssignmentWindow::KIND,
-            &id.to_string(),
-            "cancel",
-            "cancel",
-            &json!({ "reason": reason }),
-            true,
+            SignalIn::new(
+                tenant,
+                AssignmentWindow::KIND,
+                &id.to_string(),
+                "cancel",
+                "cancel",
+                &json!({ "reason": reason }),
+                &caller.actor(),
+            )
+            .roles_checked(true),
         )
         .await?;
     tx.commit().await?;
@@ -1198,15 +1196,15 @@ async fn decide(
     // The workflow's roles decide who may (owner only: 403 for anyone else).
     let answer = st
         .engine
-        .signal(
-            &caller.actor(),
+        .signal(SignalIn::new(
             caller.0.tenant_id,
             MeetAndGreet::KIND,
             &id.to_string(),
             &format!("decision:{}", Uuid::now_v7()),
             signal,
             &payload,
-        )
+            &caller.actor(),
+        ))
         .await?;
     Ok(Json(json!({ "id": id, "signal": answer })))
 }

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use workflows::meet_and_greet::MeetState;
 use workflows::{Actor, Workflow};
 
-use crate::engine::{Engine, EngineError};
+use crate::engine::{Engine, EngineError, SignalIn};
 use crate::scan;
 use crate::store::providers::db_now;
 
@@ -1010,16 +1010,18 @@ async fn warn_and_strike(
             }
         }
         engine
-            .queue_signal_in(
+            .signal_in(
                 conn,
-                &Actor::system(),
-                tenant,
-                PoachingStrikes::KIND,
-                sitter,
-                &format!("strike:{message_id}"),
-                "strike",
-                &json!({ "message_id": message_id.to_string() }),
-                false,
+                SignalIn::new(
+                    tenant,
+                    PoachingStrikes::KIND,
+                    sitter,
+                    &format!("strike:{message_id}"),
+                    "strike",
+                    &json!({ "message_id": message_id.to_string() }),
+                    &Actor::system(),
+                )
+                .roles_checked(false),
             )
             .await?;
     }
