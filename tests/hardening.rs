@@ -157,14 +157,14 @@ async fn a_phone_in_any_digit_form_or_a_name_in_a_place_field_never_reaches_the_
         "Stop 1: call the client on ０５５５-０１００-１９９",
         "Stop 2, then text me",
     ] {
-        let (status, body) = app_post(
-            &app,
-            &app.keys.integration,
-            "/v1/dispatches",
-            json!({"driver_id": "drv-1", "route": {"reference": "R-1", "text": text}}),
-            Some("route-x"),
-        )
-        .await;
+        let (status, body) = app
+            .post(
+                &app.keys.integration,
+                "/v1/dispatches",
+                json!({"driver_id": "drv-1", "route": {"reference": "R-1", "text": text}}),
+                Some("route-x"),
+            )
+            .await;
         assert_eq!(
             (status, code(&body)),
             (422, Some("crew_unsafe_field")),
@@ -198,25 +198,6 @@ async fn a_phone_in_any_digit_form_or_a_name_in_a_place_field_never_reaches_the_
         .await,
         0
     );
-}
-
-async fn app_post(
-    app: &TestApp,
-    key: &str,
-    path: &str,
-    body: Value,
-    idem: Option<&str>,
-) -> (u16, Value) {
-    let mut r = app
-        .http
-        .post(format!("{}{path}", app.url))
-        .bearer_auth(key)
-        .json(&body);
-    if let Some(i) = idem {
-        r = r.header("Idempotency-Key", i);
-    }
-    let r = r.send().await.unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
 /// Read what the server writes until it closes the connection (or `limit`).
@@ -369,7 +350,7 @@ async fn errors_name_the_field_and_never_echo_the_value() {
         ),
     ];
     for (path, key, body) in probes {
-        let (status, answer) = app_post(&app, &key, path, body, None).await;
+        let (status, answer) = app.post(&key, path, body, None).await;
         assert!((400..500).contains(&status), "{answer}");
         let text = answer.to_string();
         assert!(code(&answer).is_some(), "{text}");
@@ -377,14 +358,14 @@ async fn errors_name_the_field_and_never_echo_the_value() {
             assert!(!text.contains(value), "{path} echoes the value: {text}");
         }
     }
-    let (status, answer) = app_post(
-        &app,
-        &app.keys.ops.clone(),
-        "/v1/tenants/acme/config",
-        json!({}),
-        None,
-    )
-    .await;
+    let (status, answer) = app
+        .post(
+            &app.keys.ops.clone(),
+            "/v1/tenants/acme/config",
+            json!({}),
+            None,
+        )
+        .await;
     assert!(status >= 400, "{answer}");
     let r = app
         .http
@@ -399,14 +380,14 @@ async fn errors_name_the_field_and_never_echo_the_value() {
     assert!(!text.contains(email), "unknown variant echoed: {text}");
     // A 1,000,000-character kind comes back as a bounded message.
     let huge = "k".repeat(1_000_000);
-    let (status, answer) = app_post(
-        &app,
-        &app.keys.integration.clone(),
-        "/v1/workflows",
-        json!({"kind": huge, "key": "k-2", "input": {}}),
-        None,
-    )
-    .await;
+    let (status, answer) = app
+        .post(
+            &app.keys.integration.clone(),
+            "/v1/workflows",
+            json!({"kind": huge, "key": "k-2", "input": {}}),
+            None,
+        )
+        .await;
     assert_eq!(
         (status, code(&answer)),
         (404, Some("unknown_kind")),
@@ -516,14 +497,14 @@ async fn control_and_bidi_characters_are_refused_in_stored_text() {
         .unwrap();
     assert_eq!(r.status(), 422, "{}", r.text().await.unwrap());
     // A right-to-left override in a driver's name.
-    let (status, body) = app_post(
-        &app,
-        &app.keys.operator.clone(),
-        "/v1/drivers",
-        json!({"id": "drv-1", "name": "Eve \u{202E}revird"}),
-        None,
-    )
-    .await;
+    let (status, body) = app
+        .post(
+            &app.keys.operator.clone(),
+            "/v1/drivers",
+            json!({"id": "drv-1", "name": "Eve \u{202E}revird"}),
+            None,
+        )
+        .await;
     assert_eq!((status, code(&body)), (422, Some("invalid_body")), "{body}");
     assert_eq!(
         count(&app, "select count(*) from workflows").await,

@@ -18,25 +18,6 @@ async fn ops_get(app: &TestApp, key: &str, path: &str) -> (u16, Value) {
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
-async fn ops_post(
-    app: &TestApp,
-    key: &str,
-    path: &str,
-    body: Value,
-    idem: Option<&str>,
-) -> (u16, Value) {
-    let mut r = app
-        .http
-        .post(format!("{}{path}", app.url))
-        .bearer_auth(key)
-        .json(&body);
-    if let Some(i) = idem {
-        r = r.header("Idempotency-Key", i);
-    }
-    let r = r.send().await.unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-}
-
 async fn start(app: &TestApp, deadline: Option<u64>) -> (String, Uuid) {
     let lead = Uuid::new_v4().to_string();
     let (code, body) = app
@@ -75,41 +56,31 @@ async fn a_dead_effect_is_found_as_stuck_and_retried_with_an_audited_reason() {
     );
     let effect = shown["effects"][0]["id"].as_str().unwrap().to_string();
     let retry = format!("/v1/ops/workflows/{id}/effects/{effect}/retry");
-    let (code, body) = ops_post(&app, &app.keys.ops, &retry, json!({}), None).await;
+    let (code, body) = app.post(&app.keys.ops, &retry, json!({}), None).await;
     assert_eq!(
         (code, body["error"]["code"].as_str()),
         (400, Some("reason_required"))
     );
-    let (code, _) = ops_post(
-        &app,
-        &app.keys.operator,
-        &retry,
-        json!({"reason": "x"}),
-        None,
-    )
-    .await;
+    let (code, _) = app
+        .post(&app.keys.operator, &retry, json!({"reason": "x"}), None)
+        .await;
     assert_eq!(code, 403, "retrying is an ops action");
     app.set_config(json!({})).await;
-    let (code, body) = ops_post(
-        &app,
-        &app.keys.ops,
-        &retry,
-        json!({"reason": "provider outage over"}),
-        None,
-    )
-    .await;
+    let (code, body) = app
+        .post(
+            &app.keys.ops,
+            &retry,
+            json!({"reason": "provider outage over"}),
+            None,
+        )
+        .await;
     assert_eq!(code, 200, "{body}");
     let wf = app.wait_state(&lead, "PUBLISHED").await;
     assert!(wf["attention"].is_null(), "attention cleared");
     assert_eq!(wf["effects"][0]["status"], "delivered");
-    let (code, again) = ops_post(
-        &app,
-        &app.keys.ops,
-        &retry,
-        json!({"reason": "twice"}),
-        None,
-    )
-    .await;
+    let (code, again) = app
+        .post(&app.keys.ops, &retry, json!({"reason": "twice"}), None)
+        .await;
     assert_eq!(
         (code, again["error"]["code"].as_str()),
         (409, Some("not_dead"))
@@ -144,30 +115,32 @@ async fn timers_fire_on_demand_and_workflows_are_cancelled_or_signalled_by_hand(
     let wf = app.wait_state(&lead, "PUBLISHED").await;
     let timer = wf["pending_timers"][0]["id"].as_str().unwrap().to_string();
     let fire = format!("/v1/ops/workflows/{id}/timers/{timer}/fire");
-    let (code, _) = ops_post(&app, &app.keys.ops, &fire, json!({"reason": ""}), None).await;
+    let (code, _) = app
+        .post(&app.keys.ops, &fire, json!({"reason": ""}), None)
+        .await;
     assert_eq!(code, 400);
-    let (code, body) = ops_post(
-        &app,
-        &app.keys.ops,
-        &fire,
-        json!({"reason": "crew called: nobody can take it"}),
-        None,
-    )
-    .await;
+    let (code, body) = app
+        .post(
+            &app.keys.ops,
+            &fire,
+            json!({"reason": "crew called: nobody can take it"}),
+            None,
+        )
+        .await;
     assert_eq!(code, 200, "{body}");
     app.wait_state(&lead, "EXPIRED").await;
 
     // Cancel by hand (operator), with the reason in the audit and in the signal.
     let (lead2, id2) = start(&app, None).await;
     app.wait_state(&lead2, "PUBLISHED").await;
-    let (code, body) = ops_post(
-        &app,
-        &app.keys.operator,
-        &format!("/v1/ops/workflows/{id2}/cancel"),
-        json!({"reason": "client moved the date"}),
-        Some("c-1"),
-    )
-    .await;
+    let (code, body) = app
+        .post(
+            &app.keys.operator,
+            &format!("/v1/ops/workflows/{id2}/cancel"),
+            json!({"reason": "client moved the date"}),
+            Some("c-1"),
+        )
+        .await;
     assert_eq!(code, 202, "{body}");
     let wf = app.wait_state(&lead2, "CANCELLED").await;
     assert_eq!(wf["data"]["reason"], "client moved the date");
@@ -177,18 +150,18 @@ async fn timers_fire_on_demand_and_workflows_are_cancelled_or_signalled_by_hand(
     let (lead3, id3) = start(&app, None).await;
     app.wait_effects_settled().await;
     let path = format!("/v1/ops/workflows/{id3}/signals");
-    let (code, _) = ops_post(
-        &app,
-        &app.keys.executor,
-        &path,
-        json!({"name": "published", "payload": {"message_id": "m-9"}, "reason": "x"}),
-        Some("p-1"),
-    )
-    .await;
+    let (code, _) = app
+        .post(
+            &app.keys.executor,
+            &path,
+            json!({"name": "published", "payload": {"message_id": "m-9"}, "reason": "x"}),
+            Some("p-1"),
+        )
+        .await;
     assert_eq!(code, 403);
-    let (code, _) = ops_post(&app, &app.keys.ops, &path, json!({"name": "published", "payload": {"message_id": "m-9"}, "reason": "posted by hand in the group"}), None).await;
+    let (code, _) = app.post(&app.keys.ops, &path, json!({"name": "published", "payload": {"message_id": "m-9"}, "reason": "posted by hand in the group"}), None).await;
     assert_eq!(code, 400, "an Idempotency-Key is required");
-    let (code, body) = ops_post(&app, &app.keys.ops, &path, json!({"name": "published", "payload": {"message_id": "m-9"}, "reason": "posted by hand in the group"}), Some("p-1")).await;
+    let (code, body) = app.post(&app.keys.ops, &path, json!({"name": "published", "payload": {"message_id": "m-9"}, "reason": "posted by hand in the group"}), Some("p-1")).await;
     assert_eq!(code, 202, "{body}");
     let wf = app.wait_state(&lead3, "PUBLISHED").await;
     assert_eq!(wf["data"]["post"]["message_id"], "m-9");
@@ -285,48 +258,48 @@ async fn force_moves_only_along_declared_edges_and_bulk_retry_counts_first() {
     let (lead, id) = start(&app, None).await;
     app.wait_state(&lead, "PUBLISHED").await;
     let force = format!("/v1/ops/workflows/{id}/force");
-    let (code, body) = ops_post(
-        &app,
-        &app.keys.ops,
-        &force,
-        json!({"state": "PAID", "reason": "x"}),
-        Some("f-0"),
-    )
-    .await;
+    let (code, body) = app
+        .post(
+            &app.keys.ops,
+            &force,
+            json!({"state": "PAID", "reason": "x"}),
+            Some("f-0"),
+        )
+        .await;
     assert_eq!(
         (code, body["error"]["code"].as_str()),
         (422, Some("undeclared_target")),
         "PUBLISHED has no edge to PAID"
     );
-    let (code, body) = ops_post(
-        &app,
-        &app.keys.ops,
-        &force,
-        json!({"state": "EXPIRED"}),
-        Some("f-1"),
-    )
-    .await;
+    let (code, body) = app
+        .post(
+            &app.keys.ops,
+            &force,
+            json!({"state": "EXPIRED"}),
+            Some("f-1"),
+        )
+        .await;
     assert_eq!(
         (code, body["error"]["code"].as_str()),
         (400, Some("reason_required"))
     );
-    let (code, _) = ops_post(
-        &app,
-        &app.keys.operator,
-        &force,
-        json!({"state": "EXPIRED", "reason": "x"}),
-        Some("f-1"),
-    )
-    .await;
+    let (code, _) = app
+        .post(
+            &app.keys.operator,
+            &force,
+            json!({"state": "EXPIRED", "reason": "x"}),
+            Some("f-1"),
+        )
+        .await;
     assert_eq!(code, 403);
-    let (code, body) = ops_post(
-        &app,
-        &app.keys.ops,
-        &force,
-        json!({"state": "EXPIRED", "reason": "job withdrawn by phone"}),
-        Some("f-1"),
-    )
-    .await;
+    let (code, body) = app
+        .post(
+            &app.keys.ops,
+            &force,
+            json!({"state": "EXPIRED", "reason": "job withdrawn by phone"}),
+            Some("f-1"),
+        )
+        .await;
     assert_eq!(code, 202, "{body}");
     app.wait_state(&lead, "EXPIRED").await;
     let (_, audit) = ops_get(
@@ -351,14 +324,14 @@ async fn force_moves_only_along_declared_edges_and_bulk_retry_counts_first() {
         start(&app, None).await;
     }
     app.wait_effects_settled().await;
-    let (code, dry) = ops_post(
-        &app,
-        &app.keys.ops,
-        "/v1/ops/effects/retry",
-        json!({"effect": "dispatch_publish", "dry_run": true, "reason": "outage over"}),
-        None,
-    )
-    .await;
+    let (code, dry) = app
+        .post(
+            &app.keys.ops,
+            "/v1/ops/effects/retry",
+            json!({"effect": "dispatch_publish", "dry_run": true, "reason": "outage over"}),
+            None,
+        )
+        .await;
     assert_eq!((code, dry["matched"].as_u64()), (200, Some(3)), "{dry}");
     let (stuck,): (i64,) = sqlx::query_as(
         "select count(*) from effects where status = 'dead' and name = 'dispatch_publish'",
@@ -368,14 +341,14 @@ async fn force_moves_only_along_declared_edges_and_bulk_retry_counts_first() {
     .unwrap();
     assert_eq!(stuck, 3, "a dry run changes nothing");
     app.set_config(json!({})).await;
-    let (_, real) = ops_post(
-        &app,
-        &app.keys.ops,
-        "/v1/ops/effects/retry",
-        json!({"effect": "dispatch_publish", "reason": "outage over"}),
-        None,
-    )
-    .await;
+    let (_, real) = app
+        .post(
+            &app.keys.ops,
+            "/v1/ops/effects/retry",
+            json!({"effect": "dispatch_publish", "reason": "outage over"}),
+            None,
+        )
+        .await;
     assert_eq!(real["retried"], 3);
     app.wait_effects_settled().await;
     let (dead,): (i64,) = sqlx::query_as("select count(*) from effects where status = 'dead'")
@@ -544,19 +517,15 @@ async fn operators_send_only_what_their_role_may_and_every_action_stays_in_its_t
     app.wait_effects_settled().await;
     let path = format!("/v1/ops/workflows/{id}/signals");
     let published = json!({"name": "published", "payload": {"message_id": "x"}, "reason": "try"});
-    let (code, _) = ops_post(
-        &app,
-        &app.keys.operator,
-        &path,
-        published.clone(),
-        Some("op-1"),
-    )
-    .await;
+    let (code, _) = app
+        .post(&app.keys.operator, &path, published.clone(), Some("op-1"))
+        .await;
     assert_eq!(code, 403, "a system signal is an ops override only");
     // A replayed ops command is audited once.
     for _ in 0..2 {
-        let (code, _) =
-            ops_post(&app, &app.keys.ops, &path, published.clone(), Some("ops-1")).await;
+        let (code, _) = app
+            .post(&app.keys.ops, &path, published.clone(), Some("ops-1"))
+            .await;
         assert_eq!(code, 202);
     }
     let (_, audit) = ops_get(
@@ -566,14 +535,14 @@ async fn operators_send_only_what_their_role_may_and_every_action_stays_in_its_t
     )
     .await;
     assert_eq!(audit["items"].as_array().unwrap().len(), 1);
-    let (code, body) = ops_post(
-        &app,
-        &app.keys.ops,
-        &path,
-        json!({"name": "cancel", "reason": "bad\u{0}reason"}),
-        Some("ops-2"),
-    )
-    .await;
+    let (code, body) = app
+        .post(
+            &app.keys.ops,
+            &path,
+            json!({"name": "cancel", "reason": "bad\u{0}reason"}),
+            Some("ops-2"),
+        )
+        .await;
     assert_eq!(
         (code, body["error"]["code"].as_str()),
         (400, Some("reason_required"))
@@ -604,7 +573,7 @@ async fn operators_send_only_what_their_role_may_and_every_action_stays_in_its_t
         (path.clone(), json!({"name": "cancel", "reason": "x"})),
     ];
     for (p, body) in attempts {
-        let (code, _) = ops_post(&app, &other.ops, &p, body, Some("t-1")).await;
+        let (code, _) = app.post(&other.ops, &p, body, Some("t-1")).await;
         assert_eq!(code, 404, "{p}");
     }
     let (_, theirs) = ops_get(&app, &other.ops, "/v1/ops/workflows").await;

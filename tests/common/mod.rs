@@ -280,6 +280,26 @@ impl TestApp {
         (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
     }
 
+    /// POST a JSON body to `path`, with an optional `Idempotency-Key`.
+    pub async fn post(
+        &self,
+        key: &str,
+        path: &str,
+        body: Value,
+        idem: Option<&str>,
+    ) -> (u16, Value) {
+        let mut r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(key)
+            .json(&body);
+        if let Some(i) = idem {
+            r = r.header("Idempotency-Key", i);
+        }
+        let r = r.send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
     /// POST a signal, optionally waiting for its outcome.
     pub async fn signal(
         &self,
