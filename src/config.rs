@@ -160,6 +160,15 @@ impl Settings {
         if let Some(v) = num("DISPATCH_WORKER_CONCURRENCY")? {
             s.workers.concurrency = v;
         }
+        if let Some(v) = num::<i64>("DISPATCH_APPLY_BATCH")? {
+            if !(1..=1000).contains(&v) {
+                return Err(ConfigError {
+                    name: "DISPATCH_APPLY_BATCH",
+                    message: "must be 1..=1000".into(),
+                });
+            }
+            s.workers.apply_batch = v;
+        }
         ms("DISPATCH_RETRY_MIN_MS", &mut s.outbox.retry_min)?;
         ms("DISPATCH_RETRY_MAX_MS", &mut s.outbox.retry_max)?;
         ms("DISPATCH_EFFECT_LEASE_MS", &mut s.outbox.lease)?;
@@ -209,7 +218,8 @@ impl Settings {
             .enabled_workflows
             .as_ref()
             .map_or(workflows::Registry::builtin().kinds().len(), Vec::len);
-        let need = (2 * kinds + 1) * s.workers.concurrency + 4;
+        // ... and the apply loops: `concurrency` of them plus their listener.
+        let need = (2 * kinds + 2) * s.workers.concurrency + 5;
         if pool_set.is_none() {
             // Unset: large enough for what this process serves.
             s.db_pool = s.db_pool.max(need as u32);

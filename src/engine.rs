@@ -25,6 +25,9 @@ use crate::store::{self, effects, hash_json, signals, tenants, timers};
 
 /// NOTIFY channel carrying the id of each signal that was applied or rejected.
 pub const SIGNAL_CHANNEL: &str = "dispatch_signal_done";
+/// NOTIFY channel poked when a signal is queued (payload: the workflow kind);
+/// the apply loops wake on it.
+pub const SIGNAL_QUEUED_CHANNEL: &str = "dispatch_signal_queued";
 /// NOTIFY channel poked when a timer is armed.
 pub const TIMER_CHANNEL: &str = "dispatch_timer_armed";
 
@@ -202,6 +205,45 @@ pub struct ApplyReport {
 /// tenant config)`. The moving product's keeps unsafe text from crews.
 pub type StartGuard =
     Arc<dyn Fn(&str, &str, &Value, &Value) -> Result<(), ParseError> + Send + Sync>;
+
+/// What applying one workflow did, counted once its transaction committed.
+struct Applied {
+    report: ApplyReport,
+    kind: String,
+    entered: Vec<&'static str>,
+    lateness: Vec<f64>,
+}
+
+impl Applied {
+    fn count(self) {
+        let kind = self.kind;
+        for s in self.entered {
+            metrics::counter!(m::TRANSITIONS, "kind" => kind.clone(), "state" => s).increment(1);
+        }
+        metrics::counter!(m::SIGNALS_APPLIED, "kind" => kind.clone())
+            .increment(self.report.applied as u64);
+        metrics::counter!(m::SIGNALS_REJECTED, "kind" => kind.clone())
+            .increment(self.report.rejected as u64);
+        for l in self.lateness {
+            metrics::histogram!(m::TIMER_LATENESS, "kind" => kind.clone()).record(l);
+        }
+    }
+}
+
+/// Why one workflow's apply stopped.
+enum ApplyFault {
+    /// Its state cannot be read or brought forward by this binary: flag it
+    /// for ops, keep its signals queued.
+    Attention { why: String, error: String },
+    /// Anything else (fenced, database).
+    Engine(EngineError),
+}
+
+impl<E: Into<EngineError>> From<E> for ApplyFault {
+    fn from(e: E) -> Self {
+        ApplyFault::Engine(e.into())
+    }
+}
 
 /// The durable engine.
 #[derive(Clone)]
@@ -430,12 +472,9 @@ impl Engine {
         };
         match signals::insert(&mut *tx, &new).await? {
             Some(sig) => {
-                let job = ApplyJob {
-                    tenant_id: signal.tenant_id,
-                    workflow_id: row.id,
-                };
-                jobs::enqueue_apply(&mut *tx, signal.kind, &job, Some(format!("sig:{}", sig.id)))
-                    .await?;
+                // The apply loops claim it from `signals`; the NOTIFY (sent at
+                // commit) only wakes them sooner than their poll.
+                signals::wake_appliers(&mut *tx, signal.kind).await?;
                 Ok((SignalAnswer::from(&sig), true))
             }
             None => {
@@ -472,10 +511,97 @@ impl Engine {
         workflow_id: Uuid,
     ) -> Result<ApplyReport, EngineError> {
         let mut tx = self.pool.begin().await?;
-        let Some(mut row) = store::workflows::lock(&mut tx, tenant_id, workflow_id).await? else {
+        let Some(row) = store::workflows::lock(&mut tx, tenant_id, workflow_id).await? else {
             return Ok(ApplyReport::default());
         };
         tracing::Span::current().record("workflow.kind", row.kind.as_str());
+        match self.apply_locked(&mut tx, row).await {
+            Ok(applied) => {
+                tx.commit().await?;
+                let report = applied.report;
+                applied.count();
+                Ok(report)
+            }
+            Err(ApplyFault::Attention { why, error }) => {
+                drop(tx);
+                self.flag(tenant_id, workflow_id, &why, &error).await?;
+                Err(EngineError::Parse(ParseError::StoredState(error)))
+            }
+            Err(ApplyFault::Engine(e)) => Err(e),
+        }
+    }
+
+    /// Apply the queued signals of up to `limit` workflows of `kinds` in one
+    /// transaction (group commit): each workflow is locked (`SKIP LOCKED`:
+    /// another loop is on it), its signals applied in arrival order through
+    /// the pure transition under a savepoint of its own, so one workflow that
+    /// cannot advance is rolled back alone and flagged for ops while the
+    /// others commit. Returns how many workflows were claimed.
+    #[instrument(skip_all, fields(batch.limit = limit, batch.size = tracing::field::Empty))]
+    pub async fn apply_batch(&self, kinds: &[String], limit: i64) -> Result<usize, EngineError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = store::workflows::lock_with_queued(&mut tx, kinds, limit).await?;
+        if rows.is_empty() {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        let claimed = rows.len();
+        tracing::Span::current().record("batch.size", claimed);
+        let (mut done, mut flagged) = (Vec::with_capacity(claimed), Vec::new());
+        for row in rows {
+            let (tenant_id, workflow_id) = (row.tenant_id, row.id);
+            sqlx::query("savepoint apply_one").execute(&mut *tx).await?;
+            match self.apply_locked(&mut tx, row).await {
+                Ok(applied) => {
+                    sqlx::query("release savepoint apply_one")
+                        .execute(&mut *tx)
+                        .await?;
+                    done.push(applied);
+                }
+                Err(ApplyFault::Attention { why, error }) => {
+                    sqlx::query("rollback to savepoint apply_one")
+                        .execute(&mut *tx)
+                        .await?;
+                    flagged.push((tenant_id, workflow_id, why, error));
+                }
+                Err(ApplyFault::Engine(e)) => return Err(e),
+            }
+        }
+        tx.commit().await?;
+        for applied in done {
+            applied.count();
+        }
+        for (tenant_id, workflow_id, why, error) in flagged {
+            self.flag(tenant_id, workflow_id, &why, &error).await?;
+        }
+        Ok(claimed)
+    }
+
+    /// A workflow this binary cannot advance: its signals stay queued and
+    /// ops are told (set outside the failed transaction).
+    async fn flag(
+        &self,
+        tenant_id: Uuid,
+        workflow_id: Uuid,
+        why: &str,
+        error: &str,
+    ) -> Result<(), EngineError> {
+        let mut conn = self.pool.acquire().await?;
+        store::workflows::set_attention(&mut conn, tenant_id, workflow_id, why).await?;
+        tracing::error!(workflow.id = %workflow_id, error = %error, "{why}");
+        Ok(())
+    }
+
+    /// The transitions of one locked workflow, inside the caller's
+    /// transaction: read (timers due, queued signals, config), decide (the
+    /// pure transition), write (state fenced on the version read, history,
+    /// timers, effects). The caller commits and then counts.
+    async fn apply_locked(
+        &self,
+        tx: &mut PgConnection,
+        mut row: WorkflowRow,
+    ) -> Result<Applied, ApplyFault> {
+        let (tenant_id, workflow_id) = (row.tenant_id, row.id);
         let read_version = row.version;
         let read_def_version = row.def_version;
         let wf = self
@@ -497,25 +623,20 @@ impl Engine {
                         &why,
                         json!([]),
                     );
-                    store::workflows::append_history(&mut tx, tenant_id, workflow_id, &event)
+                    store::workflows::append_history(&mut *tx, tenant_id, workflow_id, &event)
                         .await?;
                     row.state = state;
                     row.def_version = wf.version() as i32;
                 }
                 Err(e) => {
-                    drop(tx);
                     let why = format!("state of definition v{} cannot be upcast", row.def_version);
-                    let mut conn = self.pool.acquire().await?;
-                    store::workflows::set_attention(&mut conn, tenant_id, workflow_id, &why)
-                        .await?;
-                    tracing::error!(error = %e, "{why}");
-                    return Err(EngineError::Parse(ParseError::StoredState(e)));
+                    return Err(ApplyFault::Attention { why, error: e });
                 }
             }
         }
         let mut lateness = Vec::new();
-        for timer in timers::take_due(&mut tx, tenant_id, workflow_id).await? {
-            let late = (db_now(&mut tx).await? - timer.due_at)
+        for timer in timers::take_due(&mut *tx, tenant_id, workflow_id).await? {
+            let late = (db_now(&mut *tx).await? - timer.due_at)
                 .num_microseconds()
                 .unwrap_or(0);
             if late >= 0 {
@@ -535,12 +656,17 @@ impl Engine {
                 received_at: Some(timer.due_at),
                 origin: None,
             };
-            signals::insert(&mut tx, &new).await?;
+            signals::insert(&mut *tx, &new).await?;
         }
-        let queued =
-            signals::queued(&mut tx, tenant_id, workflow_id, self.config.apply_batch + 1).await?;
+        let queued = signals::queued(
+            &mut *tx,
+            tenant_id,
+            workflow_id,
+            self.config.apply_batch + 1,
+        )
+        .await?;
         let more = queued.len() as i64 > self.config.apply_batch;
-        let config = tenants::config(&mut tx, tenant_id).await?;
+        let config = tenants::config(&mut *tx, tenant_id).await?;
         let mut entered: Vec<&'static str> = Vec::new();
         let mut report = ApplyReport {
             more,
@@ -551,7 +677,7 @@ impl Engine {
                 role: role_from_db(&sig.actor_role),
                 subject: sig.actor_subject.clone(),
             };
-            let now = db_now(&mut tx).await?;
+            let now = db_now(&mut *tx).await?;
             let ctx = Ctx {
                 now,
                 tenant_config: &config,
@@ -563,12 +689,8 @@ impl Engine {
                 // State this binary cannot read is a runtime fault (e.g. a rolling
                 // deploy): keep the signals queued and flag the workflow for ops.
                 Err(ParseError::StoredState(e)) => {
-                    drop(tx);
-                    let why = "stored state does not decode in this version";
-                    let mut conn = self.pool.acquire().await?;
-                    store::workflows::set_attention(&mut conn, tenant_id, workflow_id, why).await?;
-                    tracing::error!(error = %e, "{why}");
-                    return Err(EngineError::Parse(ParseError::StoredState(e)));
+                    let why = "stored state does not decode in this version".to_string();
+                    return Err(ApplyFault::Attention { why, error: e });
                 }
                 // A stored signal that no longer parses is rejected, never retried forever.
                 Err(e) => Transition::Reject {
@@ -597,7 +719,7 @@ impl Engine {
                     row.state = state;
                     row.state_name = state_name.to_string();
                     row.version += 1;
-                    if let Some(status) = self.carry_out(&mut tx, &row, &commands).await? {
+                    if let Some(status) = self.carry_out(&mut *tx, &row, &commands).await? {
                         row.status = status.into();
                     } else if is_final {
                         row.status = "completed".into();
@@ -606,11 +728,11 @@ impl Engine {
                     event.version = row.version;
                     event.to_state = Some(state_name);
                     event.commands = history_commands(&commands);
-                    store::workflows::append_history(&mut tx, tenant_id, workflow_id, &event)
+                    store::workflows::append_history(&mut *tx, tenant_id, workflow_id, &event)
                         .await?;
-                    signals::finish(&mut tx, tenant_id, sig.id, "applied", None, state_name)
+                    signals::finish(&mut *tx, tenant_id, sig.id, "applied", None, state_name)
                         .await?;
-                    self.answer_origin(&mut tx, &row, sig, "applied", None, state_name)
+                    self.answer_origin(&mut *tx, &row, sig, "applied", None, state_name)
                         .await?;
                     report.applied += 1;
                     entered.push(state_name);
@@ -618,10 +740,10 @@ impl Engine {
                 }
                 Transition::Reject { reason } => {
                     event.reason = Some(&reason);
-                    store::workflows::append_history(&mut tx, tenant_id, workflow_id, &event)
+                    store::workflows::append_history(&mut *tx, tenant_id, workflow_id, &event)
                         .await?;
                     signals::finish(
-                        &mut tx,
+                        &mut *tx,
                         tenant_id,
                         sig.id,
                         "rejected",
@@ -629,7 +751,7 @@ impl Engine {
                         &from_state,
                     )
                     .await?;
-                    self.answer_origin(&mut tx, &row, sig, "rejected", Some(&reason), &from_state)
+                    self.answer_origin(&mut *tx, &row, sig, "rejected", Some(&reason), &from_state)
                         .await?;
                     report.rejected += 1;
                     tracing::info!(signal.name = %sig.name, state = %from_state, reason = %reason, "signal rejected");
@@ -637,12 +759,12 @@ impl Engine {
             }
         }
         let changed = row.version != read_version || row.def_version != read_def_version;
-        if changed && !store::workflows::update_state(&mut tx, &row, read_version).await? {
-            return Err(EngineError::Fenced(workflow_id));
+        if changed && !store::workflows::update_state(&mut *tx, &row, read_version).await? {
+            return Err(ApplyFault::Engine(EngineError::Fenced(workflow_id)));
         }
         if more {
             jobs::enqueue_apply(
-                &mut tx,
+                &mut *tx,
                 &row.kind,
                 &ApplyJob {
                     tenant_id,
@@ -652,20 +774,12 @@ impl Engine {
             )
             .await?;
         }
-        tx.commit().await?;
-        // Counted once committed.
-        let kind = row.kind.clone();
-        for s in entered {
-            metrics::counter!(m::TRANSITIONS, "kind" => kind.clone(), "state" => s).increment(1);
-        }
-        metrics::counter!(m::SIGNALS_APPLIED, "kind" => kind.clone())
-            .increment(report.applied as u64);
-        metrics::counter!(m::SIGNALS_REJECTED, "kind" => kind.clone())
-            .increment(report.rejected as u64);
-        for l in lateness {
-            metrics::histogram!(m::TIMER_LATENESS, "kind" => kind.clone()).record(l);
-        }
-        Ok(report)
+        Ok(Applied {
+            report,
+            kind: row.kind.clone(),
+            entered,
+            lateness,
+        })
     }
 
     /// Answer a chat-originated signal's sender with its outcome.

@@ -21,7 +21,7 @@ pub use crate::channels::ChannelError;
 use crate::engine::EngineError;
 use crate::metrics as m;
 use crate::store::effects::{self, EffectRow};
-use crate::store::jobs::{self, ApplyJob, EffectJob};
+use crate::store::jobs::{self, EffectJob};
 use crate::store::signals::{self, NewSignal};
 use crate::store::{hash_json, workflows as wf_store};
 
@@ -271,12 +271,8 @@ async fn reply_signal(
         origin: None,
     };
     if signals::insert(&mut *conn, &new).await?.is_some() {
-        let job = ApplyJob {
-            tenant_id: effect.tenant_id,
-            workflow_id: effect.workflow_id,
-        };
         let kind = workflow_kind(&mut *conn, effect).await?;
-        jobs::enqueue_apply(&mut *conn, &kind, &job, Some(key)).await?;
+        signals::wake_appliers(&mut *conn, &kind).await?;
     }
     Ok(())
 }

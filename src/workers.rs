@@ -25,7 +25,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::engine::{Engine, TIMER_CHANNEL};
+use crate::engine::{Engine, SIGNAL_QUEUED_CHANNEL, TIMER_CHANNEL};
 use crate::outbox::Outbox;
 use crate::store::jobs::{self, ApplyJob, EffectJob, Envelope, InboundJob, INBOUND_QUEUE};
 use crate::store::{effects, signals, timers};
@@ -37,6 +37,8 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     /// Jobs claimed per fetch.
     pub batch_size: usize,
+    /// Workflows one apply transaction claims (`DISPATCH_APPLY_BATCH`).
+    pub apply_batch: i64,
     /// Fallback poll interval (LISTEN/NOTIFY is the fast path).
     pub poll_interval: Duration,
     /// apalis heartbeat.
@@ -56,6 +58,7 @@ impl Default for WorkerConfig {
         Self {
             concurrency: 4,
             batch_size: 20,
+            apply_batch: 64,
             poll_interval: Duration::from_millis(500),
             heartbeat: Duration::from_secs(5),
             sweep_interval: Duration::from_secs(5),
@@ -215,6 +218,78 @@ async fn supervise(
         }
         delay = (delay * 2).min(Duration::from_secs(10));
     }
+}
+
+/// Applies queued signals in batches ([`Engine::apply_batch`]): `loops` of
+/// them per process, woken one at a time by the NOTIFY a queued signal sends
+/// (a loop that found a full batch wakes another to help), and by the poll
+/// interval, so a lost notification delays work by one interval at most.
+async fn apply_loops(
+    engine: Engine,
+    cfg: WorkerConfig,
+    kinds: Vec<String>,
+    loops: usize,
+    shutdown: CancellationToken,
+) {
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..loops.max(1) {
+        let (engine, cfg, kinds, wake, stop) = (
+            engine.clone(),
+            cfg.clone(),
+            kinds.clone(),
+            wake.clone(),
+            shutdown.clone(),
+        );
+        set.spawn(async move {
+            while !stop.is_cancelled() {
+                match engine.apply_batch(&kinds, cfg.apply_batch).await {
+                    Ok(n) if n as i64 >= cfg.apply_batch => {
+                        // A full batch: there may be more; recruit a sibling.
+                        wake.notify_one();
+                        continue;
+                    }
+                    Ok(n) if n > 0 => continue,
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "apply batch failed"),
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep(cfg.poll_interval) => {}
+                }
+            }
+        });
+    }
+    let pool = engine.pool().clone();
+    let mut listener: Option<PgListener> = None;
+    while !shutdown.is_cancelled() {
+        if listener.is_none() {
+            match PgListener::connect_with(&pool).await {
+                Ok(mut l) => {
+                    if l.listen(SIGNAL_QUEUED_CHANNEL).await.is_ok() {
+                        listener = Some(l);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "apply listener unavailable; polling"),
+            }
+        }
+        let Some(l) = listener.as_mut() else {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(cfg.poll_interval) => continue,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            n = l.try_recv() => match n {
+                Ok(Some(n)) if kinds.iter().any(|k| k == n.payload()) => wake.notify_one(),
+                Ok(Some(_)) => {}
+                _ => listener = None,
+            },
+        }
+    }
+    while set.join_next().await.is_some() {}
 }
 
 /// Fires due timers: claims them (once across processes) and enqueues an
@@ -401,8 +476,16 @@ pub fn spawn(
         .flat_map(|kind| [jobs::apply_queue(kind), jobs::effect_queue(kind)])
         .collect();
     queues.push(INBOUND_QUEUE.to_string());
-    let h = Arc::new(Handlers { engine, outbox });
+    let kinds: Vec<String> = served.iter().map(|k| k.to_string()).collect();
     let mut set = tokio::task::JoinSet::new();
+    set.spawn(apply_loops(
+        engine.clone(),
+        cfg.clone(),
+        kinds.clone(),
+        cfg.concurrency,
+        shutdown.clone(),
+    ));
+    let h = Arc::new(Handlers { engine, outbox });
     for queue in queues {
         set.spawn(supervise(
             queue,
@@ -412,7 +495,6 @@ pub fn spawn(
             shutdown.clone(),
         ));
     }
-    let kinds: Vec<String> = served.iter().map(|k| k.to_string()).collect();
     set.spawn(timer_loop(
         pool.clone(),
         cfg.clone(),

@@ -141,6 +141,17 @@ pub async fn queued(
     .await
 }
 
+/// Wake the apply loops for a queued signal of `kind` (delivered at commit;
+/// identical notifications of one transaction are folded into one).
+pub async fn wake_appliers(conn: &mut PgConnection, kind: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("select pg_notify($1, $2)")
+        .bind(crate::engine::SIGNAL_QUEUED_CHANNEL)
+        .bind(kind)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// Record a signal's outcome and wake waiters (delivered at commit).
 pub async fn finish(
     conn: &mut PgConnection,

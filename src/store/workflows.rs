@@ -117,6 +117,31 @@ pub async fn lock(
     .await
 }
 
+/// Lock up to `limit` workflows of `kinds` that have queued signals, oldest
+/// signal first, skipping rows another transaction holds (it is applying
+/// them) and workflows flagged for ops (they wait for a migration, not a
+/// retry). The window of queued signals looked at is 8 × `limit` deep, so a
+/// few busy workflows cannot hide the others.
+pub async fn lock_with_queued(
+    conn: &mut PgConnection,
+    kinds: &[String],
+    limit: i64,
+) -> Result<Vec<WorkflowRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {COLS} from workflows
+         where (tenant_id, id) in (
+             select s.tenant_id, s.workflow_id from signals s
+             where s.status = 'queued' order by s.received_at limit $2 * 8)
+           and kind = any($1) and attention is null
+         limit $2
+         for no key update skip locked"
+    )))
+    .bind(kinds)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
 /// Store a new state, fenced on the version that was read. Returns false if
 /// the row moved on (a stale writer).
 pub async fn update_state(
