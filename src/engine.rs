@@ -25,6 +25,11 @@ use crate::store::{self, effects, hash_json, signals, tenants, timers};
 
 /// NOTIFY channel carrying the id of each signal that was applied or rejected.
 pub const SIGNAL_CHANNEL: &str = "dispatch_signal_done";
+/// How the attention note of a workflow this binary cannot advance begins.
+/// The apply loops pass such workflows over (their signals wait for a
+/// migration); other notes (a dead-lettered effect) do not stop signals.
+pub const CANNOT_ADVANCE: &str = "cannot advance: ";
+
 /// NOTIFY channel poked when a signal is queued (payload: the workflow kind);
 /// the apply loops wake on it.
 pub const SIGNAL_QUEUED_CHANNEL: &str = "dispatch_signal_queued";
@@ -629,7 +634,10 @@ impl Engine {
                     row.def_version = wf.version() as i32;
                 }
                 Err(e) => {
-                    let why = format!("state of definition v{} cannot be upcast", row.def_version);
+                    let why = format!(
+                        "{CANNOT_ADVANCE}state of definition v{} cannot be upcast",
+                        row.def_version
+                    );
                     return Err(ApplyFault::Attention { why, error: e });
                 }
             }
@@ -689,7 +697,8 @@ impl Engine {
                 // State this binary cannot read is a runtime fault (e.g. a rolling
                 // deploy): keep the signals queued and flag the workflow for ops.
                 Err(ParseError::StoredState(e)) => {
-                    let why = "stored state does not decode in this version".to_string();
+                    let why =
+                        format!("{CANNOT_ADVANCE}stored state does not decode in this version");
                     return Err(ApplyFault::Attention { why, error: e });
                 }
                 // A stored signal that no longer parses is rejected, never retried forever.
@@ -761,6 +770,15 @@ impl Engine {
         let changed = row.version != read_version || row.def_version != read_def_version;
         if changed && !store::workflows::update_state(&mut *tx, &row, read_version).await? {
             return Err(ApplyFault::Engine(EngineError::Fenced(workflow_id)));
+        }
+        if row
+            .attention
+            .as_deref()
+            .is_some_and(|a| a.starts_with(CANNOT_ADVANCE))
+        {
+            // This binary could read it after all (a rolling deploy finished).
+            store::workflows::clear_attention(&mut *tx, tenant_id, workflow_id, CANNOT_ADVANCE)
+                .await?;
         }
         if more {
             jobs::enqueue_apply(

@@ -501,3 +501,108 @@ async fn in_flight_workflows_migrate_to_a_new_definition_as_data() {
             .unwrap();
     assert!(attention.unwrap().contains("cannot be upcast"));
 }
+
+/// Batched apply (group commit): one transaction applies many workflows'
+/// queued signals, each in arrival order; a workflow this binary cannot read
+/// is rolled back alone, flagged, and passed over by the next batches (no hot
+/// loop), while one that only has a dead-lettered effect keeps applying.
+#[tokio::test]
+async fn one_batch_applies_many_workflows_and_isolates_one_that_cannot_advance() {
+    let db = fresh_database().await;
+    let pool = store::connect(&db, 10).await.unwrap();
+    let keys = make_tenant(&pool, "acme").await;
+    let tenant = keys.tenant_id;
+    let ops = Actor {
+        role: Role::Operator,
+        subject: Some("op-1".into()),
+    };
+    let engine = Engine::new(
+        pool.clone(),
+        Arc::new(Registry::new().with::<CounterV1>()),
+        Default::default(),
+    );
+    let keys: Vec<String> = (0..10).map(|i| format!("w{i}")).collect();
+    for k in keys
+        .iter()
+        .chain(["broken".to_string(), "noted".to_string()].iter())
+    {
+        engine
+            .start(&ops, tenant, "counter", k, &json!({}))
+            .await
+            .unwrap();
+        // Two signals each: both must apply, in order, in the same batch.
+        for n in 1..=2 {
+            engine
+                .signal(SignalIn::new(
+                    tenant,
+                    "counter",
+                    k,
+                    &format!("{k}-{n}"),
+                    "bump",
+                    &json!({}),
+                    &ops,
+                ))
+                .await
+                .unwrap();
+        }
+    }
+    sqlx::query("update workflows set state = '{\"state\": \"OPEN\", \"count\": \"many\"}' where key = 'broken'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("update workflows set attention = 'effect `x` dead-lettered' where key = 'noted'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let kinds = vec!["counter".to_string()];
+    let claimed = engine.apply_batch(&kinds, 64).await.unwrap();
+    assert_eq!(
+        claimed, 12,
+        "every workflow with queued signals, in one batch"
+    );
+    let (applied,): (i64,) =
+        sqlx::query_as("select count(*) from signals where status = 'applied'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(applied, 22, "both signals of the 11 readable workflows");
+    let versions: Vec<(String, i64)> =
+        sqlx::query_as("select key, version from workflows order by key")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    for (k, v) in &versions {
+        assert_eq!(*v, if k == "broken" { 0 } else { 2 }, "{k}");
+    }
+    let (attention,): (Option<String>,) =
+        sqlx::query_as("select attention from workflows where key = 'broken'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(attention
+        .unwrap()
+        .starts_with(dispatch::engine::CANNOT_ADVANCE));
+    let (waiting,): (i64,) = sqlx::query_as(
+        "select count(*) from signals s join workflows w on w.id = s.workflow_id where w.key = 'broken' and s.status = 'queued'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(waiting, 2, "its signals wait for a migration");
+    // The next batch passes it over: nothing to claim, nothing written.
+    let flagged_at = |pool: sqlx::PgPool| async move {
+        let (t,): (chrono::DateTime<chrono::Utc>,) =
+            sqlx::query_as("select updated_at from workflows where key = 'broken'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        t
+    };
+    let before = flagged_at(pool.clone()).await;
+    assert_eq!(engine.apply_batch(&kinds, 64).await.unwrap(), 0);
+    assert_eq!(
+        flagged_at(pool.clone()).await,
+        before,
+        "not retried in a hot loop"
+    );
+}

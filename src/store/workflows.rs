@@ -119,8 +119,8 @@ pub async fn lock(
 
 /// Lock up to `limit` workflows of `kinds` that have queued signals, oldest
 /// signal first, skipping rows another transaction holds (it is applying
-/// them) and workflows flagged for ops (they wait for a migration, not a
-/// retry). The window of queued signals looked at is 8 × `limit` deep, so a
+/// them) and workflows this binary cannot advance (flagged
+/// [`crate::engine::CANNOT_ADVANCE`]: they wait for a migration, not a retry). The window of queued signals looked at is 8 × `limit` deep, so a
 /// few busy workflows cannot hide the others.
 pub async fn lock_with_queued(
     conn: &mut PgConnection,
@@ -132,7 +132,8 @@ pub async fn lock_with_queued(
          where (tenant_id, id) in (
              select s.tenant_id, s.workflow_id from signals s
              where s.status = 'queued' order by s.received_at limit $2 * 8)
-           and kind = any($1) and attention is null
+           and kind = any($1)
+           and (attention is null or not starts_with(attention, 'cannot advance: '))
          limit $2
          for no key update skip locked"
     )))
@@ -140,6 +141,25 @@ pub async fn lock_with_queued(
     .bind(limit)
     .fetch_all(conn)
     .await
+}
+
+/// Clear a workflow's attention note if it begins with `prefix`.
+pub async fn clear_attention(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    id: Uuid,
+    prefix: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "update workflows set attention = null
+         where tenant_id = $1 and id = $2 and starts_with(attention, $3)",
+    )
+    .bind(tenant_id)
+    .bind(id)
+    .bind(prefix)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Store a new state, fenced on the version that was read. Returns false if
