@@ -161,13 +161,24 @@ impl Settings {
             s.workers.concurrency = v;
         }
         if let Some(v) = num::<i64>("DISPATCH_APPLY_BATCH")? {
-            if !(1..=1000).contains(&v) {
+            // Each workflow of a batch is a savepoint; PostgreSQL keeps 64
+            // subtransactions per backend in shared memory before it spills.
+            if !(1..=50).contains(&v) {
                 return Err(ConfigError {
                     name: "DISPATCH_APPLY_BATCH",
-                    message: "must be 1..=1000".into(),
+                    message: "must be 1..=50".into(),
                 });
             }
             s.workers.apply_batch = v;
+        }
+        if let Some(v) = num::<i64>("DISPATCH_EFFECT_BATCH")? {
+            if !(1..=1000).contains(&v) {
+                return Err(ConfigError {
+                    name: "DISPATCH_EFFECT_BATCH",
+                    message: "must be 1..=1000".into(),
+                });
+            }
+            s.workers.effect_batch = v;
         }
         ms("DISPATCH_RETRY_MIN_MS", &mut s.outbox.retry_min)?;
         ms("DISPATCH_RETRY_MAX_MS", &mut s.outbox.retry_max)?;
@@ -218,8 +229,9 @@ impl Settings {
             .enabled_workflows
             .as_ref()
             .map_or(workflows::Registry::builtin().kinds().len(), Vec::len);
-        // ... and the apply loops: `concurrency` of them plus their listener.
-        let need = (2 * kinds + 2) * s.workers.concurrency + 5;
+        // ... the apply loops (`concurrency` of them plus a listener), and the
+        // effect loops (each delivering up to 8 effects at once, plus a listener).
+        let need = (2 * kinds + 2) * s.workers.concurrency + 8 * s.workers.concurrency + 6;
         if pool_set.is_none() {
             // Unset: large enough for what this process serves.
             s.db_pool = s.db_pool.max(need as u32);

@@ -18,7 +18,7 @@ use uuid::Uuid;
 use workflows::{Actor, Command, Ctx, ParseError, Registry, Role, Transition};
 
 use crate::metrics as m;
-use crate::store::jobs::{self, ApplyJob, EffectJob};
+use crate::store::jobs::{self, ApplyJob};
 use crate::store::signals::{NewSignal, SignalRow};
 use crate::store::workflows::{NewEvent, NewWorkflow, WorkflowRow};
 use crate::store::{self, effects, hash_json, signals, tenants, timers};
@@ -29,6 +29,10 @@ pub const SIGNAL_CHANNEL: &str = "dispatch_signal_done";
 /// The apply loops pass such workflows over (their signals wait for a
 /// migration); other notes (a dead-lettered effect) do not stop signals.
 pub const CANNOT_ADVANCE: &str = "cannot advance: ";
+
+/// Signals of one workflow one batch applies (the rest wait for the next
+/// batch): keeps a batch transaction short and its row locks brief.
+const BATCH_SIGNALS_PER_WORKFLOW: i64 = 16;
 
 /// NOTIFY channel poked when a signal is queued (payload: the workflow kind);
 /// the apply loops wake on it.
@@ -520,7 +524,10 @@ impl Engine {
             return Ok(ApplyReport::default());
         };
         tracing::Span::current().record("workflow.kind", row.kind.as_str());
-        match self.apply_locked(&mut tx, row).await {
+        match self
+            .apply_locked(&mut tx, row, self.config.apply_batch, true)
+            .await
+        {
             Ok(applied) => {
                 tx.commit().await?;
                 let report = applied.report;
@@ -550,36 +557,53 @@ impl Engine {
             tx.rollback().await?;
             return Ok(0);
         }
-        let claimed = rows.len();
-        tracing::Span::current().record("batch.size", claimed);
-        let (mut done, mut flagged) = (Vec::with_capacity(claimed), Vec::new());
+        tracing::Span::current().record("batch.size", rows.len());
+        let mut done = Vec::with_capacity(rows.len());
         for row in rows {
             let (tenant_id, workflow_id) = (row.tenant_id, row.id);
             sqlx::query("savepoint apply_one").execute(&mut *tx).await?;
-            match self.apply_locked(&mut tx, row).await {
+            let fault = match self
+                .apply_locked(&mut tx, row, BATCH_SIGNALS_PER_WORKFLOW, false)
+                .await
+            {
                 Ok(applied) => {
                     sqlx::query("release savepoint apply_one")
                         .execute(&mut *tx)
                         .await?;
                     done.push(applied);
+                    continue;
                 }
-                Err(ApplyFault::Attention { why, error }) => {
-                    sqlx::query("rollback to savepoint apply_one")
-                        .execute(&mut *tx)
+                Err(fault) => fault,
+            };
+            // This workflow alone is undone; the others of the batch go on.
+            sqlx::query("rollback to savepoint apply_one")
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("release savepoint apply_one")
+                .execute(&mut *tx)
+                .await?;
+            match fault {
+                ApplyFault::Attention { why, error } => {
+                    // Flagged in the batch's own transaction: no other loop
+                    // claims it again once this commits.
+                    store::workflows::flag_cannot_advance(&mut tx, tenant_id, workflow_id, &why)
                         .await?;
-                    flagged.push((tenant_id, workflow_id, why, error));
+                    tracing::error!(workflow.id = %workflow_id, error = %error, "{why}");
                 }
-                Err(ApplyFault::Engine(e)) => return Err(e),
+                ApplyFault::Engine(e) => {
+                    // Left queued; a workflow that keeps failing costs its
+                    // batches a savepoint, never the others' progress.
+                    tracing::warn!(workflow.id = %workflow_id, error = %e, "workflow not applied in this batch");
+                }
             }
         }
         tx.commit().await?;
-        for applied in done {
-            applied.count();
+        let applied = done.len();
+        for a in done {
+            a.count();
         }
-        for (tenant_id, workflow_id, why, error) in flagged {
-            self.flag(tenant_id, workflow_id, &why, &error).await?;
-        }
-        Ok(claimed)
+        // Workflows that failed do not count as progress (no hot loop on them).
+        Ok(applied)
     }
 
     /// A workflow this binary cannot advance: its signals stay queued and
@@ -601,10 +625,16 @@ impl Engine {
     /// transaction: read (timers due, queued signals, config), decide (the
     /// pure transition), write (state fenced on the version read, history,
     /// timers, effects). The caller commits and then counts.
+    ///
+    /// At most `max_signals` are applied; with `requeue` the rest get an
+    /// apalis apply job (the single-workflow path), without it the batch
+    /// loops simply claim the workflow again.
     async fn apply_locked(
         &self,
         tx: &mut PgConnection,
         mut row: WorkflowRow,
+        max_signals: i64,
+        requeue: bool,
     ) -> Result<Applied, ApplyFault> {
         let (tenant_id, workflow_id) = (row.tenant_id, row.id);
         let read_version = row.version;
@@ -666,21 +696,15 @@ impl Engine {
             };
             signals::insert(&mut *tx, &new).await?;
         }
-        let queued = signals::queued(
-            &mut *tx,
-            tenant_id,
-            workflow_id,
-            self.config.apply_batch + 1,
-        )
-        .await?;
-        let more = queued.len() as i64 > self.config.apply_batch;
+        let queued = signals::queued(&mut *tx, tenant_id, workflow_id, max_signals + 1).await?;
+        let more = queued.len() as i64 > max_signals;
         let config = tenants::config(&mut *tx, tenant_id).await?;
         let mut entered: Vec<&'static str> = Vec::new();
         let mut report = ApplyReport {
             more,
             ..Default::default()
         };
-        for sig in queued.iter().take(self.config.apply_batch as usize) {
+        for sig in queued.iter().take(max_signals as usize) {
             let actor = Actor {
                 role: role_from_db(&sig.actor_role),
                 subject: sig.actor_subject.clone(),
@@ -780,7 +804,7 @@ impl Engine {
             store::workflows::clear_attention(&mut *tx, tenant_id, workflow_id, CANNOT_ADVANCE)
                 .await?;
         }
-        if more {
+        if more && requeue {
             jobs::enqueue_apply(
                 &mut *tx,
                 &row.kind,
@@ -854,20 +878,10 @@ impl Engine {
                         self.config.effect_max_attempts,
                     )
                     .await?;
-                    if let Some(effect_id) = inserted {
-                        let job = EffectJob {
-                            tenant_id: row.tenant_id,
-                            effect_id,
-                            after_attempts: Some(0),
-                        };
-                        jobs::enqueue_effect(
-                            &mut *conn,
-                            &row.kind,
-                            &job,
-                            None,
-                            Some(format!("eff:{effect_id}:1")),
-                        )
-                        .await?;
+                    if inserted.is_some() {
+                        // The effect loops claim it from `effects` after commit;
+                        // the NOTIFY only wakes them sooner than their poll.
+                        effects::wake_runners(&mut *conn, &row.kind).await?;
                     }
                 }
                 Command::SetTimer { name, at, signal } => {

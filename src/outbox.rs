@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::StreamExt;
 use serde_json::{json, Value};
 use sqlx::{PgConnection, PgPool};
 use tracing::instrument;
@@ -21,7 +22,6 @@ pub use crate::channels::ChannelError;
 use crate::engine::EngineError;
 use crate::metrics as m;
 use crate::store::effects::{self, EffectRow};
-use crate::store::jobs::{self, EffectJob};
 use crate::store::signals::{self, NewSignal};
 use crate::store::{hash_json, workflows as wf_store};
 
@@ -72,6 +72,13 @@ fn fault(point: &str) {
     }
 }
 
+/// NOTIFY channel poked when an effect is written or re-scheduled (payload:
+/// the workflow kind); the effect loops wake on it.
+pub const EFFECT_QUEUED_CHANNEL: &str = "dispatch_effect_queued";
+
+/// Deliveries one batch runs at once (each holds a connection while it sends).
+const DELIVERIES_AT_ONCE: usize = 8;
+
 /// The effect runner.
 #[derive(Clone)]
 pub struct Outbox {
@@ -110,7 +117,8 @@ impl Outbox {
         retry_after.map_or(delay, |ra| ra.max(delay))
     }
 
-    /// Run one attempt of an effect.
+    /// Run one attempt of an effect (an apalis job from the sweep: a lost
+    /// or stranded effect). The loops run effects in batches ([`Outbox::run_batch`]).
     #[instrument(skip_all, fields(tenant.id = %tenant_id, effect.id = %effect_id, workflow.id = tracing::field::Empty))]
     pub async fn run(
         &self,
@@ -127,13 +135,70 @@ impl Outbox {
             return Ok(EffectOutcome::Skipped);
         };
         tracing::Span::current().record("workflow.id", tracing::field::display(effect.workflow_id));
+        let result = self.attempt(&mut conn, &effect).await;
+        drop(conn);
+        fault("after_delivery");
+        let mut tx = self.pool.begin().await?;
+        let outcome = self.record(&mut tx, &effect, result).await?;
+        if outcome != EffectOutcome::Fenced {
+            tx.commit().await?;
+        }
+        Ok(outcome)
+    }
+
+    /// Run up to `limit` due effects of `kinds`: lease them in one statement,
+    /// deliver them concurrently (each channel's rate limits still hold:
+    /// they live in the router), and record every outcome — ledger status,
+    /// retry schedule, dead letter, reply signal — in one transaction.
+    /// Returns how many were claimed.
+    #[instrument(skip_all, fields(batch.size = tracing::field::Empty))]
+    pub async fn run_batch(&self, kinds: &[String], limit: i64) -> Result<usize, EngineError> {
+        let lease_ms = self.config.lease.as_millis() as i64;
+        let mut tx = self.pool.begin().await?;
+        let claimed = effects::claim_due(&mut tx, kinds, limit, lease_ms).await?;
+        if claimed.is_empty() {
+            tx.rollback().await?;
+            return Ok(0);
+        }
+        // The claim is not committed yet: dying here leaves every effect pending.
+        fault("before_effect");
+        tx.commit().await?;
+        let n = claimed.len();
+        tracing::Span::current().record("batch.size", n);
+        let results: Vec<(EffectRow, Result<Value, ChannelError>)> = futures::stream::iter(claimed)
+            .map(|effect| async move {
+                let result = match self.pool.acquire().await {
+                    Ok(mut conn) => self.attempt(&mut conn, &effect).await,
+                    Err(e) => Err(ChannelError::transient(format!("no connection: {e}"))),
+                };
+                (effect, result)
+            })
+            .buffer_unordered(DELIVERIES_AT_ONCE)
+            .collect()
+            .await;
+        fault("after_delivery");
+        let mut tx = self.pool.begin().await?;
+        for (effect, result) in results {
+            // A fenced outcome wrote nothing (the fence is each branch's first write).
+            self.record(&mut tx, &effect, result).await?;
+        }
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// Deliver one claimed attempt, inside its lease.
+    async fn attempt(
+        &self,
+        conn: &mut PgConnection,
+        effect: &EffectRow,
+    ) -> Result<Value, ChannelError> {
         // An attempt must end inside its lease, or the sweep would hand the
         // effect to another worker while this one may still be sending.
         let budget = self.config.lease.mul_f64(0.8);
         let started = std::time::Instant::now();
         let result = match tokio::time::timeout(
             budget,
-            self.router.deliver(&mut conn, &effect, effect.send_after),
+            self.router.deliver(conn, effect, effect.send_after),
         )
         .await
         {
@@ -142,45 +207,47 @@ impl Outbox {
                 "delivery timed out inside its lease",
             )),
         };
-        drop(conn);
-        let name = effect.name.clone();
         if !matches!(result, Err(ChannelError::Deferred { .. })) {
+            let name = effect.name.clone();
             metrics::counter!(m::EFFECT_ATTEMPTS, "effect" => name.clone()).increment(1);
-            metrics::histogram!(m::EFFECT_LATENCY, "effect" => name.clone())
+            metrics::histogram!(m::EFFECT_LATENCY, "effect" => name)
                 .record(started.elapsed().as_secs_f64());
         }
-        fault("after_delivery");
-        let mut tx = self.pool.begin().await?;
+        result
+    }
+
+    /// Record one attempt's outcome in the caller's transaction, fenced on
+    /// the attempt: a stale one writes nothing and is `Fenced`.
+    async fn record(
+        &self,
+        tx: &mut PgConnection,
+        effect: &EffectRow,
+        result: Result<Value, ChannelError>,
+    ) -> Result<EffectOutcome, EngineError> {
+        let tenant_id = effect.tenant_id;
+        let name = effect.name.clone();
         let outcome = match result {
             Ok(result) => {
-                if !effects::delivered(&mut tx, tenant_id, effect.id, effect.attempts, &result)
+                if !effects::delivered(&mut *tx, tenant_id, effect.id, effect.attempts, &result)
                     .await?
                 {
                     return Ok(EffectOutcome::Fenced);
                 }
                 if let Some(reply) = &effect.reply {
-                    reply_signal(&mut tx, &effect, reply, &result).await?;
+                    reply_signal(&mut *tx, effect, reply, &result).await?;
                 }
                 tracing::info!(effect.name = %effect.name, attempt = effect.attempts, "effect delivered");
                 EffectOutcome::Delivered
             }
             Err(ChannelError::Deferred { until }) => {
-                // apalis may run a delayed job up to 2 s late (whole seconds):
-                // wake early, then the router waits for the reserved slot.
+                // Picked up again shortly before the reserved slot; the router
+                // then waits for the slot itself.
                 let wake = until - chrono::Duration::seconds(2);
-                if !effects::defer(&mut tx, tenant_id, effect.id, effect.attempts, wake, until)
+                if !effects::defer(&mut *tx, tenant_id, effect.id, effect.attempts, wake, until)
                     .await?
                 {
                     return Ok(EffectOutcome::Fenced);
                 }
-                let job = EffectJob {
-                    tenant_id,
-                    effect_id: effect.id,
-                    after_attempts: Some(effect.attempts - 1),
-                };
-                let key = format!("eff:{}:slot:{}", effect.id, until.timestamp_micros());
-                let kind = workflow_kind(&mut tx, &effect).await?;
-                jobs::enqueue_effect(&mut tx, &kind, &job, Some(wake), Some(key)).await?;
                 EffectOutcome::Deferred
             }
             Err(ChannelError::Transient {
@@ -188,8 +255,8 @@ impl Outbox {
                 retry_after,
             }) if effect.attempts < effect.max_attempts => {
                 let delay = self.backoff(effect.attempts, retry_after);
-                let Some(next) = effects::retry_after(
-                    &mut tx,
+                if effects::retry_after(
+                    &mut *tx,
                     tenant_id,
                     effect.id,
                     effect.attempts,
@@ -197,28 +264,22 @@ impl Outbox {
                     &message,
                 )
                 .await?
-                else {
+                .is_none()
+                {
                     return Ok(EffectOutcome::Fenced);
-                };
-                let job = EffectJob {
-                    tenant_id,
-                    effect_id: effect.id,
-                    after_attempts: Some(effect.attempts),
-                };
-                let key = format!("eff:{}:{}", effect.id, effect.attempts + 1);
-                let kind = workflow_kind(&mut tx, &effect).await?;
-                jobs::enqueue_effect(&mut tx, &kind, &job, Some(next), Some(key)).await?;
+                }
                 tracing::warn!(effect.name = %effect.name, attempt = effect.attempts, delay_ms = delay.as_millis() as u64, error = %message, "effect failed, retrying");
                 metrics::counter!(m::EFFECT_FAILURES, "effect" => name.clone(), "class" => "transient").increment(1);
                 EffectOutcome::Retrying
             }
             Err(e) => {
                 let message = e.to_string();
-                if !effects::dead(&mut tx, tenant_id, effect.id, effect.attempts, &message).await? {
+                if !effects::dead(&mut *tx, tenant_id, effect.id, effect.attempts, &message).await?
+                {
                     return Ok(EffectOutcome::Fenced);
                 }
                 let why = format!("effect `{}` dead-lettered", effect.name);
-                wf_store::set_attention(&mut tx, tenant_id, effect.workflow_id, &why).await?;
+                wf_store::set_attention(&mut *tx, tenant_id, effect.workflow_id, &why).await?;
                 let (version, state): (i64, String) = sqlx::query_as(
                     "select version, state_name from workflows where tenant_id = $1 and id = $2",
                 )
@@ -227,7 +288,7 @@ impl Outbox {
                 .fetch_one(&mut *tx)
                 .await?;
                 wf_store::append_history(
-                    &mut tx,
+                    &mut *tx,
                     tenant_id,
                     effect.workflow_id,
                     &wf_store::NewEvent::note(
@@ -246,7 +307,6 @@ impl Outbox {
                 EffectOutcome::Dead
             }
         };
-        tx.commit().await?;
         Ok(outcome)
     }
 }

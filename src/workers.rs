@@ -27,6 +27,7 @@ use uuid::Uuid;
 
 use crate::engine::{Engine, SIGNAL_QUEUED_CHANNEL, TIMER_CHANNEL};
 use crate::outbox::Outbox;
+use crate::outbox::EFFECT_QUEUED_CHANNEL;
 use crate::store::jobs::{self, ApplyJob, EffectJob, Envelope, InboundJob, INBOUND_QUEUE};
 use crate::store::{effects, signals, timers};
 
@@ -39,6 +40,8 @@ pub struct WorkerConfig {
     pub batch_size: usize,
     /// Workflows one apply transaction claims (`DISPATCH_APPLY_BATCH`).
     pub apply_batch: i64,
+    /// Effects one effect batch leases (`DISPATCH_EFFECT_BATCH`).
+    pub effect_batch: i64,
     /// Fallback poll interval (LISTEN/NOTIFY is the fast path).
     pub poll_interval: Duration,
     /// apalis heartbeat.
@@ -58,7 +61,8 @@ impl Default for WorkerConfig {
         Self {
             concurrency: 4,
             batch_size: 20,
-            apply_batch: 64,
+            apply_batch: 32,
+            effect_batch: 32,
             poll_interval: Duration::from_millis(500),
             heartbeat: Duration::from_secs(5),
             sweep_interval: Duration::from_secs(5),
@@ -220,64 +224,65 @@ async fn supervise(
     }
 }
 
-/// Applies queued signals in batches ([`Engine::apply_batch`]): `loops` of
-/// them per process, woken one at a time by the NOTIFY a queued signal sends
-/// (a loop that found a full batch wakes another to help), and by the poll
-/// interval, so a lost notification delays work by one interval at most.
-async fn apply_loops(
-    engine: Engine,
-    cfg: WorkerConfig,
+/// Runs `batch` (an apply or effect batch) in `loops` loops per process,
+/// woken one at a time by a NOTIFY on `channel` naming a served kind (a loop
+/// that found a full batch wakes another to help), and by the poll interval,
+/// so a lost notification delays work by one interval at most.
+#[allow(clippy::too_many_arguments)]
+async fn batch_loops<F, Fut>(
+    pool: PgPool,
+    channel: &'static str,
     kinds: Vec<String>,
     loops: usize,
+    limit: i64,
+    poll: Duration,
     shutdown: CancellationToken,
-) {
+    batch: F,
+) where
+    F: Fn(Vec<String>, i64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<usize, crate::engine::EngineError>> + Send,
+{
     let wake = Arc::new(tokio::sync::Notify::new());
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..loops.max(1) {
-        let (engine, cfg, kinds, wake, stop) = (
-            engine.clone(),
-            cfg.clone(),
-            kinds.clone(),
-            wake.clone(),
-            shutdown.clone(),
-        );
+        let (batch, kinds, wake, stop) =
+            (batch.clone(), kinds.clone(), wake.clone(), shutdown.clone());
         set.spawn(async move {
             while !stop.is_cancelled() {
-                match engine.apply_batch(&kinds, cfg.apply_batch).await {
-                    Ok(n) if n as i64 >= cfg.apply_batch => {
+                match batch(kinds.clone(), limit).await {
+                    Ok(n) if n as i64 >= limit => {
                         // A full batch: there may be more; recruit a sibling.
                         wake.notify_one();
                         continue;
                     }
                     Ok(n) if n > 0 => continue,
                     Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "apply batch failed"),
+                    Err(e) => tracing::warn!(error = %e, channel, "batch failed"),
                 }
                 tokio::select! {
                     _ = stop.cancelled() => break,
                     _ = wake.notified() => {}
-                    _ = tokio::time::sleep(cfg.poll_interval) => {}
+                    _ = tokio::time::sleep(poll) => {}
                 }
             }
         });
     }
-    let pool = engine.pool().clone();
     let mut listener: Option<PgListener> = None;
     while !shutdown.is_cancelled() {
         if listener.is_none() {
             match PgListener::connect_with(&pool).await {
                 Ok(mut l) => {
-                    if l.listen(SIGNAL_QUEUED_CHANNEL).await.is_ok() {
+                    if l.listen(channel).await.is_ok() {
                         listener = Some(l);
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "apply listener unavailable; polling"),
+                Err(e) => tracing::warn!(error = %e, channel, "listener unavailable; polling"),
             }
         }
         let Some(l) = listener.as_mut() else {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(cfg.poll_interval) => continue,
+                _ = tokio::time::sleep(poll) => continue,
             }
         };
         tokio::select! {
@@ -478,12 +483,33 @@ pub fn spawn(
     queues.push(INBOUND_QUEUE.to_string());
     let kinds: Vec<String> = served.iter().map(|k| k.to_string()).collect();
     let mut set = tokio::task::JoinSet::new();
-    set.spawn(apply_loops(
-        engine.clone(),
-        cfg.clone(),
+    let applier = engine.clone();
+    set.spawn(batch_loops(
+        pool.clone(),
+        SIGNAL_QUEUED_CHANNEL,
         kinds.clone(),
         cfg.concurrency,
+        cfg.apply_batch,
+        cfg.poll_interval,
         shutdown.clone(),
+        move |kinds, limit| {
+            let e = applier.clone();
+            async move { e.apply_batch(&kinds, limit).await }
+        },
+    ));
+    let runner = outbox.clone();
+    set.spawn(batch_loops(
+        pool.clone(),
+        EFFECT_QUEUED_CHANNEL,
+        kinds.clone(),
+        cfg.concurrency,
+        cfg.effect_batch,
+        cfg.poll_interval,
+        shutdown.clone(),
+        move |kinds, limit| {
+            let o = runner.clone();
+            async move { o.run_batch(&kinds, limit).await }
+        },
     ));
     let h = Arc::new(Handlers { engine, outbox });
     for queue in queues {

@@ -129,6 +129,51 @@ pub async fn claim(
     .await
 }
 
+/// Claim up to `limit` due effects of `kinds` for one attempt each, in one
+/// statement (`SKIP LOCKED`: another loop has the rest): `running`, attempts +
+/// 1, leased for `lease_ms`. Oldest due first.
+pub async fn claim_due(
+    conn: &mut PgConnection,
+    kinds: &[String],
+    limit: i64,
+    lease_ms: i64,
+) -> Result<Vec<EffectRow>, sqlx::Error> {
+    let cols = COLS
+        .split(", ")
+        .map(|c| format!("e.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "with due as (
+             select x.tenant_id, x.id from effects x
+             join workflows w on w.tenant_id = x.tenant_id and w.id = x.workflow_id
+             where x.status = 'pending' and x.next_attempt_at <= statement_timestamp()
+               and w.kind = any($1)
+             order by x.next_attempt_at limit $2
+             for update of x skip locked)
+         update effects e set status = 'running', attempts = e.attempts + 1,
+                lease_until = now() + make_interval(secs => $3 / 1000.0), updated_at = now()
+         from due where e.tenant_id = due.tenant_id and e.id = due.id
+         returning {cols}"
+    )))
+    .bind(kinds)
+    .bind(limit)
+    .bind(lease_ms as f64)
+    .fetch_all(conn)
+    .await
+}
+
+/// Wake the effect loops for a new or re-scheduled effect of `kind`
+/// (delivered at commit).
+pub async fn wake_runners(conn: &mut PgConnection, kind: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("select pg_notify($1, $2)")
+        .bind(crate::outbox::EFFECT_QUEUED_CHANNEL)
+        .bind(kind)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// Mark delivered, fenced on the attempt that was claimed.
 pub async fn delivered(
     conn: &mut PgConnection,

@@ -180,7 +180,10 @@ pub async fn finish(
     Ok(r.rows_affected() == 1)
 }
 
-/// Workflows with signals queued longer than `older_than_ms` (lost jobs).
+/// Workflows flagged as ones this binary cannot advance whose signals have
+/// waited longer than `older_than_ms`: the sweep retries them one by one now
+/// and then (a rolling deploy may have finished). Every other queued signal
+/// is the apply loops' to claim.
 /// Only `kinds` (those some worker serves) are considered, oldest first: work
 /// for an unserved kind waits for its worker, not for the sweep.
 pub async fn stale_queued(
@@ -193,7 +196,7 @@ pub async fn stale_queued(
         "select s.tenant_id, s.workflow_id, w.kind from signals s
          join workflows w on w.tenant_id = s.tenant_id and w.id = s.workflow_id
          where s.status = 'queued' and s.received_at < now() - make_interval(secs => $1 / 1000.0)
-           and w.kind = any($3)
+           and w.kind = any($3) and starts_with(w.attention, 'cannot advance: ')
          group by s.tenant_id, s.workflow_id, w.kind
          order by min(s.received_at) limit $2",
     )

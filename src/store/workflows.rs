@@ -120,27 +120,60 @@ pub async fn lock(
 /// Lock up to `limit` workflows of `kinds` that have queued signals, oldest
 /// signal first, skipping rows another transaction holds (it is applying
 /// them) and workflows this binary cannot advance (flagged
-/// [`crate::engine::CANNOT_ADVANCE`]: they wait for a migration, not a retry). The window of queued signals looked at is 8 × `limit` deep, so a
-/// few busy workflows cannot hide the others.
+/// [`crate::engine::CANNOT_ADVANCE`]: they wait for a migration, not a
+/// retry). Kind, flag and lock are decided before the limit, so signals of
+/// other kinds, flagged workflows or busy rows never crowd the window.
 pub async fn lock_with_queued(
     conn: &mut PgConnection,
     kinds: &[String],
     limit: i64,
 ) -> Result<Vec<WorkflowRow>, sqlx::Error> {
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {COLS} from workflows
-         where (tenant_id, id) in (
-             select s.tenant_id, s.workflow_id from signals s
-             where s.status = 'queued' order by s.received_at limit $2 * 8)
-           and kind = any($1)
-           and (attention is null or not starts_with(attention, 'cannot advance: '))
-         limit $2
-         for no key update skip locked"
+    let cols = COLS
+        .split(", ")
+        .map(|c| format!("w.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rows: Vec<WorkflowRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {cols} from signals s
+         join workflows w on w.tenant_id = s.tenant_id and w.id = s.workflow_id
+         where s.status = 'queued' and w.kind = any($1)
+           and (w.attention is null or not starts_with(w.attention, 'cannot advance: '))
+         order by s.received_at, s.seq
+         limit $2 * 4
+         for no key update of w skip locked"
     )))
     .bind(kinds)
     .bind(limit)
     .fetch_all(conn)
-    .await
+    .await?;
+    // One row per signal: keep each workflow once, in the order of its oldest signal.
+    let mut seen = std::collections::HashSet::new();
+    Ok(rows
+        .into_iter()
+        .filter(|w| seen.insert((w.tenant_id, w.id)))
+        .take(limit as usize)
+        .collect())
+}
+
+/// Flag a workflow this binary cannot advance, unless it carries another
+/// note (a dead-lettered effect) that ops must not lose.
+pub async fn flag_cannot_advance(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    id: Uuid,
+    why: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "update workflows set attention = $3, updated_at = now()
+         where tenant_id = $1 and id = $2
+           and (attention is null or starts_with(attention, 'cannot advance: '))",
+    )
+    .bind(tenant_id)
+    .bind(id)
+    .bind(why)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Clear a workflow's attention note if it begins with `prefix`.
