@@ -23,22 +23,15 @@ use crate::store::signals::{NewSignal, SignalRow};
 use crate::store::workflows::{NewEvent, NewWorkflow, WorkflowRow};
 use crate::store::{self, effects, hash_json, signals, tenants, timers};
 
-/// NOTIFY channel carrying the id of each signal that was applied or rejected.
-pub const SIGNAL_CHANNEL: &str = "dispatch_signal_done";
-/// How the attention note of a workflow this binary cannot advance begins.
-/// The apply loops pass such workflows over (their signals wait for a
-/// migration); other notes (a dead-lettered effect) do not stop signals.
-pub const CANNOT_ADVANCE: &str = "cannot advance: ";
+// The NOTIFY channels and the attention prefix live with the SQL that uses
+// them (the store); the engine re-exports them for its callers.
+pub use crate::store::signals::{SIGNAL_CHANNEL, SIGNAL_QUEUED_CHANNEL};
+pub use crate::store::timers::TIMER_CHANNEL;
+pub use crate::store::workflows::CANNOT_ADVANCE;
 
 /// Signals of one workflow one batch applies (the rest wait for the next
 /// batch): keeps a batch transaction short and its row locks brief.
 const BATCH_SIGNALS_PER_WORKFLOW: i64 = 16;
-
-/// NOTIFY channel poked when a signal is queued (payload: the workflow kind);
-/// the apply loops wake on it.
-pub const SIGNAL_QUEUED_CHANNEL: &str = "dispatch_signal_queued";
-/// NOTIFY channel poked when a timer is armed.
-pub const TIMER_CHANNEL: &str = "dispatch_timer_armed";
 
 /// Engine errors. The HTTP layer maps each to a status code in one place.
 #[derive(Debug, thiserror::Error)]

@@ -72,9 +72,7 @@ fn fault(point: &str) {
     }
 }
 
-/// NOTIFY channel poked when an effect is written or re-scheduled (payload:
-/// the workflow kind); the effect loops wake on it.
-pub const EFFECT_QUEUED_CHANNEL: &str = "dispatch_effect_queued";
+pub use crate::store::effects::EFFECT_QUEUED_CHANNEL;
 
 /// Deliveries one batch runs at once (each holds a connection while it sends).
 const DELIVERIES_AT_ONCE: usize = 8;

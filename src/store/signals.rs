@@ -141,11 +141,18 @@ pub async fn queued(
     .await
 }
 
+/// NOTIFY channel carrying the id of each signal that was applied or rejected.
+pub const SIGNAL_CHANNEL: &str = "dispatch_signal_done";
+
+/// NOTIFY channel poked when a signal is queued (payload: the workflow kind);
+/// the apply loops wake on it. Defined here, in the lowest layer that sends it.
+pub const SIGNAL_QUEUED_CHANNEL: &str = "dispatch_signal_queued";
+
 /// Wake the apply loops for a queued signal of `kind` (delivered at commit;
 /// identical notifications of one transaction are folded into one).
 pub async fn wake_appliers(conn: &mut PgConnection, kind: &str) -> Result<(), sqlx::Error> {
     sqlx::query("select pg_notify($1, $2)")
-        .bind(crate::engine::SIGNAL_QUEUED_CHANNEL)
+        .bind(SIGNAL_QUEUED_CHANNEL)
         .bind(kind)
         .execute(conn)
         .await?;
@@ -173,7 +180,7 @@ pub async fn finish(
     .execute(&mut *conn)
     .await?;
     sqlx::query("select pg_notify($1, $2)")
-        .bind(crate::engine::SIGNAL_CHANNEL)
+        .bind(SIGNAL_CHANNEL)
         .bind(id.to_string())
         .execute(conn)
         .await?;
@@ -196,13 +203,14 @@ pub async fn stale_queued(
         "select s.tenant_id, s.workflow_id, w.kind from signals s
          join workflows w on w.tenant_id = s.tenant_id and w.id = s.workflow_id
          where s.status = 'queued' and s.received_at < now() - make_interval(secs => $1 / 1000.0)
-           and w.kind = any($3) and starts_with(w.attention, 'cannot advance: ')
+           and w.kind = any($3) and starts_with(w.attention, $4)
          group by s.tenant_id, s.workflow_id, w.kind
          order by min(s.received_at) limit $2",
     )
     .bind(older_than_ms as f64)
     .bind(limit)
     .bind(kinds)
+    .bind(crate::store::workflows::CANNOT_ADVANCE)
     .fetch_all(conn)
     .await
 }

@@ -5,6 +5,9 @@ use serde::Serialize;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+/// NOTIFY channel poked when a timer is armed.
+pub const TIMER_CHANNEL: &str = "dispatch_timer_armed";
+
 /// A pending timer, as shown to ops.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct TimerRow {
@@ -43,7 +46,7 @@ pub async fn arm(
     .await?;
     // Wake timer loops so a due time sooner than their next wake-up is seen.
     sqlx::query("select pg_notify($1, '')")
-        .bind(crate::engine::TIMER_CHANNEL)
+        .bind(TIMER_CHANNEL)
         .execute(conn)
         .await?;
     Ok(())

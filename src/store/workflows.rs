@@ -117,10 +117,15 @@ pub async fn lock(
     .await
 }
 
+/// How the attention note of a workflow this binary cannot advance begins.
+/// The apply loops pass such workflows over (their signals wait for a
+/// migration); other notes (a dead-lettered effect) do not stop signals.
+pub const CANNOT_ADVANCE: &str = "cannot advance: ";
+
 /// Lock up to `limit` workflows of `kinds` that have queued signals, oldest
 /// signal first, skipping rows another transaction holds (it is applying
 /// them) and workflows this binary cannot advance (flagged
-/// [`crate::engine::CANNOT_ADVANCE`]: they wait for a migration, not a
+/// [`CANNOT_ADVANCE`]: they wait for a migration, not a
 /// retry). Kind, flag and lock are decided before the limit, so signals of
 /// other kinds, flagged workflows or busy rows never crowd the window.
 pub async fn lock_with_queued(
@@ -137,13 +142,14 @@ pub async fn lock_with_queued(
         "select {cols} from signals s
          join workflows w on w.tenant_id = s.tenant_id and w.id = s.workflow_id
          where s.status = 'queued' and w.kind = any($1)
-           and (w.attention is null or not starts_with(w.attention, 'cannot advance: '))
+           and (w.attention is null or not starts_with(w.attention, $3))
          order by s.received_at, s.seq
          limit $2 * 4
          for no key update of w skip locked"
     )))
     .bind(kinds)
     .bind(limit)
+    .bind(CANNOT_ADVANCE)
     .fetch_all(conn)
     .await?;
     // One row per signal: keep each workflow once, in the order of its oldest signal.
@@ -166,11 +172,12 @@ pub async fn flag_cannot_advance(
     sqlx::query(
         "update workflows set attention = $3, updated_at = now()
          where tenant_id = $1 and id = $2
-           and (attention is null or starts_with(attention, 'cannot advance: '))",
+           and (attention is null or starts_with(attention, $4))",
     )
     .bind(tenant_id)
     .bind(id)
     .bind(why)
+    .bind(CANNOT_ADVANCE)
     .execute(conn)
     .await?;
     Ok(())
