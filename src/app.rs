@@ -7,6 +7,8 @@ use std::sync::Arc;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
+
+use crate::notify::Hub;
 use tokio_util::sync::CancellationToken;
 use workflows::Registry;
 
@@ -70,6 +72,7 @@ pub struct Running {
     pub addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: tokio::task::JoinSet<()>,
+    hub: Hub,
 }
 
 impl Running {
@@ -105,7 +108,9 @@ pub async fn embed(settings: &Settings, pool: PgPool) -> Result<(axum::Router, R
     )
     .with_start_guard(Arc::new(crate::crew::start_guard));
     let (applied, _) = broadcast::channel(4096);
-    http::spawn_signal_listener(pool, applied.clone(), running.shutdown.clone());
+    running
+        .hub
+        .forward_applied(applied.clone(), running.shutdown.clone());
     let router = http::router(ApiState {
         engine,
         applied,
@@ -134,6 +139,8 @@ pub async fn launch(
     )
     .with_start_guard(Arc::new(crate::crew::start_guard));
     let shutdown = CancellationToken::new();
+    // One LISTEN connection for everything this process waits on.
+    let hub = Hub::start(pool.clone(), shutdown.clone());
     let mut tasks = tokio::task::JoinSet::new();
     let mut addr = None;
     if matches!(role, ProcessRole::Api | ProcessRole::All) {
@@ -143,7 +150,7 @@ pub async fn launch(
         };
         addr = Some(listener.local_addr()?);
         let (applied, _) = broadcast::channel(4096);
-        http::spawn_signal_listener(pool.clone(), applied.clone(), shutdown.clone());
+        hub.forward_applied(applied.clone(), shutdown.clone());
         let app = http::router(ApiState {
             engine: engine.clone(),
             applied,
@@ -161,6 +168,7 @@ pub async fn launch(
         let mut set = workers::spawn(
             engine,
             outbox,
+            hub.clone(),
             &served.kinds(),
             settings.workers.clone(),
             shutdown.clone(),
@@ -171,5 +179,6 @@ pub async fn launch(
         addr,
         shutdown,
         tasks,
+        hub,
     })
 }

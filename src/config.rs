@@ -180,6 +180,24 @@ impl Settings {
             }
             s.workers.effect_batch = v;
         }
+        if let Some(v) = num::<usize>("DISPATCH_PUMPS")? {
+            if !(1..=16).contains(&v) {
+                return Err(ConfigError {
+                    name: "DISPATCH_PUMPS",
+                    message: "must be 1..=16".into(),
+                });
+            }
+            s.workers.pumps = v;
+        }
+        if let Some(v) = num::<usize>("DISPATCH_DELIVERIES")? {
+            if !(1..=256).contains(&v) {
+                return Err(ConfigError {
+                    name: "DISPATCH_DELIVERIES",
+                    message: "must be 1..=256".into(),
+                });
+            }
+            s.workers.deliveries = v;
+        }
         ms("DISPATCH_RETRY_MIN_MS", &mut s.outbox.retry_min)?;
         ms("DISPATCH_RETRY_MAX_MS", &mut s.outbox.retry_max)?;
         ms("DISPATCH_EFFECT_LEASE_MS", &mut s.outbox.lease)?;
@@ -229,9 +247,10 @@ impl Settings {
             .enabled_workflows
             .as_ref()
             .map_or(workflows::Registry::builtin().kinds().len(), Vec::len);
-        // ... the apply loops (`concurrency` of them plus a listener), and the
-        // effect loops (each delivering up to 8 effects at once, plus a listener).
-        let need = (2 * kinds + 2) * s.workers.concurrency + 8 * s.workers.concurrency + 6;
+        // ... the pipeline's pumps and deliveries (each holds one), its
+        // listener, the timer loop and its listener, the sweep.
+        let need =
+            (2 * kinds + 2) * s.workers.concurrency + s.workers.pumps + s.workers.deliveries + 6;
         if pool_set.is_none() {
             // Unset: large enough for what this process serves.
             s.db_pool = s.db_pool.max(need as u32);
@@ -239,7 +258,7 @@ impl Settings {
             return Err(ConfigError {
                 name: "DISPATCH_DB_POOL",
                 message: format!(
-                    "must be at least (2 × kinds + 1) × DISPATCH_WORKER_CONCURRENCY + 4 = {need}"
+                    "must be at least (2 × kinds + 2) × DISPATCH_WORKER_CONCURRENCY + DISPATCH_PUMPS + DISPATCH_DELIVERIES + 6 = {need}"
                 ),
             });
         }

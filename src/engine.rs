@@ -209,15 +209,18 @@ pub type StartGuard =
     Arc<dyn Fn(&str, &str, &Value, &Value) -> Result<(), ParseError> + Send + Sync>;
 
 /// What applying one workflow did, counted once its transaction committed.
-struct Applied {
+pub struct Applied {
     report: ApplyReport,
+    /// Signals finished (their waiters are told at commit).
+    finished: Vec<Uuid>,
     kind: String,
     entered: Vec<&'static str>,
     lateness: Vec<f64>,
 }
 
 impl Applied {
-    fn count(self) {
+    /// Record the metrics (call after the transaction committed).
+    pub fn count(self) {
         let kind = self.kind;
         for s in self.entered {
             metrics::counter!(m::TRANSITIONS, "kind" => kind.clone(), "state" => s).increment(1);
@@ -522,6 +525,7 @@ impl Engine {
             .await
         {
             Ok(applied) => {
+                signals::announce_done(&mut tx, &applied.finished).await?;
                 tx.commit().await?;
                 let report = applied.report;
                 applied.count();
@@ -545,10 +549,30 @@ impl Engine {
     #[instrument(skip_all, fields(batch.limit = limit, batch.size = tracing::field::Empty))]
     pub async fn apply_batch(&self, kinds: &[String], limit: i64) -> Result<usize, EngineError> {
         let mut tx = self.pool.begin().await?;
-        let rows = store::workflows::lock_with_queued(&mut tx, kinds, limit).await?;
+        let done = self.apply_batch_in(&mut tx, kinds, limit).await?;
+        tx.commit().await?;
+        let applied = done.len();
+        for a in done {
+            a.count();
+        }
+        // Workflows that failed do not count as progress (no hot loop on them).
+        Ok(applied)
+    }
+
+    /// [`Engine::apply_batch`] inside the caller's transaction: returns what
+    /// was applied, for the caller to [`Applied::count`] once it committed.
+    pub async fn apply_batch_in(
+        &self,
+        tx: &mut PgConnection,
+        kinds: &[String],
+        limit: i64,
+    ) -> Result<Vec<Applied>, EngineError> {
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
+        let rows = store::workflows::lock_with_queued(&mut *tx, kinds, limit).await?;
         if rows.is_empty() {
-            tx.rollback().await?;
-            return Ok(0);
+            return Ok(Vec::new());
         }
         tracing::Span::current().record("batch.size", rows.len());
         let mut done = Vec::with_capacity(rows.len());
@@ -556,7 +580,7 @@ impl Engine {
             let (tenant_id, workflow_id) = (row.tenant_id, row.id);
             sqlx::query("savepoint apply_one").execute(&mut *tx).await?;
             let fault = match self
-                .apply_locked(&mut tx, row, BATCH_SIGNALS_PER_WORKFLOW, false)
+                .apply_locked(&mut *tx, row, BATCH_SIGNALS_PER_WORKFLOW, false)
                 .await
             {
                 Ok(applied) => {
@@ -579,7 +603,7 @@ impl Engine {
                 ApplyFault::Attention { why, error } => {
                     // Flagged in the batch's own transaction: no other loop
                     // claims it again once this commits.
-                    store::workflows::flag_cannot_advance(&mut tx, tenant_id, workflow_id, &why)
+                    store::workflows::flag_cannot_advance(&mut *tx, tenant_id, workflow_id, &why)
                         .await?;
                     tracing::error!(workflow.id = %workflow_id, error = %error, "{why}");
                 }
@@ -590,13 +614,12 @@ impl Engine {
                 }
             }
         }
-        tx.commit().await?;
-        let applied = done.len();
-        for a in done {
-            a.count();
-        }
-        // Workflows that failed do not count as progress (no hot loop on them).
-        Ok(applied)
+        let finished: Vec<Uuid> = done
+            .iter()
+            .flat_map(|a| a.finished.iter().copied())
+            .collect();
+        signals::announce_done(&mut *tx, &finished).await?;
+        Ok(done)
     }
 
     /// A workflow this binary cannot advance: its signals stay queued and
@@ -693,6 +716,7 @@ impl Engine {
         let more = queued.len() as i64 > max_signals;
         let config = tenants::config(&mut *tx, tenant_id).await?;
         let mut entered: Vec<&'static str> = Vec::new();
+        let mut finished = Vec::new();
         let mut report = ApplyReport {
             more,
             ..Default::default()
@@ -758,6 +782,7 @@ impl Engine {
                         .await?;
                     signals::finish(&mut *tx, tenant_id, sig.id, "applied", None, state_name)
                         .await?;
+                    finished.push(sig.id);
                     self.answer_origin(&mut *tx, &row, sig, "applied", None, state_name)
                         .await?;
                     report.applied += 1;
@@ -777,6 +802,7 @@ impl Engine {
                         &from_state,
                     )
                     .await?;
+                    finished.push(sig.id);
                     self.answer_origin(&mut *tx, &row, sig, "rejected", Some(&reason), &from_state)
                         .await?;
                     report.rejected += 1;
@@ -811,6 +837,7 @@ impl Engine {
         }
         Ok(Applied {
             report,
+            finished,
             kind: row.kind.clone(),
             entered,
             lateness,

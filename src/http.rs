@@ -17,7 +17,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 use workflows::{Actor, ParseError, Role};
 
-use crate::engine::{Engine, EngineError, SignalAnswer, SignalIn, SIGNAL_CHANNEL};
+use crate::engine::{Engine, EngineError, SignalAnswer, SignalIn};
 use crate::store::tenants::{self, Principal};
 use crate::store::{effects, jobs, timers, workflows as wf_store};
 
@@ -630,44 +630,6 @@ async fn metrics_endpoint(State(st): State<ApiState>) -> Response {
 
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no_such_route", "no such route")
-}
-
-/// Forward signal-applied notifications to waiting requests. Reconnects with
-/// backoff; `PgListener` re-listens by itself after a dropped connection.
-pub fn spawn_signal_listener(
-    pool: sqlx::PgPool,
-    tx: broadcast::Sender<Uuid>,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    tokio::spawn(async move {
-        let mut delay = Duration::from_millis(100);
-        while !shutdown.is_cancelled() {
-            let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(error = %e, "signal listener cannot connect");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            };
-            if listener.listen(SIGNAL_CHANNEL).await.is_err() {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-                continue;
-            }
-            delay = Duration::from_millis(100);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    n = listener.recv() => match n {
-                        Ok(n) => if let Ok(id) = n.payload().parse() { let _ = tx.send(id); },
-                        Err(e) => { tracing::warn!(error = %e, "signal listener error"); break; }
-                    }
-                }
-            }
-        }
-    });
 }
 
 #[utoipa::path(get, path = "/openapi.json", tag = "service", responses((status = 200, description = "This OpenAPI 3 document", body = serde_json::Value)))]

@@ -24,7 +24,7 @@ pub const EFFECT_ATTEMPTS: &str = "dispatch_effect_attempts_total";
 pub const EFFECT_FAILURES: &str = "dispatch_effect_failures_total";
 /// Effect attempt duration in seconds, by effect name.
 pub const EFFECT_LATENCY: &str = "dispatch_effect_latency_seconds";
-/// How late timers fire (apply time minus due time), in seconds, by kind.
+/// How late timers fire (queued as a signal minus due time), in seconds, by kind.
 pub const TIMER_LATENESS: &str = "dispatch_timer_lateness_seconds";
 /// Jobs waiting per queue (sampled at scrape).
 pub const QUEUE_DEPTH: &str = "dispatch_queue_depth";
@@ -66,7 +66,7 @@ fn describe() {
     metrics::describe_histogram!(
         TIMER_LATENESS,
         metrics::Unit::Seconds,
-        "Timer lateness (applied minus due)"
+        "Timer lateness (fired minus due)"
     );
     metrics::describe_gauge!(QUEUE_DEPTH, "Jobs waiting per queue");
     metrics::describe_gauge!(

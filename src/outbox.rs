@@ -18,7 +18,7 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use crate::channels::route::Router;
-pub use crate::channels::ChannelError;
+pub use crate::channels::{ChannelError, Sent};
 use crate::engine::EngineError;
 use crate::metrics as m;
 use crate::store::effects::{self, EffectRow};
@@ -65,7 +65,7 @@ impl Default for OutboxConfig {
 
 /// Fault points for crash tests (`DISPATCH_FAULT`): the process aborts at the
 /// named point, like a `kill -9`. Unset in production.
-fn fault(point: &str) {
+pub(crate) fn fault(point: &str) {
     if std::env::var("DISPATCH_FAULT").is_ok_and(|v| v.split(',').any(|p| p == point)) {
         tracing::error!(fault = point, "fault injection: aborting");
         std::process::abort();
@@ -76,6 +76,24 @@ pub use crate::store::effects::EFFECT_QUEUED_CHANNEL;
 
 /// Deliveries one batch runs at once (each holds a connection while it sends).
 const DELIVERIES_AT_ONCE: usize = 8;
+
+/// An effect leased for delivery, with its tenant's configuration.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The leased attempt.
+    pub effect: EffectRow,
+    /// The tenant's configuration, read with the claim.
+    pub config: Option<std::sync::Arc<Value>>,
+}
+
+/// One delivered (or failed) attempt, waiting to be recorded.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The attempt.
+    pub effect: EffectRow,
+    /// What the channel said.
+    pub result: Result<Sent, ChannelError>,
+}
 
 /// The effect runner.
 #[derive(Clone)]
@@ -133,7 +151,7 @@ impl Outbox {
             return Ok(EffectOutcome::Skipped);
         };
         tracing::Span::current().record("workflow.id", tracing::field::display(effect.workflow_id));
-        let result = self.attempt(&mut conn, &effect).await;
+        let result = self.attempt(&mut conn, &effect, None).await;
         drop(conn);
         fault("after_delivery");
         let mut tx = self.pool.begin().await?;
@@ -144,16 +162,15 @@ impl Outbox {
         Ok(outcome)
     }
 
-    /// Run up to `limit` due effects of `kinds`: lease them in one statement,
-    /// deliver them concurrently (each channel's rate limits still hold:
-    /// they live in the router), and record every outcome — ledger status,
-    /// retry schedule, dead letter, reply signal — in one transaction.
-    /// Returns how many were claimed.
+    /// Run up to `limit` due effects of `kinds` on their own: lease them in
+    /// one statement, deliver them concurrently, record every outcome in one
+    /// transaction. The worker pipeline does the same with its claim and
+    /// record folded into its own transactions ([`Outbox::claim_in`],
+    /// [`Outbox::record_all`]). Returns how many were claimed.
     #[instrument(skip_all, fields(batch.size = tracing::field::Empty))]
     pub async fn run_batch(&self, kinds: &[String], limit: i64) -> Result<usize, EngineError> {
-        let lease_ms = self.config.lease.as_millis() as i64;
         let mut tx = self.pool.begin().await?;
-        let claimed = effects::claim_due(&mut tx, kinds, limit, lease_ms).await?;
+        let claimed = self.claim_in(&mut tx, kinds, limit).await?;
         if claimed.is_empty() {
             tx.rollback().await?;
             return Ok(0);
@@ -163,25 +180,82 @@ impl Outbox {
         tx.commit().await?;
         let n = claimed.len();
         tracing::Span::current().record("batch.size", n);
-        let results: Vec<(EffectRow, Result<Value, ChannelError>)> = futures::stream::iter(claimed)
-            .map(|effect| async move {
-                let result = match self.pool.acquire().await {
-                    Ok(mut conn) => self.attempt(&mut conn, &effect).await,
-                    Err(e) => Err(ChannelError::transient(format!("no connection: {e}"))),
-                };
-                (effect, result)
-            })
+        let results: Vec<Delivery> = futures::stream::iter(claimed)
+            .map(|c| self.deliver(c))
             .buffer_unordered(DELIVERIES_AT_ONCE)
             .collect()
             .await;
-        fault("after_delivery");
         let mut tx = self.pool.begin().await?;
-        for (effect, result) in results {
-            // A fenced outcome wrote nothing (the fence is each branch's first write).
-            self.record(&mut tx, &effect, result).await?;
-        }
+        self.record_all(&mut tx, results).await?;
         tx.commit().await?;
         Ok(n)
+    }
+
+    /// Lease up to `limit` due effects of `kinds` in the caller's transaction
+    /// (effects it wrote itself included), each with its tenant's
+    /// configuration read once for the batch. They must be delivered only
+    /// after that transaction commits.
+    pub async fn claim_in(
+        &self,
+        tx: &mut PgConnection,
+        kinds: &[String],
+        limit: i64,
+    ) -> Result<Vec<Claimed>, EngineError> {
+        if limit <= 0 {
+            return Ok(Vec::new());
+        }
+        let lease_ms = self.config.lease.as_millis() as i64;
+        let claimed = effects::claim_due(&mut *tx, kinds, limit, lease_ms).await?;
+        if claimed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tenants: Vec<Uuid> = claimed.iter().map(|e| e.tenant_id).collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        let configs = crate::store::tenants::configs(&mut *tx, &tenants).await?;
+        Ok(claimed
+            .into_iter()
+            .map(|effect| {
+                let config = configs.get(&effect.tenant_id).cloned();
+                Claimed { effect, config }
+            })
+            .collect())
+    }
+
+    /// Deliver one leased effect (after the claim committed). Never fails:
+    /// a failure is the delivery's result, recorded like any other.
+    pub async fn deliver(&self, c: Claimed) -> Delivery {
+        let result = match self.pool.acquire().await {
+            Ok(mut conn) => {
+                self.attempt(&mut conn, &c.effect, c.config.as_deref())
+                    .await
+            }
+            Err(e) => Err(ChannelError::transient(format!("no connection: {e}"))),
+        };
+        // Sent (or failed) but not recorded: dying here must not lose or
+        // double what went out (the ledger, then the lease, see to it).
+        fault("after_delivery");
+        Delivery {
+            effect: c.effect,
+            result,
+        }
+    }
+
+    /// Record deliveries' outcomes in the caller's transaction (fenced each
+    /// on its attempt). Returns how many were recorded (not fenced).
+    pub async fn record_all(
+        &self,
+        tx: &mut PgConnection,
+        deliveries: Vec<Delivery>,
+    ) -> Result<usize, EngineError> {
+        let mut recorded = 0;
+        for d in deliveries {
+            // A fenced outcome wrote nothing (the fence is each branch's first write).
+            if self.record(&mut *tx, &d.effect, d.result).await? != EffectOutcome::Fenced {
+                recorded += 1;
+            }
+        }
+        Ok(recorded)
     }
 
     /// Deliver one claimed attempt, inside its lease.
@@ -189,14 +263,15 @@ impl Outbox {
         &self,
         conn: &mut PgConnection,
         effect: &EffectRow,
-    ) -> Result<Value, ChannelError> {
+        config: Option<&Value>,
+    ) -> Result<Sent, ChannelError> {
         // An attempt must end inside its lease, or the sweep would hand the
         // effect to another worker while this one may still be sending.
         let budget = self.config.lease.mul_f64(0.8);
         let started = std::time::Instant::now();
         let result = match tokio::time::timeout(
             budget,
-            self.router.deliver(conn, effect, effect.send_after),
+            self.router.deliver(conn, effect, config, effect.send_after),
         )
         .await
         {
@@ -220,12 +295,17 @@ impl Outbox {
         &self,
         tx: &mut PgConnection,
         effect: &EffectRow,
-        result: Result<Value, ChannelError>,
+        result: Result<Sent, ChannelError>,
     ) -> Result<EffectOutcome, EngineError> {
         let tenant_id = effect.tenant_id;
         let name = effect.name.clone();
         let outcome = match result {
-            Ok(result) => {
+            Ok(Sent { mut result, log }) => {
+                if let Some(log) = log {
+                    // The log channel's message is this row: written with the
+                    // outcome, once (a repeat reports the first row's id).
+                    result["message_id"] = json!(log.write(&mut *tx, effect).await?);
+                }
                 if !effects::delivered(&mut *tx, tenant_id, effect.id, effect.attempts, &result)
                     .await?
                 {

@@ -17,17 +17,16 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use apalis::prelude::*;
-use apalis_postgres::{Config as QueueConfig, PostgresStorage, Pubsub};
-use futures::Stream;
+use apalis_postgres::{Config as QueueConfig, PostgresStorage};
 use serde_json::Value;
-use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::engine::{Engine, SIGNAL_QUEUED_CHANNEL, TIMER_CHANNEL};
+use crate::engine::{Engine, TIMER_CHANNEL};
+use crate::notify::{Hub, Note, APALIS_INSERT_CHANNEL};
 use crate::outbox::Outbox;
-use crate::outbox::EFFECT_QUEUED_CHANNEL;
+use crate::pipeline::{self, Pump, PumpConfig};
 use crate::store::jobs::{self, ApplyJob, EffectJob, Envelope, InboundJob, INBOUND_QUEUE};
 use crate::store::{effects, signals, timers};
 
@@ -42,6 +41,10 @@ pub struct WorkerConfig {
     pub apply_batch: i64,
     /// Effects one effect batch leases (`DISPATCH_EFFECT_BATCH`).
     pub effect_batch: i64,
+    /// Pipeline pumps per process (`DISPATCH_PUMPS`).
+    pub pumps: usize,
+    /// Deliveries in progress at once per process (`DISPATCH_DELIVERIES`).
+    pub deliveries: usize,
     /// Fallback poll interval (LISTEN/NOTIFY is the fast path).
     pub poll_interval: Duration,
     /// apalis heartbeat.
@@ -63,6 +66,8 @@ impl Default for WorkerConfig {
             batch_size: 20,
             apply_batch: 32,
             effect_batch: 32,
+            pumps: 2,
+            deliveries: 16,
             poll_interval: Duration::from_millis(500),
             heartbeat: Duration::from_secs(5),
             sweep_interval: Duration::from_secs(5),
@@ -77,38 +82,80 @@ impl Default for WorkerConfig {
 /// comes first. Unlike apalis' combinator it polls every source each time, so
 /// a waker is always registered with each (no lost wake-ups).
 struct WakeStrategy {
-    pubsub: Pubsub,
-    pool: PgPool,
-    queue: String,
+    inserted: Arc<tokio::sync::Notify>,
+    notified: Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
     interval: tokio::time::Interval,
 }
 
 impl WakeStrategy {
-    fn new(pool: PgPool, queue: &str, every: Duration) -> Self {
+    fn new(inserted: Arc<tokio::sync::Notify>, every: Duration) -> Self {
         let mut interval = tokio::time::interval(every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
-            pubsub: Pubsub::new(pool.clone(), queue.to_string()),
-            pool,
-            queue: queue.to_string(),
+            notified: Self::wait(&inserted),
+            inserted,
             interval,
         }
     }
+
+    fn wait(n: &Arc<tokio::sync::Notify>) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let n = n.clone();
+        Box::pin(async move { n.notified().await })
+    }
+}
+
+/// Route apalis' insert notifications from the hub to each queue's worker.
+/// Every wake-up of an apalis worker is a fetch, so a queue is woken only
+/// for its own jobs (and when the hub resumed: anything may have been missed).
+fn route_inserts(
+    hub: &Hub,
+    queues: &[String],
+    shutdown: CancellationToken,
+) -> Vec<Arc<tokio::sync::Notify>> {
+    let senders: Vec<Arc<tokio::sync::Notify>> = queues
+        .iter()
+        .map(|_| Arc::new(tokio::sync::Notify::new()))
+        .collect();
+    let receivers = senders.clone();
+    let queues = queues.to_vec();
+    let mut rx = hub.subscribe();
+    tokio::spawn(async move {
+        let all = |senders: &[Arc<tokio::sync::Notify>]| {
+            for s in senders {
+                s.notify_one();
+            }
+        };
+        loop {
+            let note = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = rx.recv() => n,
+            };
+            match note {
+                Ok(Note::Resumed) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    all(&senders)
+                }
+                Ok(n) if n.is(APALIS_INSERT_CHANNEL) => {
+                    let Ok(v) = serde_json::from_str::<Value>(n.payload()) else {
+                        continue;
+                    };
+                    if let Some(i) = queues.iter().position(|q| v["job_type"] == q.as_str()) {
+                        senders[i].notify_one();
+                    }
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    receivers
 }
 
 impl PollStrategy for WakeStrategy {
     fn poll_drive(&mut self, cx: &mut Context<'_>, _: &PollSnapshot) -> Poll<Option<()>> {
         let mut fired = false;
-        loop {
-            match Pin::new(&mut self.pubsub).poll_next(cx) {
-                Poll::Ready(Some(_)) => fired = true,
-                Poll::Ready(None) => {
-                    // The listener died; reconnect on the next poll (the interval keeps us awake).
-                    self.pubsub = Pubsub::new(self.pool.clone(), self.queue.clone());
-                    break;
-                }
-                Poll::Pending => break,
-            }
+        while self.notified.as_mut().poll(cx).is_ready() {
+            fired = true;
+            self.notified = Self::wait(&self.inserted);
         }
         while self.interval.poll_tick(cx).is_ready() {
             fired = true;
@@ -168,6 +215,7 @@ async fn handle(job: Value, h: Data<Arc<Handlers>>) -> Result<(), BoxDynError> {
 async fn supervise(
     queue: String,
     pool: PgPool,
+    inserted: Arc<tokio::sync::Notify>,
     h: Arc<Handlers>,
     cfg: WorkerConfig,
     shutdown: CancellationToken,
@@ -187,7 +235,10 @@ async fn supervise(
         let storage = PostgresStorage::<Value>::new(&pool).with_config(qc);
         let backend = PollWith::new(
             storage,
-            WakeStrategy::new(pool.clone(), &queue, cfg.poll_interval),
+            // apalis queues carry only the sweep's and intake's jobs now, and
+            // every insert wakes them through the hub: their fallback poll
+            // (a `get_jobs` call per queue) can be slow.
+            WakeStrategy::new(inserted.clone(), cfg.poll_interval * QUEUE_POLL_FACTOR),
         );
         let worker = WorkerBuilder::new(name.as_str())
             .backend(backend)
@@ -224,101 +275,21 @@ async fn supervise(
     }
 }
 
-/// Runs `batch` (an apply or effect batch) in `loops` loops per process,
-/// woken one at a time by a NOTIFY on `channel` naming a served kind (a loop
-/// that found a full batch wakes another to help), and by the poll interval,
-/// so a lost notification delays work by one interval at most.
-#[allow(clippy::too_many_arguments)]
-async fn batch_loops<F, Fut>(
-    pool: PgPool,
-    channel: &'static str,
-    kinds: Vec<String>,
-    loops: usize,
-    limit: i64,
-    poll: Duration,
-    shutdown: CancellationToken,
-    batch: F,
-) where
-    F: Fn(Vec<String>, i64) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<usize, crate::engine::EngineError>> + Send,
-{
-    let wake = Arc::new(tokio::sync::Notify::new());
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..loops.max(1) {
-        let (batch, kinds, wake, stop) =
-            (batch.clone(), kinds.clone(), wake.clone(), shutdown.clone());
-        set.spawn(async move {
-            while !stop.is_cancelled() {
-                match batch(kinds.clone(), limit).await {
-                    Ok(n) if n as i64 >= limit => {
-                        // A full batch: there may be more; recruit a sibling.
-                        wake.notify_one();
-                        continue;
-                    }
-                    Ok(n) if n > 0 => continue,
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, channel, "batch failed"),
-                }
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = wake.notified() => {}
-                    _ = tokio::time::sleep(poll) => {}
-                }
-            }
-        });
-    }
-    let mut listener: Option<PgListener> = None;
-    while !shutdown.is_cancelled() {
-        if listener.is_none() {
-            match PgListener::connect_with(&pool).await {
-                Ok(mut l) => {
-                    if l.listen(channel).await.is_ok() {
-                        listener = Some(l);
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, channel, "listener unavailable; polling"),
-            }
-        }
-        let Some(l) = listener.as_mut() else {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(poll) => continue,
-            }
-        };
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            n = l.try_recv() => match n {
-                Ok(Some(n)) if kinds.iter().any(|k| k == n.payload()) => wake.notify_one(),
-                Ok(Some(_)) => {}
-                _ => listener = None,
-            },
-        }
-    }
-    while set.join_next().await.is_some() {}
-}
-
-/// Fires due timers: claims them (once across processes) and enqueues an
-/// apply job for their workflow. Sleeps until the next due time, a NOTIFY that
-/// a timer was armed, or the poll interval, whichever is first.
+/// Fires due timers: turns every due timer into a queued signal (once
+/// across processes), a burst of them in a few statements, and wakes the
+/// pumps to apply them. Sleeps until the next due time, a NOTIFY that a
+/// timer was armed, or the poll interval, whichever is first.
 async fn timer_loop(
     pool: PgPool,
     cfg: WorkerConfig,
     kinds: Vec<String>,
+    hub: Hub,
+    wake: Arc<tokio::sync::Notify>,
     shutdown: CancellationToken,
 ) {
-    let mut listener: Option<PgListener> = None;
+    let mut notes = hub.subscribe();
     while !shutdown.is_cancelled() {
-        if listener.is_none() {
-            match PgListener::connect_with(&pool).await {
-                Ok(mut l) => {
-                    if l.listen(TIMER_CHANNEL).await.is_ok() {
-                        listener = Some(l);
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "timer listener unavailable; polling"),
-            }
-        }
-        let wait = match fire_due_timers(&pool, &cfg, &kinds).await {
+        let wait = match fire_due_timers(&pool, &kinds, &wake).await {
             Ok(next) => next.unwrap_or(cfg.poll_interval).min(cfg.poll_interval),
             Err(e) => {
                 tracing::warn!(error = %e, "timer loop error");
@@ -328,43 +299,40 @@ async fn timer_loop(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}
-            n = async { match listener.as_mut() { Some(l) => l.try_recv().await, None => std::future::pending().await } } => {
-                if !matches!(n, Ok(Some(_))) { listener = None; }
+            ok = crate::notify::next(&mut notes, |n| n.is(TIMER_CHANNEL)) => {
+                if !ok { tokio::time::sleep(wait).await; }
             }
         }
     }
 }
 
+/// How much slower than the pipeline apalis queues poll when no NOTIFY came.
+const QUEUE_POLL_FACTOR: u32 = 10;
+
+/// Timers fired per statement.
+const TIMER_BATCH: i64 = 1000;
+
 /// Timers of the kinds this process serves only: another kind's timers are
 /// fired by its own workers (and wait while it has none).
 async fn fire_due_timers(
     pool: &PgPool,
-    cfg: &WorkerConfig,
     kinds: &[String],
+    wake: &tokio::sync::Notify,
 ) -> Result<Option<Duration>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
     loop {
-        let mut tx = pool.begin().await?;
-        let due =
-            timers::claim_due(&mut tx, cfg.sweep_grace.as_millis() as i64, 500, kinds).await?;
-        for (tenant_id, workflow_id, kind, timer_id) in &due {
-            let job = ApplyJob {
-                tenant_id: *tenant_id,
-                workflow_id: *workflow_id,
-            };
-            jobs::enqueue_apply(
-                &mut tx,
-                kind,
-                &job,
-                Some(format!("tmr:{timer_id}:{}", Uuid::now_v7())),
-            )
-            .await?;
+        let late = timers::fire_due(&mut conn, TIMER_BATCH, kinds).await?;
+        if !late.is_empty() {
+            wake.notify_one();
+            for (kind, l) in &late {
+                metrics::histogram!(crate::metrics::TIMER_LATENESS, "kind" => kind.clone())
+                    .record(l.max(0.0));
+            }
         }
-        tx.commit().await?;
-        if due.len() < 500 {
+        if (late.len() as i64) < TIMER_BATCH {
             break;
         }
     }
-    let mut conn = pool.acquire().await?;
     Ok(timers::next_due_in_ms(&mut conn, kinds)
         .await?
         .map(|ms| Duration::from_millis(ms as u64 + 1)))
@@ -469,6 +437,7 @@ async fn sweep_loop(
 pub fn spawn(
     engine: Engine,
     outbox: Outbox,
+    hub: Hub,
     served: &[&str],
     cfg: WorkerConfig,
     shutdown: CancellationToken,
@@ -483,39 +452,39 @@ pub fn spawn(
     queues.push(INBOUND_QUEUE.to_string());
     let kinds: Vec<String> = served.iter().map(|k| k.to_string()).collect();
     let mut set = tokio::task::JoinSet::new();
-    let applier = engine.clone();
-    set.spawn(batch_loops(
-        pool.clone(),
-        SIGNAL_QUEUED_CHANNEL,
+    // The pipeline: pumps apply, lease and record in one transaction per
+    // cycle; deliveries run beside them, at most `deliveries` at a time.
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let deliveries = Arc::new(tokio::sync::Semaphore::new(cfg.deliveries.max(1)));
+    let pump_cfg = PumpConfig {
+        apply_batch: cfg.apply_batch,
+        effect_batch: cfg.effect_batch,
+        in_flight: (cfg.effect_batch as usize * 2).max(cfg.deliveries),
+        poll: cfg.poll_interval,
+    };
+    for _ in 0..cfg.pumps.max(1) {
+        let pump = Arc::new(Pump::new(
+            engine.clone(),
+            outbox.clone(),
+            kinds.clone(),
+            pump_cfg.clone(),
+            deliveries.clone(),
+        ));
+        set.spawn(pump.run(wake.clone(), shutdown.clone()));
+    }
+    set.spawn(pipeline::wake_on_notes(
+        hub.clone(),
         kinds.clone(),
-        cfg.concurrency,
-        cfg.apply_batch,
-        cfg.poll_interval,
+        wake.clone(),
         shutdown.clone(),
-        move |kinds, limit| {
-            let e = applier.clone();
-            async move { e.apply_batch(&kinds, limit).await }
-        },
-    ));
-    let runner = outbox.clone();
-    set.spawn(batch_loops(
-        pool.clone(),
-        EFFECT_QUEUED_CHANNEL,
-        kinds.clone(),
-        cfg.concurrency,
-        cfg.effect_batch,
-        cfg.poll_interval,
-        shutdown.clone(),
-        move |kinds, limit| {
-            let o = runner.clone();
-            async move { o.run_batch(&kinds, limit).await }
-        },
     ));
     let h = Arc::new(Handlers { engine, outbox });
-    for queue in queues {
+    let inserted = route_inserts(&hub, &queues, shutdown.clone());
+    for (queue, inserted) in queues.into_iter().zip(inserted) {
         set.spawn(supervise(
             queue,
             pool.clone(),
+            inserted,
             h.clone(),
             cfg.clone(),
             shutdown.clone(),
@@ -525,6 +494,8 @@ pub fn spawn(
         pool.clone(),
         cfg.clone(),
         kinds.clone(),
+        hub.clone(),
+        wake.clone(),
         shutdown.clone(),
     ));
     set.spawn(sweep_loop(pool, cfg, kinds, shutdown));

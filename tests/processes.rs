@@ -2,6 +2,8 @@
 //! tenant CLI, graceful shutdown.
 
 mod common;
+#[path = "common/fake.rs"]
+mod fake;
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Child, Command, Stdio};
@@ -112,9 +114,38 @@ async fn a_worker_killed_after_the_transition_committed_delivers_the_effect_once
     healthy.wait().unwrap();
 }
 
+/// The crew group on Telegram at a fake Bot API: a send is an HTTP call
+/// that cannot be taken back (the log channel's message, by contrast, is its
+/// ledger row, written atomically with the outcome).
+async fn crew_on_telegram(app: &TestApp, fake: &fake::Fake) {
+    let put = |path: &'static str, body: Value| async move {
+        let r = app
+            .http
+            .put(format!("{}{path}", app.url))
+            .bearer_auth(&app.keys.ops)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}: {}", r.text().await.unwrap());
+    };
+    put(
+        "/v1/tenants/acme/providers/telegram",
+        json!({"bot_token": "123456:TEST-not-a-real-token", "webhook_secret": "s3cret", "bot_username": "DispatchBot", "base_url": fake.url}),
+    )
+    .await;
+    put(
+        "/v1/tenants/acme/config",
+        json!({"dispatch": {"crew": {"enabled": true, "provider": "telegram", "chat_id": -100777}}}),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_worker_killed_after_delivering_but_before_recording_it_does_not_deliver_twice() {
     let app = TestApp::spawn_role(ProcessRole::Api).await;
+    let fake = fake::Fake::start().await;
+    crew_on_telegram(&app, &fake).await;
     let lead = start_with_doomed_worker(&app, "after_delivery").await;
     let publish = format!("{lead}:publish_v1");
     assert_eq!(
@@ -122,31 +153,58 @@ async fn a_worker_killed_after_delivering_but_before_recording_it_does_not_deliv
         ("running".to_string(), 1),
         "delivered, not recorded"
     );
-    assert_eq!(deliveries_of(&app, &publish).await, 1);
+    assert_eq!(fake.ok_calls("/sendMessage").len(), 1, "sent once");
+    assert_eq!(deliveries_of(&app, &publish).await, 1, "in the ledger");
 
     let mut healthy = worker(&app.db_url, None);
     let wf = app.wait_state(&lead, "PUBLISHED").await;
     assert_eq!(
-        deliveries_of(&app, &publish).await,
+        fake.ok_calls("/sendMessage").len(),
         1,
-        "the retry found the delivery by its idempotency key"
+        "the retry found the send by its idempotency key and did not send again"
     );
+    assert_eq!(deliveries_of(&app, &publish).await, 1);
     assert_eq!(
         effect_row(&app, &publish).await,
         ("delivered".to_string(), 2),
         "second attempt after the lease expired"
     );
+    let (message_id,): (Option<String>,) =
+        sqlx::query_as("select provider_message_id from deliveries where idempotency_key = $1")
+            .bind(&publish)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        wf["data"]["post"]["message_id"].as_str(),
+        message_id.as_deref(),
+        "the post refers to the one message"
+    );
+    healthy.kill().unwrap();
+    healthy.wait().unwrap();
+}
+
+#[tokio::test]
+async fn a_log_channel_message_is_written_with_its_outcome_so_a_kill_between_leaves_none() {
+    let app = TestApp::spawn_role(ProcessRole::Api).await;
+    let lead = start_with_doomed_worker(&app, "after_delivery").await;
+    let publish = format!("{lead}:publish_v1");
+    assert_eq!(effect_row(&app, &publish).await, ("running".to_string(), 1));
+    assert_eq!(
+        deliveries_of(&app, &publish).await,
+        0,
+        "nothing of an unrecorded attempt is visible"
+    );
+    let mut healthy = worker(&app.db_url, None);
+    let wf = app.wait_state(&lead, "PUBLISHED").await;
+    assert_eq!(deliveries_of(&app, &publish).await, 1, "exactly one message");
     let (delivery_id,): (Uuid,) =
         sqlx::query_as("select id from deliveries where idempotency_key = $1")
             .bind(&publish)
             .fetch_one(&app.pool)
             .await
             .unwrap();
-    assert_eq!(
-        wf["data"]["post"]["message_id"],
-        delivery_id.to_string(),
-        "the post refers to the one message"
-    );
+    assert_eq!(wf["data"]["post"]["message_id"], delivery_id.to_string());
     healthy.kill().unwrap();
     healthy.wait().unwrap();
 }

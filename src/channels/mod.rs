@@ -71,6 +71,57 @@ impl From<sqlx::Error> for ChannelError {
     }
 }
 
+/// What a delivery produced: the result reported back, and — for the
+/// built-in `log` channel, whose "send" is its ledger row — that row, written
+/// by the transaction that records the outcome, so it lands exactly once with
+/// the effect's status and costs no commit of its own.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    /// The result stored on the effect (and fed back as its reply signal).
+    pub result: Value,
+    /// The log channel's ledger row still to write.
+    pub log: Option<LogEntry>,
+}
+
+impl Sent {
+    /// Sent through a provider (its ledger row is already written).
+    pub fn done(result: Value) -> Self {
+        Sent { result, log: None }
+    }
+}
+
+/// A log-channel message to record in the ledger.
+#[derive(Debug, Clone)]
+pub struct LogEntry {
+    /// Who it is for (a role name, never personal data).
+    pub recipient: String,
+    /// The rendered text.
+    pub body: String,
+}
+
+impl LogEntry {
+    /// Write the ledger row; returns the message id to report (the first
+    /// one when an earlier attempt already wrote it).
+    pub async fn write(
+        &self,
+        conn: &mut PgConnection,
+        effect: &crate::store::effects::EffectRow,
+    ) -> Result<String, sqlx::Error> {
+        ledger_insert(
+            conn,
+            effect.tenant_id,
+            effect.id,
+            "log",
+            &effect.idempotency_key,
+            &self.recipient,
+            &effect.payload,
+            &self.body,
+            None,
+        )
+        .await
+    }
+}
+
 /// Classify a provider's HTTP answer. `description` must be the provider's
 /// error text (it never contains our message body).
 pub(crate) fn classify(
@@ -295,6 +346,15 @@ pub(crate) async fn already_sent(
     channel: &str,
     key: &str,
 ) -> Result<Option<String>, ChannelError> {
+    Ok(ledger_get(conn, tenant_id, channel, key).await?)
+}
+
+async fn ledger_get(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    channel: &str,
+    key: &str,
+) -> Result<Option<String>, sqlx::Error> {
     let r: Option<(Option<String>, Uuid)> = sqlx::query_as(
         "select provider_message_id, id from deliveries where tenant_id = $1 and channel = $2 and idempotency_key = $3",
     )
@@ -319,6 +379,32 @@ pub(crate) async fn record_sent(
     body: &str,
     provider_message_id: Option<&str>,
 ) -> Result<String, ChannelError> {
+    Ok(ledger_insert(
+        conn,
+        tenant_id,
+        effect_id,
+        channel,
+        key,
+        recipient,
+        payload,
+        body,
+        provider_message_id,
+    )
+    .await?)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn ledger_insert(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    effect_id: Uuid,
+    channel: &str,
+    key: &str,
+    recipient: &str,
+    payload: &Value,
+    body: &str,
+    provider_message_id: Option<&str>,
+) -> Result<String, sqlx::Error> {
     let inserted: Option<(Uuid,)> = sqlx::query_as(
         "insert into deliveries (tenant_id, id, effect_id, channel, idempotency_key, recipient, payload, body, provider_message_id)
          values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
@@ -339,7 +425,7 @@ pub(crate) async fn record_sent(
         Some((id,)) => Ok(provider_message_id
             .map(str::to_string)
             .unwrap_or_else(|| id.to_string())),
-        None => Ok(already_sent(conn, tenant_id, channel, key)
+        None => Ok(ledger_get(conn, tenant_id, channel, key)
             .await?
             .unwrap_or_default()),
     }

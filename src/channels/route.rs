@@ -29,7 +29,10 @@ use super::email::Email;
 use super::telegram::{claim_button, Telegram};
 use super::twilio::Twilio;
 use super::whatsapp::WhatsApp;
-use super::{already_sent, pace, provider, record_sent, wait_for_slot, ChannelError, RateConfig};
+use super::{
+    already_sent, pace, provider, record_sent, wait_for_slot, ChannelError, LogEntry, RateConfig,
+    Sent,
+};
 use crate::store::drivers;
 use crate::store::effects::EffectRow;
 use crate::store::providers::{self, Person};
@@ -116,18 +119,27 @@ impl Router {
         }
     }
 
-    /// Deliver one effect attempt. `send_after` is a slot reserved by an
-    /// earlier attempt that was deferred by the rate limit.
+    /// Deliver one effect attempt. `config` is the tenant's configuration
+    /// when the caller read it already (a batch reads each tenant's once);
+    /// `send_after` is a slot reserved by an earlier attempt that was
+    /// deferred by the rate limit.
     pub async fn deliver(
         &self,
         conn: &mut PgConnection,
         effect: &EffectRow,
+        config: Option<&Value>,
         send_after: Option<DateTime<Utc>>,
-    ) -> Result<Value, ChannelError> {
-        let config = tenants::config(&mut *conn, effect.tenant_id).await?;
-        inject_failure(&config, effect)?;
+    ) -> Result<Sent, ChannelError> {
+        let config = match config {
+            Some(c) => std::borrow::Cow::Borrowed(c),
+            None => std::borrow::Cow::Owned(tenants::config(&mut *conn, effect.tenant_id).await?),
+        };
+        let config = config.as_ref();
+        inject_failure(config, effect)?;
         if crate::messaging::effects::handles(&effect.name) {
-            return crate::messaging::effects::deliver(&self.http, conn, effect).await;
+            return crate::messaging::effects::deliver(&self.http, conn, effect)
+                .await
+                .map(Sent::done);
         }
         if effect.name == registration_effects::BIND_CHAT {
             // Local: the driver's chat is stored; nothing is sent.
@@ -140,26 +152,28 @@ impl Router {
             if !drivers::bind_chat(conn, effect.tenant_id, driver, chat).await? {
                 return Err(ChannelError::permanent("the driver no longer exists"));
             }
-            return Ok(json!({ "bound": true }));
+            return Ok(Sent::done(json!({ "bound": true })));
         }
-        let mut message = render(conn, effect, &config).await?;
+        let mut message = render(conn, effect, config).await?;
         gate(effect, &message)?;
         if message.edit.is_none() {
             if let Some(publish_key) = str_field(&effect.payload, "publish_key") {
                 // Cancelled before the post was known: edit it once it exists.
                 match published_post(conn, effect, publish_key).await? {
                     Some(post) => message.edit = Some(post),
-                    None => return Ok(json!({ "skipped": "nothing was published" })),
+                    None => return Ok(Sent::done(json!({ "skipped": "nothing was published" }))),
                 }
             }
         }
         if message.edit.is_some() && superseded(conn, effect).await? {
             // A later edit of the same post already landed: a late retry of
             // this one must not put the post back in an older state.
-            return Ok(json!({ "skipped": "superseded by a later edit" }));
+            return Ok(Sent::done(
+                json!({ "skipped": "superseded by a later edit" }),
+            ));
         }
-        let dest = resolve(conn, effect.tenant_id, &config, &message).await?;
-        let rate = RateConfig::from_tenant(&config);
+        let dest = resolve(conn, effect.tenant_id, config, &message).await?;
+        let rate = RateConfig::from_tenant(config);
         self.send(conn, effect, &message, dest, &rate, send_after)
             .await
     }
@@ -172,24 +186,20 @@ impl Router {
         dest: Dest,
         rate: &RateConfig,
         send_after: Option<DateTime<Utc>>,
-    ) -> Result<Value, ChannelError> {
+    ) -> Result<Sent, ChannelError> {
         let tenant = effect.tenant_id;
         let key = &effect.idempotency_key;
-        match dest {
+        let result = match dest {
             Dest::Log(recipient) => {
-                let id = record_sent(
-                    conn,
-                    tenant,
-                    effect.id,
-                    "log",
-                    key,
-                    &recipient,
-                    &effect.payload,
-                    &m.text,
-                    None,
-                )
-                .await?;
-                Ok(json!({ "message_id": id, "provider": "log", "chat_id": recipient }))
+                // The ledger row is the message: written with the outcome. Its
+                // id replaces this placeholder then.
+                return Ok(Sent {
+                    result: json!({ "message_id": null, "provider": "log", "chat_id": recipient }),
+                    log: Some(LogEntry {
+                        recipient,
+                        body: m.text.clone(),
+                    }),
+                });
             }
             Dest::Telegram {
                 chat_id,
@@ -197,9 +207,9 @@ impl Router {
                 callback,
             } => {
                 if let Some(id) = already_sent(conn, tenant, "telegram", key).await? {
-                    return Ok(
+                    return Ok(Sent::done(
                         json!({ "message_id": id, "provider": "telegram", "chat_id": chat_id }),
-                    );
+                    ));
                 }
                 let row = provider(conn, tenant, "telegram").await?;
                 let tg = Telegram::new(&self.http, &row)?;
@@ -242,7 +252,7 @@ impl Router {
                     Some(&message_id),
                 )
                 .await?;
-                Ok(json!({ "message_id": id, "provider": "telegram", "chat_id": chat_id }))
+                json!({ "message_id": id, "provider": "telegram", "chat_id": chat_id })
             }
             Dest::WhatsApp(phones) => {
                 let row = provider(conn, tenant, "whatsapp").await?;
@@ -316,13 +326,13 @@ impl Router {
                 } else {
                     phones.join(",")
                 };
-                Ok(
-                    json!({ "message_id": first, "provider": "whatsapp", "chat_id": chat_id, "unreachable": permanent.len() }),
-                )
+                json!({ "message_id": first, "provider": "whatsapp", "chat_id": chat_id, "unreachable": permanent.len() })
             }
             Dest::Sms(to) => {
                 if let Some(id) = already_sent(conn, tenant, "twilio", key).await? {
-                    return Ok(json!({ "message_id": id, "provider": "twilio", "chat_id": to }));
+                    return Ok(Sent::done(
+                        json!({ "message_id": id, "provider": "twilio", "chat_id": to }),
+                    ));
                 }
                 let row = provider(conn, tenant, "twilio").await?;
                 let sid = Twilio::new(&self.http, &row)?.send(&to, &m.text).await?;
@@ -338,12 +348,14 @@ impl Router {
                     Some(&sid),
                 )
                 .await?;
-                Ok(json!({ "message_id": id, "provider": "twilio", "chat_id": to }))
+                json!({ "message_id": id, "provider": "twilio", "chat_id": to })
             }
             Dest::Email(to) => {
                 let (name, row) = email_provider(conn, tenant).await?;
                 if let Some(id) = already_sent(conn, tenant, name, key).await? {
-                    return Ok(json!({ "message_id": id, "provider": name, "chat_id": to }));
+                    return Ok(Sent::done(
+                        json!({ "message_id": id, "provider": name, "chat_id": to }),
+                    ));
                 }
                 let sent = Email::new(&self.http, name, &row)?
                     .send(&to, &m.subject, &m.text, key, m.attachment.as_ref())
@@ -360,9 +372,10 @@ impl Router {
                     Some(&sent),
                 )
                 .await?;
-                Ok(json!({ "message_id": id, "provider": name, "chat_id": to }))
+                json!({ "message_id": id, "provider": name, "chat_id": to })
             }
-        }
+        };
+        Ok(Sent::done(result))
     }
 
     /// Send a one-off reply to a chat sender outside any workflow (an unknown
@@ -394,7 +407,7 @@ impl Router {
             http: self.http.clone(),
             horizon: Duration::from_secs(30),
         };
-        patient
+        let sent = patient
             .send(
                 conn,
                 &effect,
@@ -403,8 +416,11 @@ impl Router {
                 &RateConfig::from_tenant(&config),
                 None,
             )
-            .await
-            .map(|_| ())
+            .await?;
+        if let Some(log) = sent.log {
+            log.write(conn, &effect).await?;
+        }
+        Ok(())
     }
 }
 

@@ -159,7 +159,8 @@ pub async fn wake_appliers(conn: &mut PgConnection, kind: &str) -> Result<(), sq
     Ok(())
 }
 
-/// Record a signal's outcome and wake waiters (delivered at commit).
+/// Record a signal's outcome. Its waiters are woken by [`announce_done`],
+/// once per transaction for all the signals it finished.
 pub async fn finish(
     conn: &mut PgConnection,
     tenant_id: Uuid,
@@ -179,12 +180,26 @@ pub async fn finish(
     .bind(state_after)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("select pg_notify($1, $2)")
-        .bind(SIGNAL_CHANNEL)
-        .bind(id.to_string())
-        .execute(conn)
-        .await?;
     Ok(r.rows_affected() == 1)
+}
+
+/// Wake the waiters of finished signals (delivered at commit): one
+/// notification per 200 ids, comma-separated — every notification wakes
+/// every listening process, so they are few and full.
+pub async fn announce_done(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Error> {
+    for chunk in ids.chunks(200) {
+        let payload = chunk
+            .iter()
+            .map(Uuid::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        sqlx::query("select pg_notify($1, $2)")
+            .bind(SIGNAL_CHANNEL)
+            .bind(payload)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Workflows flagged as ones this binary cannot advance whose signals have

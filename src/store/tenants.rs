@@ -73,6 +73,22 @@ pub async fn config(conn: &mut PgConnection, tenant_id: Uuid) -> Result<Value, s
         .unwrap_or_else(|| Value::Object(Default::default())))
 }
 
+/// Several tenants' configuration documents, read in one statement.
+pub async fn configs(
+    conn: &mut PgConnection,
+    tenant_ids: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, std::sync::Arc<Value>>, sqlx::Error> {
+    let rows: Vec<(Uuid, Value)> =
+        sqlx::query_as("select id, config from tenants where id = any($1)")
+            .bind(tenant_ids)
+            .fetch_all(conn)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, c)| (id, std::sync::Arc::new(c)))
+        .collect())
+}
+
 /// Replace a tenant's configuration.
 pub async fn set_config(
     conn: &mut PgConnection,

@@ -90,71 +90,63 @@ pub async fn take_due(
     .await
 }
 
-/// Claim due timers whose workflows need an apply job: marks them enqueued so
-/// other timer loops skip them; re-offers them after `retry_ms` if the job was
-/// lost. Returns (tenant, workflow, kind, timer).
-pub async fn claim_due(
+/// Fire up to `limit` due timers of `kinds` (by the clock, or fired early
+/// by ops): each is marked fired and becomes a queued signal of its
+/// workflow in the same statement — received at its due time, idempotency
+/// key `timer:<id>`, payload `{"due": <due time>}` — for the apply loops to
+/// take in arrival order. A transition applied later than the due time sees
+/// the signal after its own; workflows treat a timer signal whose state
+/// moved on as stale. Returns each fired timer's kind and lateness in seconds.
+pub async fn fire_due(
     conn: &mut PgConnection,
-    retry_ms: i64,
     limit: i64,
     kinds: &[String],
-) -> Result<Vec<(Uuid, Uuid, String, Uuid)>, sqlx::Error> {
+) -> Result<Vec<(String, f64)>, sqlx::Error> {
     // Two shapes, each served by its own partial index: timers due by the
     // clock (a range on `timers_due`, however many are pending further out),
     // and timers ops fired early (`timers_fire_now`). One OR would walk
     // every pending timer when none is due. `statement_timestamp()` is stable
     // (an index bound); `clock_timestamp()` is volatile and would not be.
-    let mut due = claim(
-        conn,
-        retry_ms,
-        limit,
-        kinds,
-        "t.due_at <= statement_timestamp()",
-    )
-    .await?;
-    if (due.len() as i64) < limit {
-        let more = claim(
-            conn,
-            retry_ms,
-            limit - due.len() as i64,
-            kinds,
-            "t.fire_now",
-        )
-        .await?;
-        due.extend(more);
+    let mut late = fire(conn, limit, kinds, "t.due_at <= statement_timestamp()").await?;
+    if (late.len() as i64) < limit {
+        late.extend(fire(conn, limit - late.len() as i64, kinds, "t.fire_now").await?);
     }
-    Ok(due)
+    Ok(late)
 }
 
-async fn claim(
+async fn fire(
     conn: &mut PgConnection,
-    retry_ms: i64,
     limit: i64,
     kinds: &[String],
     condition: &'static str,
-) -> Result<Vec<(Uuid, Uuid, String, Uuid)>, sqlx::Error> {
+) -> Result<Vec<(String, f64)>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "with due as (
-             select t.tenant_id, t.id from timers t
+             select t.tenant_id, t.id, w.kind from timers t
              join workflows w on w.tenant_id = t.tenant_id and w.id = t.workflow_id
-             where t.status = 'pending' and {condition} and w.kind = any($3)
-               and (t.enqueued_at is null or t.enqueued_at < now() - make_interval(secs => $1 / 1000.0))
-             order by t.due_at limit $2 for update of t skip locked),
-         marked as (
-             update timers t set enqueued_at = now() from due
+             where t.status = 'pending' and {condition} and w.kind = any($2)
+             order by t.due_at limit $1 for update of t skip locked),
+         fired as (
+             update timers t set status = 'fired', closed_at = now() from due
              where t.tenant_id = due.tenant_id and t.id = due.id
-             returning t.tenant_id, t.workflow_id, t.id)
-         select m.tenant_id, m.workflow_id, w.kind, m.id from marked m
-         join workflows w on w.tenant_id = m.tenant_id and w.id = m.workflow_id"
+             returning t.tenant_id, t.id, t.workflow_id, t.due_at, t.signal, due.kind),
+         queued as (
+             insert into signals (tenant_id, id, workflow_id, idempotency_key, name, payload,
+                                  request_hash, actor_role, received_at)
+             select f.tenant_id, gen_random_uuid(), f.workflow_id, 'timer:' || f.id, f.signal,
+                    jsonb_build_object('due', f.due_at),
+                    sha256(convert_to('{{\"timer\":\"' || f.id || '\"}}', 'UTF8')), 'system', least(f.due_at, clock_timestamp())
+             from fired f
+             on conflict (tenant_id, workflow_id, idempotency_key) do nothing)
+         select kind, (extract(epoch from clock_timestamp() - due_at))::float8 from fired"
     )))
-    .bind(retry_ms as f64)
     .bind(limit)
     .bind(kinds)
     .fetch_all(conn)
     .await
 }
 
-/// Milliseconds until the next pending, not yet enqueued timer of `kinds`
+/// Milliseconds until the next pending timer of `kinds`
 /// (None if none).
 pub async fn next_due_in_ms(
     conn: &mut PgConnection,
@@ -165,7 +157,7 @@ pub async fn next_due_in_ms(
     let r: Option<(f64,)> = sqlx::query_as(
         "select (extract(epoch from (t.due_at - clock_timestamp())) * 1000)::float8 from timers t
          join workflows w on w.tenant_id = t.tenant_id and w.id = t.workflow_id
-         where t.status = 'pending' and t.enqueued_at is null and w.kind = any($1)
+         where t.status = 'pending' and w.kind = any($1)
          order by t.due_at limit 1",
     )
     .bind(kinds)
