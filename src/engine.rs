@@ -521,7 +521,7 @@ impl Engine {
         };
         tracing::Span::current().record("workflow.kind", row.kind.as_str());
         match self
-            .apply_locked(&mut tx, row, self.config.apply_batch, true)
+            .apply_locked(&mut tx, row, None, self.config.apply_batch, true)
             .await
         {
             Ok(applied) => {
@@ -574,13 +574,28 @@ impl Engine {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
+        // Each tenant's configuration once for the whole batch.
+        let mut tenant_ids: Vec<Uuid> = rows.iter().map(|r| r.tenant_id).collect();
+        tenant_ids.sort_unstable();
+        tenant_ids.dedup();
+        let configs = tenants::configs(&mut *tx, &tenant_ids).await?;
+        // Timers of these workflows due by now become signals first, so they
+        // take their place in arrival order (the timer loop may lag).
+        let ids: Vec<(Uuid, Uuid)> = rows.iter().map(|r| (r.tenant_id, r.id)).collect();
+        timers::fire_due_for(&mut *tx, &ids).await?;
         tracing::Span::current().record("batch.size", rows.len());
         let mut done = Vec::with_capacity(rows.len());
         for row in rows {
             let (tenant_id, workflow_id) = (row.tenant_id, row.id);
             sqlx::query("savepoint apply_one").execute(&mut *tx).await?;
             let fault = match self
-                .apply_locked(&mut *tx, row, BATCH_SIGNALS_PER_WORKFLOW, false)
+                .apply_locked(
+                    &mut *tx,
+                    row,
+                    configs.get(&tenant_id).map(|c| c.as_ref()),
+                    BATCH_SIGNALS_PER_WORKFLOW,
+                    false,
+                )
                 .await
             {
                 Ok(applied) => {
@@ -649,6 +664,7 @@ impl Engine {
         &self,
         tx: &mut PgConnection,
         mut row: WorkflowRow,
+        config: Option<&Value>,
         max_signals: i64,
         requeue: bool,
     ) -> Result<Applied, ApplyFault> {
@@ -689,7 +705,13 @@ impl Engine {
             }
         }
         let mut lateness = Vec::new();
-        for timer in timers::take_due(&mut *tx, tenant_id, workflow_id).await? {
+        // A batch fired its workflows' due timers in one statement already.
+        let due = if config.is_some() {
+            Vec::new()
+        } else {
+            timers::take_due(&mut *tx, tenant_id, workflow_id).await?
+        };
+        for timer in due {
             let late = (db_now(&mut *tx).await? - timer.due_at)
                 .num_microseconds()
                 .unwrap_or(0);
@@ -714,7 +736,12 @@ impl Engine {
         }
         let queued = signals::queued(&mut *tx, tenant_id, workflow_id, max_signals + 1).await?;
         let more = queued.len() as i64 > max_signals;
-        let config = tenants::config(&mut *tx, tenant_id).await?;
+        let config = match config {
+            Some(c) => std::borrow::Cow::Borrowed(c),
+            None => std::borrow::Cow::Owned(tenants::config(&mut *tx, tenant_id).await?),
+        };
+        // One clock reading for this workflow's signals of this transaction.
+        let now = db_now(&mut *tx).await?;
         let mut entered: Vec<&'static str> = Vec::new();
         let mut finished = Vec::new();
         let mut report = ApplyReport {
@@ -726,7 +753,6 @@ impl Engine {
                 role: role_from_db(&sig.actor_role),
                 subject: sig.actor_subject.clone(),
             };
-            let now = db_now(&mut *tx).await?;
             let ctx = Ctx {
                 now,
                 tenant_config: &config,

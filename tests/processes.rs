@@ -197,7 +197,11 @@ async fn a_log_channel_message_is_written_with_its_outcome_so_a_kill_between_lea
     );
     let mut healthy = worker(&app.db_url, None);
     let wf = app.wait_state(&lead, "PUBLISHED").await;
-    assert_eq!(deliveries_of(&app, &publish).await, 1, "exactly one message");
+    assert_eq!(
+        deliveries_of(&app, &publish).await,
+        1,
+        "exactly one message"
+    );
     let (delivery_id,): (Uuid,) =
         sqlx::query_as("select id from deliveries where idempotency_key = $1")
             .bind(&publish)
