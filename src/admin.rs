@@ -577,9 +577,171 @@ async fn get_provider(
     Ok(Json(provider_view(&provider, &row.settings, &row.secrets)))
 }
 
+// ---- schedules ----
+
+/// A recurring schedule whose ticks signal one of the tenant's workflows.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ScheduleBody {
+    /// Cron expression: six fields (seconds first) or the classic five.
+    #[schema(example = "0 0 8 * * Mon-Fri")]
+    cron: String,
+    /// IANA time zone the expression is read in (default `UTC`).
+    #[serde(default)]
+    timezone: Option<String>,
+    /// `catch_up` (fire ticks missed while no worker ran) or `skip` (default).
+    #[serde(default)]
+    policy: Option<String>,
+    /// The workflow each tick signals.
+    workflow: ScheduleTarget,
+    /// The signal each tick sends (payload `{"schedule": name, "tick": time}`).
+    signal: String,
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct ScheduleTarget {
+    kind: String,
+    key: String,
+}
+
+fn schedule_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "a schedule name is 1-63 of a-z 0-9 _ . - starting with a letter or digit",
+        ))
+    }
+}
+
+fn schedule_json(s: &crate::store::schedules::ScheduleRow) -> Value {
+    json!({
+        "name": s.name, "cron": s.cron, "timezone": s.timezone, "policy": s.policy,
+        "workflow": {"kind": s.kind, "key": s.key}, "signal": s.signal,
+        "next_at": s.next_at, "last_tick_at": s.last_tick_at, "ticks": s.ticks,
+        "skipped": s.skipped, "last_error": s.last_error,
+    })
+}
+
+#[utoipa::path(get, path = "/v1/tenants/{tenant}/schedules", tag = "admin", params(("tenant" = String, Path, description = "Tenant name (the caller's own)")), security(("bearer" = [])), responses((status = 200, description = "The tenant's schedules, by name", body = serde_json::Value), crate::openapi::ClientErrors))]
+async fn list_schedules(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path(tenant): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    require(&caller, &[Role::Ops, Role::Operator], "read schedules")?;
+    let tenant_id = own_tenant(&st, &caller, &tenant).await?;
+    let mut conn = st.engine.pool().acquire().await?;
+    let rows = crate::store::schedules::list(&mut conn, tenant_id).await?;
+    Ok(Json(
+        json!({ "schedules": rows.iter().map(schedule_json).collect::<Vec<_>>() }),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/tenants/{tenant}/schedules/{name}", tag = "admin", params(("tenant" = String, Path, description = "Tenant name (the caller's own)"), ("name" = String, Path, description = "Schedule name")), security(("bearer" = [])), responses((status = 200, description = "The schedule, its next tick and what it fired", body = serde_json::Value), crate::openapi::ClientErrors))]
+async fn get_schedule(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path((tenant, name)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    require(&caller, &[Role::Ops, Role::Operator], "read schedules")?;
+    let tenant_id = own_tenant(&st, &caller, &tenant).await?;
+    let mut conn = st.engine.pool().acquire().await?;
+    match crate::store::schedules::get(&mut conn, tenant_id, &name).await? {
+        Some(s) => Ok(Json(schedule_json(&s))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such schedule",
+        )),
+    }
+}
+
+#[utoipa::path(put, path = "/v1/tenants/{tenant}/schedules/{name}", tag = "admin", params(("tenant" = String, Path, description = "Tenant name (the caller's own)"), ("name" = String, Path, description = "Schedule name")), request_body = ScheduleBody, security(("bearer" = [])), responses((status = 200, description = "Stored; the next tick is computed from now", body = serde_json::Value), crate::openapi::ClientErrors))]
+async fn put_schedule(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path((tenant, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    require(&caller, &[Role::Ops], "change schedules")?;
+    let tenant_id = own_tenant(&st, &caller, &tenant).await?;
+    schedule_name(&name)?;
+    let b: ScheduleBody = parse_body(&body)?;
+    let policy = b.policy.as_deref().unwrap_or("skip");
+    if !matches!(policy, "catch_up" | "skip") {
+        return Err(invalid("`policy` is `catch_up` or `skip`"));
+    }
+    if b.cron.len() > 200 {
+        return Err(invalid("`cron` is at most 200 characters"));
+    }
+    if !st
+        .engine
+        .registry()
+        .kinds()
+        .contains(&b.workflow.kind.as_str())
+    {
+        return Err(invalid(format!(
+            "unknown workflow kind `{}`",
+            b.workflow.kind
+        )));
+    }
+    for (field, v) in [("workflow.key", &b.workflow.key), ("signal", &b.signal)] {
+        if v.is_empty() || v.len() > 200 || v.chars().any(char::is_control) {
+            return Err(invalid(format!("`{field}` is 1-200 printable characters")));
+        }
+    }
+    let timezone = b.timezone.as_deref().unwrap_or("UTC");
+    match crate::schedules::put(
+        st.engine.pool(),
+        tenant_id,
+        &name,
+        &b.cron,
+        timezone,
+        policy,
+        &b.workflow.kind,
+        &b.workflow.key,
+        &b.signal,
+    )
+    .await?
+    {
+        Ok(row) => Ok(Json(schedule_json(&row))),
+        Err(e) => Err(invalid(e.to_string())),
+    }
+}
+
+#[utoipa::path(delete, path = "/v1/tenants/{tenant}/schedules/{name}", tag = "admin", params(("tenant" = String, Path, description = "Tenant name (the caller's own)"), ("name" = String, Path, description = "Schedule name")), security(("bearer" = [])), responses((status = 204, description = "Deleted; no further ticks"), crate::openapi::ClientErrors))]
+async fn delete_schedule(
+    State(st): State<ApiState>,
+    caller: Caller,
+    Path((tenant, name)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    require(&caller, &[Role::Ops], "change schedules")?;
+    let tenant_id = own_tenant(&st, &caller, &tenant).await?;
+    let mut conn = st.engine.pool().acquire().await?;
+    if crate::store::schedules::delete(&mut conn, tenant_id, &name).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such schedule",
+        ))
+    }
+}
+
 /// The administration routes.
 pub fn router() -> OpenApiRouter<ApiState> {
     OpenApiRouter::new()
+        .routes(routes!(list_schedules))
+        .routes(routes!(get_schedule, put_schedule, delete_schedule))
         .routes(routes!(list_people, create_person))
         .routes(routes!(get_person, put_person, delete_person))
         .routes(routes!(get_config, put_config))

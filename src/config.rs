@@ -144,6 +144,20 @@ impl Settings {
             }
             s.max_body_bytes = v;
         }
+        if let Some(v) = var("DISPATCH_BENCH_WORKLOAD") {
+            // The benchmark's `bench_chain` kind, for tests and benchmarks
+            // that drive the binary.
+            s.bench_workload = match v.as_str() {
+                "1" | "true" => true,
+                "0" | "false" => false,
+                _ => {
+                    return Err(ConfigError {
+                        name: "DISPATCH_BENCH_WORKLOAD",
+                        message: "must be true or false".into(),
+                    })
+                }
+            };
+        }
         let pool_set = num("DISPATCH_DB_POOL")?;
         if let Some(v) = pool_set {
             s.db_pool = v;
@@ -203,6 +217,7 @@ impl Settings {
         ms("DISPATCH_EFFECT_LEASE_MS", &mut s.outbox.lease)?;
         ms("DISPATCH_POLL_MS", &mut s.workers.poll_interval)?;
         ms("DISPATCH_SWEEP_MS", &mut s.workers.sweep_interval)?;
+        ms("DISPATCH_RETENTION_MS", &mut s.workers.job_retention)?;
         ms("DISPATCH_SWEEP_GRACE_MS", &mut s.workers.sweep_grace)?;
         ms("DISPATCH_SHUTDOWN_GRACE_MS", &mut s.workers.shutdown_grace)?;
         ms(

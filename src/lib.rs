@@ -29,6 +29,7 @@ pub mod outbox;
 pub mod pg;
 pub mod pipeline;
 pub mod scan;
+pub mod schedules;
 pub mod store;
 pub mod telemetry;
 pub mod workers;

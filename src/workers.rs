@@ -27,6 +27,7 @@ use crate::engine::{Engine, TIMER_CHANNEL};
 use crate::notify::{Hub, Note, APALIS_INSERT_CHANNEL};
 use crate::outbox::Outbox;
 use crate::pipeline::{self, Pump, PumpConfig};
+use crate::schedules::Scheduler;
 use crate::store::jobs::{self, ApplyJob, EffectJob, Envelope, InboundJob, INBOUND_QUEUE};
 use crate::store::{effects, signals, timers};
 
@@ -53,7 +54,8 @@ pub struct WorkerConfig {
     pub sweep_interval: Duration,
     /// How long something may look lost before the sweep re-enqueues it.
     pub sweep_grace: Duration,
-    /// How long finished jobs are kept.
+    /// How long finished jobs, and finished workflows' signals, are kept
+    /// (`DISPATCH_RETENTION_MS`; the hourly `purge` schedule removes older ones).
     pub job_retention: Duration,
     /// How long shutdown waits for in-flight jobs.
     pub shutdown_grace: Duration,
@@ -306,6 +308,35 @@ async fn timer_loop(
     }
 }
 
+/// Fires recurring schedules (the runtime's purge among them) as they fall
+/// due; a schedule written meanwhile is seen within a second.
+async fn schedule_loop(scheduler: Scheduler, shutdown: CancellationToken) {
+    if let Err(e) = scheduler.ensure_system().await {
+        tracing::warn!(error = %e, "system schedules not created (retried at next start)");
+    }
+    while !shutdown.is_cancelled() {
+        let wait = match scheduler.run_due().await {
+            Ok((fired, next)) => {
+                if fired.ticks > 0 {
+                    tracing::debug!(ticks = fired.ticks, "schedules fired");
+                }
+                next.unwrap_or(SCHEDULE_RECHECK).min(SCHEDULE_RECHECK)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "schedule pass failed");
+                SCHEDULE_RECHECK
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Longest a schedule loop sleeps (a new schedule may be due sooner).
+const SCHEDULE_RECHECK: Duration = Duration::from_secs(1);
+
 /// How much slower than the pipeline apalis queues poll when no NOTIFY came.
 const QUEUE_POLL_FACTOR: u32 = 10;
 
@@ -410,7 +441,6 @@ async fn sweep_loop(
     kinds: Vec<String>,
     shutdown: CancellationToken,
 ) {
-    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -418,16 +448,6 @@ async fn sweep_loop(
         }
         if let Err(e) = sweep_once(&pool, &cfg, &kinds).await {
             tracing::warn!(error = %e, "sweep failed");
-        }
-        ticks += 1;
-        if ticks.is_multiple_of(60) {
-            if let Ok(mut conn) = pool.acquire().await {
-                if let Err(e) =
-                    jobs::purge_finished(&mut conn, cfg.job_retention.as_secs() as i64).await
-                {
-                    tracing::warn!(error = %e, "job purge failed");
-                }
-            }
         }
     }
 }
@@ -478,6 +498,7 @@ pub fn spawn(
         wake.clone(),
         shutdown.clone(),
     ));
+    let engine_for_schedules = engine.clone();
     let h = Arc::new(Handlers { engine, outbox });
     let inserted = route_inserts(&hub, &queues, shutdown.clone());
     for (queue, inserted) in queues.into_iter().zip(inserted) {
@@ -498,6 +519,8 @@ pub fn spawn(
         wake.clone(),
         shutdown.clone(),
     ));
+    let scheduler = Scheduler::new(engine_for_schedules, cfg.job_retention);
+    set.spawn(schedule_loop(scheduler, shutdown.clone()));
     set.spawn(sweep_loop(pool, cfg, kinds, shutdown));
     set
 }

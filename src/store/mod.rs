@@ -9,6 +9,7 @@ pub mod drivers;
 pub mod effects;
 pub mod jobs;
 pub mod providers;
+pub mod schedules;
 pub mod signals;
 pub mod tenants;
 pub mod timers;
