@@ -37,6 +37,60 @@ pub struct BenchArgs {
     pub rate: u32,
     /// Seconds for `latency`, `ingest` and pgbench.
     pub seconds: u64,
+    /// Workers as separate processes (0: in the bench process).
+    pub worker_processes: usize,
+}
+
+/// Worker processes the bench started; killed when dropped.
+struct Workers(Vec<std::process::Child>);
+
+impl Workers {
+    fn spawn(n: usize, db_url: &str, base: &Settings) -> anyhow::Result<Workers> {
+        let exe = std::env::current_exe().context("the dispatch binary")?;
+        let mut children = Vec::with_capacity(n);
+        for _ in 0..n {
+            let child = std::process::Command::new(&exe)
+                .args(["serve", "--role", "worker"])
+                .env("DATABASE_URL", db_url)
+                .env("DISPATCH_BENCH_WORKLOAD", "1")
+                .env("ENABLED_WORKFLOWS", KIND)
+                .env(
+                    "DISPATCH_WORKER_CONCURRENCY",
+                    base.workers.concurrency.to_string(),
+                )
+                .env("RUST_LOG", "warn")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .context("starting a worker process")?;
+            children.push(child);
+        }
+        Ok(Workers(children))
+    }
+
+    /// The largest resident set of the worker processes, MiB (Linux).
+    fn peak_rss_mib(&self) -> f64 {
+        self.0
+            .iter()
+            .filter_map(|c| std::fs::read_to_string(format!("/proc/{}/status", c.id())).ok())
+            .filter_map(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+            .fold(0.0, f64::max)
+            / 1024.0
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -285,11 +339,27 @@ impl Bench {
         )
         .await?;
         let s = t0.elapsed().as_secs_f64();
+        // Nothing lost, nothing doubled: one message per effect, two applied
+        // signals per workflow, three applied transitions in history.
+        let (messages, applied, transitions): (i64, i64, i64) = sqlx::query_as(
+            "select (select count(*) from deliveries where idempotency_key like 'bench:w-%'),
+                    (select count(*) from signals s join workflows w on w.id = s.workflow_id
+                      where w.key like 'w-%' and s.status = 'applied'),
+                    (select count(*) from history h join workflows w on w.id = h.workflow_id
+                      where w.key like 'w-%' and h.event = 'applied')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        BENCH_QUERIES.fetch_add(1, Ordering::Relaxed);
+        if messages != 3 * n as i64 || applied != 2 * n as i64 {
+            bail!("lost or doubled work: {messages} messages and {applied} applied signals for {n} workflows");
+        }
         // Stats are reported by backends with a delay: let them land.
         tokio::time::sleep(Duration::from_millis(1200)).await;
         let (commits1, writes1) = self.db_work().await?;
         Ok(json!({
             "workflows": n, "concurrency": c, "seconds": s,
+            "messages": messages, "signals_applied": applied, "history_transitions": transitions,
             "commits_per_workflow": (commits1 - commits0) as f64 / n as f64,
             "row_writes_per_workflow": (writes1 - writes0) as f64 / n as f64,
             "workflows_per_s": n as f64 / s, "transitions_per_s": 3.0 * n as f64 / s,
@@ -494,7 +564,19 @@ pub async fn run(
     let key = tenants::add_key(&mut conn, tenant.id, Role::Integration, None).await?;
     drop(conn);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let running = crate::launch(&settings, pool.clone(), ProcessRole::All, Some(listener)).await?;
+    let (role, workers) = if args.worker_processes > 0 {
+        (
+            ProcessRole::Api,
+            Some(Workers::spawn(
+                args.worker_processes,
+                &bench_url,
+                &settings,
+            )?),
+        )
+    } else {
+        (ProcessRole::All, None)
+    };
+    let running = crate::launch(&settings, pool.clone(), role, Some(listener)).await?;
     let url = format!("http://{}", running.addr.context("API address")?);
     let engine = Engine::new(
         pool.clone(),
@@ -530,8 +612,13 @@ pub async fn run(
         r["scenario"] = json!(scenario);
         r["pgbench_tps"] = json!(tps);
         r["peak_rss_mib"] = json!(peak_rss_mib());
+        if let Some(w) = &workers {
+            r["worker_processes"] = json!(w.0.len());
+            r["worker_peak_rss_mib"] = json!(w.peak_rss_mib());
+        }
         results.push(r);
     }
+    drop(workers);
     running.stop().await;
     Ok(results)
 }
@@ -563,7 +650,16 @@ pub fn table(results: &[Value]) -> String {
             _ => r.to_string(),
         };
         out.push_str(&line);
-        out.push_str(&format!("   [peak RSS {} MiB]\n", f("peak_rss_mib")));
+        if r.get("worker_processes").is_some() {
+            out.push_str(&format!(
+                "   [{} worker processes, peak RSS {} MiB each at most; bench process {} MiB]\n",
+                f("worker_processes"),
+                f("worker_peak_rss_mib"),
+                f("peak_rss_mib")
+            ));
+        } else {
+            out.push_str(&format!("   [peak RSS {} MiB]\n", f("peak_rss_mib")));
+        }
     }
     out
 }

@@ -74,6 +74,11 @@ enum Cmd {
         /// full_page_writes off) instead of PostgreSQL's durable defaults.
         #[arg(long)]
         fast_pg: bool,
+        /// Run the workers as this many separate `dispatch serve --role
+        /// worker` processes against the same server (0: inside the bench
+        /// process, beside the API).
+        #[arg(long, default_value_t = 0)]
+        worker_processes: usize,
     },
     /// Operations on the running system (needs DATABASE_URL).
     Ops {
@@ -314,6 +319,7 @@ async fn main() -> anyhow::Result<()> {
             rate,
             seconds,
             fast_pg,
+            worker_processes,
         } => {
             let url = match &settings.database_url {
                 Some(u) => u.expose().to_string(),
@@ -339,6 +345,7 @@ async fn main() -> anyhow::Result<()> {
                 due,
                 rate,
                 seconds,
+                worker_processes,
             };
             let results = dispatch::bench::run(&url, &settings, &args).await?;
             eprint!("{}", dispatch::bench::table(&results));
