@@ -32,7 +32,8 @@ async fn every_documented_operation_is_served_and_nothing_else_is() {
             .replace("{tenant}", &app.keys.tenant)
             .replace("{provider}", "telegram")
             .replace("{kind}", "dispatch")
-            .replace("{key}", "k1");
+            .replace("{key}", "k1")
+            .replace("{name}", "nightly");
         assert!(!concrete.contains('{'), "unfilled parameter in {path}");
         for method in item.as_object().unwrap().keys() {
             let m: reqwest::Method = method.to_uppercase().parse().unwrap();
