@@ -141,6 +141,16 @@ pub async fn launch(
     let shutdown = CancellationToken::new();
     // One LISTEN connection for everything this process waits on.
     let hub = Hub::start(pool.clone(), shutdown.clone());
+    // This process's pumps: work of the kinds they serve accepted here wakes
+    // them directly (no NOTIFY round through the server).
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let runs_workers = matches!(role, ProcessRole::Worker | ProcessRole::All);
+    let engine = if runs_workers {
+        let kinds = served.kinds().iter().map(|k| k.to_string()).collect();
+        engine.with_local_wake(kinds, wake.clone())
+    } else {
+        engine
+    };
     let mut tasks = tokio::task::JoinSet::new();
     let mut addr = None;
     if matches!(role, ProcessRole::Api | ProcessRole::All) {
@@ -169,6 +179,7 @@ pub async fn launch(
             engine,
             outbox,
             hub.clone(),
+            wake,
             &served.kinds(),
             settings.workers.clone(),
             shutdown.clone(),

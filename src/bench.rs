@@ -195,6 +195,9 @@ fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// How long the bench waits for every backend to report its statistics.
+const STATS_SETTLE: Duration = Duration::from_secs(11);
+
 /// Statements the bench itself ran on the bench database (each one an
 /// autocommit transaction counted by `pg_stat_database`).
 static BENCH_QUERIES: AtomicU64 = AtomicU64::new(0);
@@ -320,6 +323,10 @@ impl Bench {
 
     async fn workflows(&self, n: usize, c: usize) -> anyhow::Result<Value> {
         let keys: Vec<String> = (0..n).map(|i| format!("w-{i}")).collect();
+        // A backend reports its counters to pg_stat_database when it has been
+        // idle a while, at the latest after 10 s: settle before each reading
+        // so neither earlier work nor this run's is counted in the wrong place.
+        tokio::time::sleep(STATS_SETTLE).await;
         let (commits0, writes0) = self.db_work().await?;
         let t0 = Instant::now();
         self.start_all(keys, json!({}), true, c).await?;
@@ -354,8 +361,7 @@ impl Bench {
         if messages != 3 * n as i64 || applied != 2 * n as i64 {
             bail!("lost or doubled work: {messages} messages and {applied} applied signals for {n} workflows");
         }
-        // Stats are reported by backends with a delay: let them land.
-        tokio::time::sleep(Duration::from_millis(1200)).await;
+        tokio::time::sleep(STATS_SETTLE).await;
         let (commits1, writes1) = self.db_work().await?;
         Ok(json!({
             "workflows": n, "concurrency": c, "seconds": s,

@@ -257,6 +257,42 @@ pub struct Engine {
     registry: Arc<Registry>,
     config: EngineConfig,
     start_guard: Option<StartGuard>,
+    local: Option<LocalWake>,
+}
+
+/// This process's own pumps and the kinds they serve: work of those kinds
+/// accepted here wakes them directly after commit instead of by NOTIFY
+/// (every NOTIFY costs each listening process a transaction).
+#[derive(Clone)]
+struct LocalWake {
+    kinds: Arc<Vec<String>>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+/// How writes wake the workers that act on them: a NOTIFY sent with the
+/// transaction (reaches every process), or noted for the caller, who wakes
+/// its own pumps after commit — or needs no wake at all (a pump leases the
+/// effects it wrote in the same transaction).
+#[derive(Debug, Clone, Copy)]
+struct Wakes {
+    notify: bool,
+    pending: bool,
+}
+
+impl Wakes {
+    fn notify() -> Self {
+        Wakes {
+            notify: true,
+            pending: false,
+        }
+    }
+
+    fn deferred() -> Self {
+        Wakes {
+            notify: false,
+            pending: false,
+        }
+    }
 }
 
 impl Engine {
@@ -267,7 +303,24 @@ impl Engine {
             registry,
             config,
             start_guard: None,
+            local: None,
         }
+    }
+
+    /// Wake these pumps directly (after commit) for work of `kinds`
+    /// accepted by this process, instead of by NOTIFY.
+    pub fn with_local_wake(mut self, kinds: Vec<String>, wake: Arc<tokio::sync::Notify>) -> Self {
+        self.local = Some(LocalWake {
+            kinds: Arc::new(kinds),
+            wake,
+        });
+        self
+    }
+
+    fn local_for(&self, kind: &str) -> Option<&LocalWake> {
+        self.local
+            .as_ref()
+            .filter(|l| l.kinds.iter().any(|k| k == kind))
     }
 
     /// The same engine with a product's start guard (see [`StartGuard`]).
@@ -309,22 +362,46 @@ impl Engine {
                 "start workflows".into(),
             ));
         }
+        let local = self.local_for(kind);
+        let mut wakes = if local.is_some() {
+            Wakes::deferred()
+        } else {
+            Wakes::notify()
+        };
         let mut tx = self.pool.begin().await?;
-        let out = self.start_in(&mut tx, tenant_id, kind, key, input).await?;
+        let out = self
+            .start_with(&mut tx, tenant_id, kind, key, input, &mut wakes)
+            .await?;
         tx.commit().await?;
+        if let (Some(l), true) = (local, wakes.pending) {
+            l.wake.notify_one();
+        }
         Ok(out)
     }
 
     /// [`Engine::start`] inside the caller's transaction (no role check: the
     /// caller has authorised it), so the workflow starts atomically with the
     /// caller's own rows.
-    pub fn start_in<'a>(
+    pub async fn start_in(
+        &self,
+        conn: &mut PgConnection,
+        tenant_id: Uuid,
+        kind: &str,
+        key: &str,
+        input: &Value,
+    ) -> Result<(WorkflowRow, bool), EngineError> {
+        self.start_with(conn, tenant_id, kind, key, input, &mut Wakes::notify())
+            .await
+    }
+
+    fn start_with<'a>(
         &'a self,
         conn: &'a mut PgConnection,
         tenant_id: Uuid,
         kind: &'a str,
         key: &'a str,
         input: &'a Value,
+        wakes: &'a mut Wakes,
     ) -> futures::future::BoxFuture<'a, Result<(WorkflowRow, bool), EngineError>> {
         Box::pin(async move {
             let wf = self
@@ -376,7 +453,9 @@ impl Engine {
                 guard(kind, key, input, &config)?;
             }
             store::workflows::insert_input(&mut *conn, tenant_id, row.id, input).await?;
-            let status = self.carry_out(&mut *conn, &row, &started.commands).await?;
+            let status = self
+                .carry_out(&mut *conn, &row, &started.commands, wakes)
+                .await?;
             store::workflows::append_history(
                 &mut *conn,
                 tenant_id,
@@ -412,9 +491,18 @@ impl Engine {
     #[instrument(skip_all, fields(tenant.id = %signal.tenant_id, workflow.kind = signal.kind, signal.name = signal.name))]
     pub async fn signal(&self, signal: SignalIn<'_>) -> Result<SignalAnswer, EngineError> {
         self.check(&signal)?;
+        let local = self.local_for(signal.kind);
+        let mut wakes = if local.is_some() {
+            Wakes::deferred()
+        } else {
+            Wakes::notify()
+        };
         let mut tx = self.pool.begin().await?;
-        let (answer, received) = self.queue_signal(&mut tx, &signal).await?;
+        let (answer, received) = self.queue_signal(&mut tx, &signal, &mut wakes).await?;
         tx.commit().await?;
+        if let (Some(l), true) = (local, wakes.pending) {
+            l.wake.notify_one();
+        }
         if received {
             metrics::counter!(m::SIGNALS_RECEIVED, "kind" => signal.kind.to_string()).increment(1);
         }
@@ -431,7 +519,7 @@ impl Engine {
         signal: SignalIn<'_>,
     ) -> Result<(SignalAnswer, bool), EngineError> {
         self.check(&signal)?;
-        self.queue_signal(conn, &signal).await
+        self.queue_signal(conn, &signal, &mut Wakes::notify()).await
     }
 
     /// Read-only checks, before any row is touched: the kind is known, the
@@ -455,6 +543,7 @@ impl Engine {
         &self,
         tx: &mut PgConnection,
         signal: &SignalIn<'_>,
+        wakes: &mut Wakes,
     ) -> Result<(SignalAnswer, bool), EngineError> {
         let (actor, payload) = (signal.actor, signal.payload());
         let request_hash = hash_json(&json!({
@@ -477,9 +566,13 @@ impl Engine {
         };
         match signals::insert(&mut *tx, &new).await? {
             Some(sig) => {
-                // The apply loops claim it from `signals`; the NOTIFY (sent at
-                // commit) only wakes them sooner than their poll.
-                signals::wake_appliers(&mut *tx, signal.kind).await?;
+                // The pumps claim it from `signals`; the wake-up only brings
+                // them sooner than their poll.
+                if wakes.notify {
+                    signals::wake_appliers(&mut *tx, signal.kind).await?;
+                } else {
+                    wakes.pending = true;
+                }
                 Ok((SignalAnswer::from(&sig), true))
             }
             None => {
@@ -521,7 +614,14 @@ impl Engine {
         };
         tracing::Span::current().record("workflow.kind", row.kind.as_str());
         match self
-            .apply_locked(&mut tx, row, None, self.config.apply_batch, true)
+            .apply_locked(
+                &mut tx,
+                row,
+                None,
+                self.config.apply_batch,
+                true,
+                &mut Wakes::notify(),
+            )
             .await
         {
             Ok(applied) => {
@@ -549,7 +649,9 @@ impl Engine {
     #[instrument(skip_all, fields(batch.limit = limit, batch.size = tracing::field::Empty))]
     pub async fn apply_batch(&self, kinds: &[String], limit: i64) -> Result<usize, EngineError> {
         let mut tx = self.pool.begin().await?;
-        let done = self.apply_batch_in(&mut tx, kinds, limit).await?;
+        let done = self
+            .apply_batch_with(&mut tx, kinds, limit, Wakes::notify())
+            .await?;
         tx.commit().await?;
         let applied = done.len();
         for a in done {
@@ -561,11 +663,25 @@ impl Engine {
 
     /// [`Engine::apply_batch`] inside the caller's transaction: returns what
     /// was applied, for the caller to [`Applied::count`] once it committed.
+    ///
+    /// Effects it writes wake no one: the caller leases them in the same
+    /// transaction (the pipeline's pumps do).
     pub async fn apply_batch_in(
         &self,
         tx: &mut PgConnection,
         kinds: &[String],
         limit: i64,
+    ) -> Result<Vec<Applied>, EngineError> {
+        self.apply_batch_with(tx, kinds, limit, Wakes::deferred())
+            .await
+    }
+
+    async fn apply_batch_with(
+        &self,
+        tx: &mut PgConnection,
+        kinds: &[String],
+        limit: i64,
+        mut wakes: Wakes,
     ) -> Result<Vec<Applied>, EngineError> {
         if limit <= 0 {
             return Ok(Vec::new());
@@ -595,6 +711,7 @@ impl Engine {
                     configs.get(&tenant_id).map(|c| c.as_ref()),
                     BATCH_SIGNALS_PER_WORKFLOW,
                     false,
+                    &mut wakes,
                 )
                 .await
             {
@@ -667,6 +784,7 @@ impl Engine {
         config: Option<&Value>,
         max_signals: i64,
         requeue: bool,
+        wakes: &mut Wakes,
     ) -> Result<Applied, ApplyFault> {
         let (tenant_id, workflow_id) = (row.tenant_id, row.id);
         let read_version = row.version;
@@ -795,7 +913,7 @@ impl Engine {
                     row.state = state;
                     row.state_name = state_name.to_string();
                     row.version += 1;
-                    if let Some(status) = self.carry_out(&mut *tx, &row, &commands).await? {
+                    if let Some(status) = self.carry_out(&mut *tx, &row, &commands, wakes).await? {
                         row.status = status.into();
                     } else if is_final {
                         row.status = "completed".into();
@@ -809,7 +927,7 @@ impl Engine {
                     signals::finish(&mut *tx, tenant_id, sig.id, "applied", None, state_name)
                         .await?;
                     finished.push(sig.id);
-                    self.answer_origin(&mut *tx, &row, sig, "applied", None, state_name)
+                    self.answer_origin(&mut *tx, &row, sig, "applied", None, state_name, wakes)
                         .await?;
                     report.applied += 1;
                     entered.push(state_name);
@@ -829,8 +947,16 @@ impl Engine {
                     )
                     .await?;
                     finished.push(sig.id);
-                    self.answer_origin(&mut *tx, &row, sig, "rejected", Some(&reason), &from_state)
-                        .await?;
+                    self.answer_origin(
+                        &mut *tx,
+                        &row,
+                        sig,
+                        "rejected",
+                        Some(&reason),
+                        &from_state,
+                        wakes,
+                    )
+                    .await?;
                     report.rejected += 1;
                     tracing::info!(signal.name = %sig.name, state = %from_state, reason = %reason, "signal rejected");
                 }
@@ -871,6 +997,7 @@ impl Engine {
     }
 
     /// Answer a chat-originated signal's sender with its outcome.
+    #[allow(clippy::too_many_arguments)]
     async fn answer_origin(
         &self,
         conn: &mut PgConnection,
@@ -879,6 +1006,7 @@ impl Engine {
         status: &str,
         reason: Option<&str>,
         state: &str,
+        wakes: &mut Wakes,
     ) -> Result<(), EngineError> {
         let Some(origin) = &sig.origin else {
             return Ok(());
@@ -892,7 +1020,7 @@ impl Engine {
             }),
             reply: None,
         };
-        self.carry_out(conn, row, std::slice::from_ref(&reply))
+        self.carry_out(conn, row, std::slice::from_ref(&reply), wakes)
             .await?;
         Ok(())
     }
@@ -903,6 +1031,7 @@ impl Engine {
         conn: &mut PgConnection,
         row: &WorkflowRow,
         commands: &[Command],
+        wakes: &mut Wakes,
     ) -> Result<Option<&'static str>, EngineError> {
         let mut status = None;
         for c in commands {
@@ -925,9 +1054,13 @@ impl Engine {
                     )
                     .await?;
                     if inserted.is_some() {
-                        // The effect loops claim it from `effects` after commit;
-                        // the NOTIFY only wakes them sooner than their poll.
-                        effects::wake_runners(&mut *conn, &row.kind).await?;
+                        // The pumps lease it from `effects` after commit; the
+                        // wake-up only brings them sooner than their poll.
+                        if wakes.notify {
+                            effects::wake_runners(&mut *conn, &row.kind).await?;
+                        } else {
+                            wakes.pending = true;
+                        }
                     }
                 }
                 Command::SetTimer { name, at, signal } => {
@@ -940,7 +1073,7 @@ impl Engine {
                     // A child that exists with other input, or whose input does not
                     // parse, must not wedge the parent's transition: record and go on.
                     match self
-                        .start_in(&mut *conn, row.tenant_id, kind, key, input)
+                        .start_with(&mut *conn, row.tenant_id, kind, key, input, &mut *wakes)
                         .await
                     {
                         Ok(_) => {}

@@ -54,6 +54,10 @@ pub struct Pump {
     deliveries: Arc<Semaphore>,
 }
 
+/// How long a pump woken by a finished delivery waits for the others still
+/// out before it records (outcomes only: signals never wait for this).
+const RECORD_LINGER: Duration = Duration::from_millis(2);
+
 /// Cycles a failing cycle's outcomes are retried before they are dropped
 /// (their leases expire and the sweep hands the effects out again).
 const RECORD_RETRIES: u32 = 3;
@@ -162,11 +166,23 @@ impl Pump {
             if busy {
                 continue;
             }
-            tokio::select! {
+            let first_done = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = wake.notified() => {}
-                d = done_rx.recv() => if let Some(d) = d { done.push(d) },
-                _ = tokio::time::sleep(self.cfg.poll) => {}
+                _ = wake.notified() => None,
+                d = done_rx.recv() => d,
+                _ = tokio::time::sleep(self.cfg.poll) => None,
+            };
+            if let Some(d) = first_done {
+                done.push(d);
+                // Deliveries leased together finish together: gather the rest
+                // of the burst (briefly) so their outcomes share one commit.
+                let until = tokio::time::Instant::now() + RECORD_LINGER;
+                while out.load(Ordering::Acquire) > 0 {
+                    match tokio::time::timeout_at(until, done_rx.recv()).await {
+                        Ok(Some(d)) => done.push(d),
+                        _ => break,
+                    }
+                }
             }
         }
         // Record what is still out (bounded: a stuck send is the lease's).

@@ -458,6 +458,7 @@ pub fn spawn(
     engine: Engine,
     outbox: Outbox,
     hub: Hub,
+    wake: Arc<tokio::sync::Notify>,
     served: &[&str],
     cfg: WorkerConfig,
     shutdown: CancellationToken,
@@ -474,7 +475,6 @@ pub fn spawn(
     let mut set = tokio::task::JoinSet::new();
     // The pipeline: pumps apply, lease and record in one transaction per
     // cycle; deliveries run beside them, at most `deliveries` at a time.
-    let wake = Arc::new(tokio::sync::Notify::new());
     let deliveries = Arc::new(tokio::sync::Semaphore::new(cfg.deliveries.max(1)));
     let pump_cfg = PumpConfig {
         apply_batch: cfg.apply_batch,
