@@ -775,8 +775,8 @@ impl Engine {
     /// timers, effects). The caller commits and then counts.
     ///
     /// At most `max_signals` are applied; with `requeue` the rest get an
-    /// apalis apply job (the single-workflow path), without it the batch
-    /// loops simply claim the workflow again.
+    /// apalis apply job (the single-workflow path), without it the pumps
+    /// simply claim the workflow again.
     async fn apply_locked(
         &self,
         tx: &mut PgConnection,

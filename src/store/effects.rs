@@ -164,11 +164,11 @@ pub async fn claim_due(
 }
 
 /// NOTIFY channel poked when an effect is written or re-scheduled (payload:
-/// the workflow kind); the effect loops wake on it. Defined here, in the
+/// the workflow kind); the pumps wake on it. Defined here, in the
 /// lowest layer that sends it.
 pub const EFFECT_QUEUED_CHANNEL: &str = "dispatch_effect_queued";
 
-/// Wake the effect loops for a new or re-scheduled effect of `kind`
+/// Wake the pumps for a new or re-scheduled effect of `kind`
 /// (delivered at commit).
 pub async fn wake_runners(conn: &mut PgConnection, kind: &str) -> Result<(), sqlx::Error> {
     sqlx::query("select pg_notify($1, $2)")

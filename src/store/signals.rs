@@ -145,10 +145,10 @@ pub async fn queued(
 pub const SIGNAL_CHANNEL: &str = "dispatch_signal_done";
 
 /// NOTIFY channel poked when a signal is queued (payload: the workflow kind);
-/// the apply loops wake on it. Defined here, in the lowest layer that sends it.
+/// the pumps wake on it. Defined here, in the lowest layer that sends it.
 pub const SIGNAL_QUEUED_CHANNEL: &str = "dispatch_signal_queued";
 
-/// Wake the apply loops for a queued signal of `kind` (delivered at commit;
+/// Wake the pumps for a queued signal of `kind` (delivered at commit;
 /// identical notifications of one transaction are folded into one).
 pub async fn wake_appliers(conn: &mut PgConnection, kind: &str) -> Result<(), sqlx::Error> {
     sqlx::query("select pg_notify($1, $2)")
@@ -205,7 +205,7 @@ pub async fn announce_done(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), 
 /// Workflows flagged as ones this binary cannot advance whose signals have
 /// waited longer than `older_than_ms`: the sweep retries them one by one now
 /// and then (a rolling deploy may have finished). Every other queued signal
-/// is the apply loops' to claim.
+/// is the pumps' to claim.
 /// Only `kinds` (those some worker serves) are considered, oldest first: work
 /// for an unserved kind waits for its worker, not for the sweep.
 pub async fn stale_queued(

@@ -93,7 +93,7 @@ pub async fn take_due(
 /// Fire up to `limit` due timers of `kinds` (by the clock, or fired early
 /// by ops): each is marked fired and becomes a queued signal of its
 /// workflow in the same statement — received at its due time, idempotency
-/// key `timer:<id>`, payload `{"due": <due time>}` — for the apply loops to
+/// key `timer:<id>`, payload `{"due": <due time>}` — for the pumps to
 /// take in arrival order. A transition applied later than the due time sees
 /// the signal after its own; workflows treat a timer signal whose state
 /// moved on as stale. Returns each fired timer's kind and lateness in seconds.

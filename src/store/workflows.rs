@@ -118,7 +118,7 @@ pub async fn lock(
 }
 
 /// How the attention note of a workflow this binary cannot advance begins.
-/// The apply loops pass such workflows over (their signals wait for a
+/// The pumps pass such workflows over (their signals wait for a
 /// migration); other notes (a dead-lettered effect) do not stop signals.
 pub const CANNOT_ADVANCE: &str = "cannot advance: ";
 
