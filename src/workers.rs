@@ -237,10 +237,10 @@ async fn supervise(
         let storage = PostgresStorage::<Value>::new(&pool).with_config(qc);
         let backend = PollWith::new(
             storage,
-            // apalis queues carry only the sweep's and intake's jobs now, and
-            // every insert wakes them through the hub: their fallback poll
-            // (a `get_jobs` call per queue) can be slow.
-            WakeStrategy::new(inserted.clone(), cfg.poll_interval * QUEUE_POLL_FACTOR),
+            // Woken by their own inserts through the hub (coalesced: one
+            // wake-up fetches a batch), and by the poll, which drains a
+            // backlog that arrived faster than the wake-ups.
+            WakeStrategy::new(inserted.clone(), cfg.poll_interval),
         );
         let worker = WorkerBuilder::new(name.as_str())
             .backend(backend)
@@ -336,9 +336,6 @@ async fn schedule_loop(scheduler: Scheduler, shutdown: CancellationToken) {
 
 /// Longest a schedule loop sleeps (a new schedule may be due sooner).
 const SCHEDULE_RECHECK: Duration = Duration::from_secs(1);
-
-/// How much slower than the pipeline apalis queues poll when no NOTIFY came.
-const QUEUE_POLL_FACTOR: u32 = 10;
 
 /// Timers fired per statement.
 const TIMER_BATCH: i64 = 1000;
