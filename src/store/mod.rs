@@ -4,6 +4,15 @@
 //! engine composes them into one atomic transition. Every lifecycle `UPDATE`
 //! states the status/version it expects; zero rows is reported to the caller,
 //! never ignored.
+//!
+//! The statements that claim work from the queue tables (queued signals, due
+//! effects, due timers) join a queue table to `workflows` and are planned on
+//! every execution (`.persistent(false)`). A prepared statement's cached
+//! plan is made from the table sizes it first saw: planned on an empty
+//! database and then run against thousands of queued rows, a nested loop
+//! over sequential scans held one pump in a single claim for over a minute
+//! (measured: 8,000 workflows, `dispatch bench`). Planning costs a fraction
+//! of a millisecond per batch.
 
 pub mod drivers;
 pub mod effects;

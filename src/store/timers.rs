@@ -143,6 +143,7 @@ pub async fn fire_due_for(
     )
     .bind(&tenants)
     .bind(&ids)
+    .persistent(false)
     .execute(conn)
     .await?;
     Ok(())
@@ -176,6 +177,7 @@ async fn fire(
     )))
     .bind(limit)
     .bind(kinds)
+    .persistent(false)
     .fetch_all(conn)
     .await
 }

@@ -150,6 +150,7 @@ pub async fn lock_with_queued(
     .bind(kinds)
     .bind(limit)
     .bind(CANNOT_ADVANCE)
+    .persistent(false)
     .fetch_all(conn)
     .await?;
     // One row per signal: keep each workflow once, in the order of its oldest signal.
