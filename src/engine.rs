@@ -21,6 +21,7 @@ use crate::metrics as m;
 use crate::store::jobs::{self, ApplyJob};
 use crate::store::signals::{NewSignal, SignalRow};
 use crate::store::workflows::{NewEvent, NewWorkflow, WorkflowRow};
+use crate::store::writes::{FlushError, Writes};
 use crate::store::{self, effects, hash_json, signals, tenants, timers};
 
 // The NOTIFY channels and the attention prefix live with the SQL that uses
@@ -408,7 +409,7 @@ impl Engine {
                 .registry
                 .get(kind)
                 .ok_or_else(|| EngineError::UnknownKind(kind.into()))?;
-            let config = tenants::config(&mut *conn, tenant_id).await?;
+            let (config, now) = tenants::config_and_now(&mut *conn, tenant_id).await?;
             // Per-tenant switch, read in this transaction: a flip applies at once in
             // every process. Running workflows of the kind keep going.
             if config
@@ -418,7 +419,6 @@ impl Engine {
             {
                 return Err(EngineError::LayerDisabled(kind.to_string()));
             }
-            let now: DateTime<Utc> = db_now(&mut *conn).await?;
             let system = Actor::system();
             let ctx = Ctx {
                 now,
@@ -453,11 +453,11 @@ impl Engine {
                 guard(kind, key, input, &config)?;
             }
             store::workflows::insert_input(&mut *conn, tenant_id, row.id, input).await?;
+            let mut writes = Writes::default();
             let status = self
-                .carry_out(&mut *conn, &row, &started.commands, wakes)
+                .carry_out(&mut *conn, &row, &started.commands, wakes, &mut writes)
                 .await?;
-            store::workflows::append_history(
-                &mut *conn,
+            writes.history(
                 tenant_id,
                 row.id,
                 &NewEvent {
@@ -472,13 +472,15 @@ impl Engine {
                     reason: None,
                     commands: history_commands(&started.commands),
                 },
-            )
-            .await?;
+            );
             if let Some(status) = status {
                 row.status = status.into();
-                store::workflows::update_state(&mut *conn, &row, 0).await?;
+                writes.state(&row, 0);
             }
-            tracing::info!(workflow.id = %row.id, workflow.kind = kind, "workflow started");
+            self.flush(&mut *conn, writes, wakes)
+                .await
+                .map_err(|e| flush_error(e, row.id))?;
+            tracing::debug!(workflow.id = %row.id, workflow.kind = kind, "workflow started");
             Ok((row, true))
         })
     }
@@ -497,9 +499,10 @@ impl Engine {
         } else {
             Wakes::notify()
         };
-        let mut tx = self.pool.begin().await?;
-        let (answer, received) = self.queue_signal(&mut tx, &signal, &mut wakes).await?;
-        tx.commit().await?;
+        // One statement, committed on its own: no transaction round trips.
+        let mut conn = self.pool.acquire().await?;
+        let (answer, received) = self.queue_signal(&mut conn, &signal, &mut wakes).await?;
+        drop(conn);
         if let (Some(l), true) = (local, wakes.pending) {
             l.wake.notify_one();
         }
@@ -549,12 +552,9 @@ impl Engine {
         let request_hash = hash_json(&json!({
             "name": signal.name, "payload": payload, "role": actor.role, "subject": actor.subject,
         }));
-        let row = store::workflows::find(&mut *tx, signal.tenant_id, signal.kind, signal.key)
-            .await?
-            .ok_or(EngineError::NotFound)?;
         let new = NewSignal {
             tenant_id: signal.tenant_id,
-            workflow_id: row.id,
+            workflow_id: Uuid::nil(),
             idempotency_key: signal.idempotency_key,
             name: signal.name,
             payload,
@@ -564,28 +564,28 @@ impl Engine {
             received_at: None,
             origin: signal.origin,
         };
-        match signals::insert(&mut *tx, &new).await? {
-            Some(sig) => {
-                // The pumps claim it from `signals`; the wake-up only brings
-                // them sooner than their poll.
-                if wakes.notify {
-                    signals::wake_appliers(&mut *tx, signal.kind).await?;
-                } else {
-                    wakes.pending = true;
-                }
-                Ok((SignalAnswer::from(&sig), true))
-            }
-            None => {
-                let first =
-                    signals::by_key(&mut *tx, signal.tenant_id, row.id, signal.idempotency_key)
-                        .await?
-                        .ok_or(EngineError::NotFound)?;
-                if first.request_hash != request_hash {
-                    return Err(EngineError::IdempotencyKeyReused);
-                }
-                Ok((SignalAnswer::from(&first), false))
-            }
+        // The pumps claim it from `signals`; the wake-up only brings them
+        // sooner than their poll.
+        let to = signals::ByKey {
+            kind: signal.kind,
+            key: signal.key,
+            notify: wakes.notify,
+        };
+        if let Some(sig) = signals::insert_by_key(&mut *tx, &to, &new).await? {
+            wakes.pending = !wakes.notify;
+            return Ok((SignalAnswer::from(&sig), true));
         }
+        // Nothing stored: no such workflow, or a replay of the key.
+        let row = store::workflows::find(&mut *tx, signal.tenant_id, signal.kind, signal.key)
+            .await?
+            .ok_or(EngineError::NotFound)?;
+        let first = signals::by_key(&mut *tx, signal.tenant_id, row.id, signal.idempotency_key)
+            .await?
+            .ok_or(EngineError::NotFound)?;
+        if first.request_hash != request_hash {
+            return Err(EngineError::IdempotencyKeyReused);
+        }
+        Ok((SignalAnswer::from(&first), false))
     }
 
     /// The current answer for a signal.
@@ -613,18 +613,41 @@ impl Engine {
             return Ok(ApplyReport::default());
         };
         tracing::Span::current().record("workflow.kind", row.kind.as_str());
+        let max = self.config.apply_batch;
+        let lateness = self.fire_due_of(&mut tx, tenant_id, workflow_id).await?;
+        let queued = signals::queued(&mut tx, tenant_id, workflow_id, max + 1).await?;
+        let config = tenants::config(&mut tx, tenant_id).await?;
+        let now = db_now(&mut tx).await?;
+        let mut wakes = Wakes::notify();
+        let mut writes = Writes::default();
+        let kind = row.kind.clone();
         match self
-            .apply_locked(
+            .transit(
                 &mut tx,
                 row,
-                None,
-                self.config.apply_batch,
-                true,
-                &mut Wakes::notify(),
+                &queued,
+                max,
+                &config,
+                now,
+                &mut wakes,
+                &mut writes,
             )
             .await
         {
-            Ok(applied) => {
+            Ok(mut applied) => {
+                self.flush(&mut tx, writes, &mut wakes)
+                    .await
+                    .map_err(|e| flush_error(e, workflow_id))?;
+                if applied.report.more {
+                    // The rest in a job of its own (this path serves single
+                    // apply jobs: ops retries, the sweep).
+                    let job = ApplyJob {
+                        tenant_id,
+                        workflow_id,
+                    };
+                    jobs::enqueue_apply(&mut tx, &kind, &job, None).await?;
+                }
+                applied.lateness = lateness;
                 signals::announce_done(&mut tx, &applied.finished).await?;
                 tx.commit().await?;
                 let report = applied.report;
@@ -640,10 +663,48 @@ impl Engine {
         }
     }
 
+    /// Turn the workflow's due timers into queued signals (it is locked);
+    /// returns their lateness in seconds.
+    async fn fire_due_of(
+        &self,
+        tx: &mut PgConnection,
+        tenant_id: Uuid,
+        workflow_id: Uuid,
+    ) -> Result<Vec<f64>, EngineError> {
+        let mut lateness = Vec::new();
+        for timer in timers::take_due(&mut *tx, tenant_id, workflow_id).await? {
+            let late = (db_now(&mut *tx).await? - timer.due_at)
+                .num_microseconds()
+                .unwrap_or(0);
+            if late >= 0 {
+                lateness.push(late as f64 / 1e6);
+            }
+            // The timer's own due time travels with its signal (stale-timer checks).
+            let payload = json!({ "due": timer.due_at });
+            let new = NewSignal {
+                tenant_id,
+                workflow_id,
+                idempotency_key: &format!("timer:{}", timer.id),
+                name: &timer.signal,
+                payload: &payload,
+                request_hash: &hash_json(&json!({"timer": timer.id})),
+                actor_role: Role::System.as_str(),
+                actor_subject: None,
+                received_at: Some(timer.due_at),
+                origin: None,
+            };
+            signals::insert(&mut *tx, &new).await?;
+        }
+        Ok(lateness)
+    }
+
     /// Apply the queued signals of up to `limit` workflows of `kinds` in one
     /// transaction (group commit): each workflow is locked (`SKIP LOCKED`:
     /// another loop is on it), its signals applied in arrival order through
-    /// the pure transition under a savepoint of its own, so one workflow that
+    /// the pure transition, and the whole batch's states, history, signal
+    /// outcomes and effects written with one statement per table. If that
+    /// fails, the batch is rolled back to its start and applied workflow by
+    /// workflow, each under a savepoint of its own, so one workflow that
     /// cannot advance is rolled back alone and flagged for ops while the
     /// others commit. Returns how many workflows were claimed.
     #[instrument(skip_all, fields(batch.limit = limit, batch.size = tracing::field::Empty))]
@@ -690,6 +751,7 @@ impl Engine {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
+        tracing::Span::current().record("batch.size", rows.len());
         // Each tenant's configuration once for the whole batch.
         let mut tenant_ids: Vec<Uuid> = rows.iter().map(|r| r.tenant_id).collect();
         tenant_ids.sort_unstable();
@@ -699,22 +761,122 @@ impl Engine {
         // take their place in arrival order (the timer loop may lag).
         let ids: Vec<(Uuid, Uuid)> = rows.iter().map(|r| (r.tenant_id, r.id)).collect();
         timers::fire_due_for(&mut *tx, &ids).await?;
-        tracing::Span::current().record("batch.size", rows.len());
-        let mut done = Vec::with_capacity(rows.len());
-        for row in rows {
+        let mut queued: std::collections::HashMap<Uuid, Vec<SignalRow>> =
+            std::collections::HashMap::with_capacity(rows.len());
+        for s in signals::queued_of(&mut *tx, &ids, BATCH_SIGNALS_PER_WORKFLOW + 1).await? {
+            queued.entry(s.workflow_id).or_default().push(s);
+        }
+        // One clock reading for the batch, taken after its timers fired.
+        let now = db_now(&mut *tx).await?;
+        let no_config = Value::Object(Default::default());
+        let input = BatchInput {
+            rows: &rows,
+            queued: &queued,
+            configs: &configs,
+            no_config: &no_config,
+            now,
+        };
+        sqlx::query("savepoint apply_batch")
+            .execute(&mut *tx)
+            .await?;
+        let done = match self.apply_set(&mut *tx, &input, &mut wakes).await {
+            Ok(done) => {
+                sqlx::query("release savepoint apply_batch")
+                    .execute(&mut *tx)
+                    .await?;
+                done
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "batch applied workflow by workflow");
+                sqlx::query("rollback to savepoint apply_batch")
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("release savepoint apply_batch")
+                    .execute(&mut *tx)
+                    .await?;
+                self.apply_each(&mut *tx, &input, &mut wakes).await?
+            }
+        };
+        let finished: Vec<Uuid> = done
+            .iter()
+            .flat_map(|a| a.finished.iter().copied())
+            .collect();
+        signals::announce_done(&mut *tx, &finished).await?;
+        Ok(done)
+    }
+
+    /// The batch's transitions written as one set. Any fault (a workflow
+    /// this binary cannot advance, a fenced write, a database error) fails
+    /// the whole set: the caller then applies the batch workflow by workflow.
+    async fn apply_set(
+        &self,
+        tx: &mut PgConnection,
+        b: &BatchInput<'_>,
+        wakes: &mut Wakes,
+    ) -> Result<Vec<Applied>, EngineError> {
+        let mut writes = Writes::default();
+        let mut done = Vec::with_capacity(b.rows.len());
+        for row in b.rows {
+            let applied = self
+                .transit(
+                    &mut *tx,
+                    row.clone(),
+                    b.signals_of(row.id),
+                    BATCH_SIGNALS_PER_WORKFLOW,
+                    b.config_of(row.tenant_id),
+                    b.now,
+                    wakes,
+                    &mut writes,
+                )
+                .await
+                .map_err(|f| match f {
+                    ApplyFault::Engine(e) => e,
+                    ApplyFault::Attention { error, .. } => {
+                        EngineError::Parse(ParseError::StoredState(error))
+                    }
+                })?;
+            done.push(applied);
+        }
+        self.flush(&mut *tx, writes, wakes)
+            .await
+            .map_err(|e| flush_error(e, Uuid::nil()))?;
+        Ok(done)
+    }
+
+    /// The batch workflow by workflow, each under a savepoint: one that
+    /// fails is rolled back alone (flagged for ops if this binary cannot
+    /// advance it, else left queued) and the others go on.
+    async fn apply_each(
+        &self,
+        tx: &mut PgConnection,
+        b: &BatchInput<'_>,
+        wakes: &mut Wakes,
+    ) -> Result<Vec<Applied>, EngineError> {
+        let mut done = Vec::with_capacity(b.rows.len());
+        for row in b.rows {
             let (tenant_id, workflow_id) = (row.tenant_id, row.id);
             sqlx::query("savepoint apply_one").execute(&mut *tx).await?;
-            let fault = match self
-                .apply_locked(
+            let mut writes = Writes::default();
+            let outcome = match self
+                .transit(
                     &mut *tx,
-                    row,
-                    configs.get(&tenant_id).map(|c| c.as_ref()),
+                    row.clone(),
+                    b.signals_of(workflow_id),
                     BATCH_SIGNALS_PER_WORKFLOW,
-                    false,
-                    &mut wakes,
+                    b.config_of(tenant_id),
+                    b.now,
+                    wakes,
+                    &mut writes,
                 )
                 .await
             {
+                Ok(applied) => match self.flush(&mut *tx, writes, wakes).await {
+                    Ok(()) => Ok(applied),
+                    Err(e) => Err(ApplyFault::Engine(flush_error(e, workflow_id))),
+                },
+                Err(fault) => Err(fault),
+            };
+            let fault = match outcome {
                 Ok(applied) => {
                     sqlx::query("release savepoint apply_one")
                         .execute(&mut *tx)
@@ -746,12 +908,24 @@ impl Engine {
                 }
             }
         }
-        let finished: Vec<Uuid> = done
-            .iter()
-            .flat_map(|a| a.finished.iter().copied())
-            .collect();
-        signals::announce_done(&mut *tx, &finished).await?;
         Ok(done)
+    }
+
+    /// Write `writes` and wake whoever runs the effects it queued.
+    async fn flush(
+        &self,
+        conn: &mut PgConnection,
+        writes: Writes,
+        wakes: &mut Wakes,
+    ) -> Result<(), FlushError> {
+        // The pumps lease effects from `effects` after commit; the wake-up
+        // only brings them sooner than their poll.
+        let notify = wakes.notify.then_some(effects::EFFECT_QUEUED_CHANNEL);
+        let flushed = writes.flush(&mut *conn, notify).await?;
+        if flushed.effects > 0 && !wakes.notify {
+            wakes.pending = true;
+        }
+        Ok(())
     }
 
     /// A workflow this binary cannot advance: its signals stay queued and
@@ -769,22 +943,23 @@ impl Engine {
         Ok(())
     }
 
-    /// The transitions of one locked workflow, inside the caller's
-    /// transaction: read (timers due, queued signals, config), decide (the
-    /// pure transition), write (state fenced on the version read, history,
-    /// timers, effects). The caller commits and then counts.
-    ///
-    /// At most `max_signals` are applied; with `requeue` the rest get an
-    /// apalis apply job (the single-workflow path), without it the pumps
-    /// simply claim the workflow again.
-    async fn apply_locked(
+    /// The transitions of one locked workflow: decide (the pure transition,
+    /// for each of up to `max_signals` of its `queued` signals in arrival
+    /// order), then hand the rows to `writes` — state fenced on the version
+    /// read, history, signal outcomes, effects. Timers and child workflows
+    /// are written at once, in the caller's transaction. The caller flushes
+    /// `writes`, commits, and then counts.
+    #[allow(clippy::too_many_arguments)]
+    async fn transit(
         &self,
         tx: &mut PgConnection,
         mut row: WorkflowRow,
-        config: Option<&Value>,
+        queued: &[SignalRow],
         max_signals: i64,
-        requeue: bool,
+        config: &Value,
+        now: DateTime<Utc>,
         wakes: &mut Wakes,
+        writes: &mut Writes,
     ) -> Result<Applied, ApplyFault> {
         let (tenant_id, workflow_id) = (row.tenant_id, row.id);
         let read_version = row.version;
@@ -808,8 +983,7 @@ impl Engine {
                         &why,
                         json!([]),
                     );
-                    store::workflows::append_history(&mut *tx, tenant_id, workflow_id, &event)
-                        .await?;
+                    writes.history(tenant_id, workflow_id, &event);
                     row.state = state;
                     row.def_version = wf.version() as i32;
                 }
@@ -822,44 +996,7 @@ impl Engine {
                 }
             }
         }
-        let mut lateness = Vec::new();
-        // A batch fired its workflows' due timers in one statement already.
-        let due = if config.is_some() {
-            Vec::new()
-        } else {
-            timers::take_due(&mut *tx, tenant_id, workflow_id).await?
-        };
-        for timer in due {
-            let late = (db_now(&mut *tx).await? - timer.due_at)
-                .num_microseconds()
-                .unwrap_or(0);
-            if late >= 0 {
-                lateness.push(late as f64 / 1e6);
-            }
-            // The timer's own due time travels with its signal (stale-timer checks).
-            let payload = json!({ "due": timer.due_at });
-            let new = NewSignal {
-                tenant_id,
-                workflow_id,
-                idempotency_key: &format!("timer:{}", timer.id),
-                name: &timer.signal,
-                payload: &payload,
-                request_hash: &hash_json(&json!({"timer": timer.id})),
-                actor_role: Role::System.as_str(),
-                actor_subject: None,
-                received_at: Some(timer.due_at),
-                origin: None,
-            };
-            signals::insert(&mut *tx, &new).await?;
-        }
-        let queued = signals::queued(&mut *tx, tenant_id, workflow_id, max_signals + 1).await?;
         let more = queued.len() as i64 > max_signals;
-        let config = match config {
-            Some(c) => std::borrow::Cow::Borrowed(c),
-            None => std::borrow::Cow::Owned(tenants::config(&mut *tx, tenant_id).await?),
-        };
-        // One clock reading for this workflow's signals of this transaction.
-        let now = db_now(&mut *tx).await?;
         let mut entered: Vec<&'static str> = Vec::new();
         let mut finished = Vec::new();
         let mut report = ApplyReport {
@@ -873,7 +1010,7 @@ impl Engine {
             };
             let ctx = Ctx {
                 now,
-                tenant_config: &config,
+                tenant_config: config,
                 actor: &actor,
             };
             let from_state = row.state_name.clone();
@@ -913,7 +1050,10 @@ impl Engine {
                     row.state = state;
                     row.state_name = state_name.to_string();
                     row.version += 1;
-                    if let Some(status) = self.carry_out(&mut *tx, &row, &commands, wakes).await? {
+                    if let Some(status) = self
+                        .carry_out(&mut *tx, &row, &commands, wakes, writes)
+                        .await?
+                    {
                         row.status = status.into();
                     } else if is_final {
                         row.status = "completed".into();
@@ -922,49 +1062,27 @@ impl Engine {
                     event.version = row.version;
                     event.to_state = Some(state_name);
                     event.commands = history_commands(&commands);
-                    store::workflows::append_history(&mut *tx, tenant_id, workflow_id, &event)
-                        .await?;
-                    signals::finish(&mut *tx, tenant_id, sig.id, "applied", None, state_name)
-                        .await?;
+                    writes.history(tenant_id, workflow_id, &event);
+                    writes.finish(tenant_id, sig.id, "applied", None, state_name);
                     finished.push(sig.id);
-                    self.answer_origin(&mut *tx, &row, sig, "applied", None, state_name, wakes)
-                        .await?;
+                    self.answer_origin(&row, sig, "applied", None, state_name, writes);
                     report.applied += 1;
                     entered.push(state_name);
-                    tracing::info!(signal.name = %sig.name, from = %from_state, to = state_name, "signal applied");
+                    tracing::debug!(signal.name = %sig.name, from = %from_state, to = state_name, "signal applied");
                 }
                 Transition::Reject { reason } => {
                     event.reason = Some(&reason);
-                    store::workflows::append_history(&mut *tx, tenant_id, workflow_id, &event)
-                        .await?;
-                    signals::finish(
-                        &mut *tx,
-                        tenant_id,
-                        sig.id,
-                        "rejected",
-                        Some(&reason),
-                        &from_state,
-                    )
-                    .await?;
+                    writes.history(tenant_id, workflow_id, &event);
+                    writes.finish(tenant_id, sig.id, "rejected", Some(&reason), &from_state);
                     finished.push(sig.id);
-                    self.answer_origin(
-                        &mut *tx,
-                        &row,
-                        sig,
-                        "rejected",
-                        Some(&reason),
-                        &from_state,
-                        wakes,
-                    )
-                    .await?;
+                    self.answer_origin(&row, sig, "rejected", Some(&reason), &from_state, writes);
                     report.rejected += 1;
                     tracing::info!(signal.name = %sig.name, state = %from_state, reason = %reason, "signal rejected");
                 }
             }
         }
-        let changed = row.version != read_version || row.def_version != read_def_version;
-        if changed && !store::workflows::update_state(&mut *tx, &row, read_version).await? {
-            return Err(ApplyFault::Engine(EngineError::Fenced(workflow_id)));
+        if row.version != read_version || row.def_version != read_def_version {
+            writes.state(&row, read_version);
         }
         if row
             .attention
@@ -975,63 +1093,51 @@ impl Engine {
             store::workflows::clear_attention(&mut *tx, tenant_id, workflow_id, CANNOT_ADVANCE)
                 .await?;
         }
-        if more && requeue {
-            jobs::enqueue_apply(
-                &mut *tx,
-                &row.kind,
-                &ApplyJob {
-                    tenant_id,
-                    workflow_id,
-                },
-                None,
-            )
-            .await?;
-        }
         Ok(Applied {
             report,
             finished,
             kind: row.kind.clone(),
             entered,
-            lateness,
+            lateness: Vec::new(),
         })
     }
 
     /// Answer a chat-originated signal's sender with its outcome.
-    #[allow(clippy::too_many_arguments)]
-    async fn answer_origin(
+    fn answer_origin(
         &self,
-        conn: &mut PgConnection,
         row: &WorkflowRow,
         sig: &SignalRow,
         status: &str,
         reason: Option<&str>,
         state: &str,
-        wakes: &mut Wakes,
-    ) -> Result<(), EngineError> {
+        writes: &mut Writes,
+    ) {
         let Some(origin) = &sig.origin else {
-            return Ok(());
+            return;
         };
-        let reply = Command::Effect {
-            name: crate::channels::route::SIGNAL_REPLY.into(),
-            idempotency_key: format!("{}:reply_v1", sig.id),
-            payload: json!({
-                "origin": origin, "signal": sig.name, "status": status, "reason": reason,
-                "state": state, "key": row.key,
-            }),
-            reply: None,
-        };
-        self.carry_out(conn, row, std::slice::from_ref(&reply), wakes)
-            .await?;
-        Ok(())
+        let payload = json!({
+            "origin": origin, "signal": sig.name, "status": status, "reason": reason,
+            "state": state, "key": row.key,
+        });
+        writes.effect(
+            row,
+            crate::channels::route::SIGNAL_REPLY,
+            &format!("{}:reply_v1", sig.id),
+            &payload,
+            None,
+            self.config.effect_max_attempts,
+        );
     }
 
-    /// Turn commands into rows. Returns the terminal status a command set, if any.
+    /// Turn commands into rows: effects into `writes`, timers and child
+    /// workflows at once. Returns the terminal status a command set, if any.
     async fn carry_out(
         &self,
         conn: &mut PgConnection,
         row: &WorkflowRow,
         commands: &[Command],
         wakes: &mut Wakes,
+        writes: &mut Writes,
     ) -> Result<Option<&'static str>, EngineError> {
         let mut status = None;
         for c in commands {
@@ -1041,28 +1147,14 @@ impl Engine {
                     idempotency_key,
                     payload,
                     reply,
-                } => {
-                    let inserted = effects::insert(
-                        &mut *conn,
-                        row.tenant_id,
-                        row.id,
-                        name,
-                        idempotency_key,
-                        payload,
-                        reply.as_deref(),
-                        self.config.effect_max_attempts,
-                    )
-                    .await?;
-                    if inserted.is_some() {
-                        // The pumps lease it from `effects` after commit; the
-                        // wake-up only brings them sooner than their poll.
-                        if wakes.notify {
-                            effects::wake_runners(&mut *conn, &row.kind).await?;
-                        } else {
-                            wakes.pending = true;
-                        }
-                    }
-                }
+                } => writes.effect(
+                    row,
+                    name,
+                    idempotency_key,
+                    payload,
+                    reply.as_deref(),
+                    self.config.effect_max_attempts,
+                ),
                 Command::SetTimer { name, at, signal } => {
                     timers::arm(&mut *conn, row.tenant_id, row.id, name, *at, signal).await?;
                 }
@@ -1093,6 +1185,35 @@ impl Engine {
             }
         }
         Ok(status)
+    }
+}
+
+/// What a batch read before deciding: its locked workflows, their queued
+/// signals, their tenants' configurations and the batch's clock.
+struct BatchInput<'a> {
+    rows: &'a [WorkflowRow],
+    queued: &'a std::collections::HashMap<Uuid, Vec<SignalRow>>,
+    configs: &'a std::collections::HashMap<Uuid, Arc<Value>>,
+    no_config: &'a Value,
+    now: DateTime<Utc>,
+}
+
+impl BatchInput<'_> {
+    fn signals_of(&self, workflow_id: Uuid) -> &[SignalRow] {
+        self.queued.get(&workflow_id).map_or(&[], Vec::as_slice)
+    }
+
+    fn config_of(&self, tenant_id: Uuid) -> &Value {
+        self.configs
+            .get(&tenant_id)
+            .map_or(self.no_config, |c| c.as_ref())
+    }
+}
+
+fn flush_error(e: FlushError, workflow_id: Uuid) -> EngineError {
+    match e {
+        FlushError::Db(e) => EngineError::Db(e),
+        FlushError::Fenced => EngineError::Fenced(workflow_id),
     }
 }
 

@@ -248,8 +248,30 @@ impl Outbox {
         tx: &mut PgConnection,
         deliveries: Vec<Delivery>,
     ) -> Result<usize, EngineError> {
+        // Plain successes (no reply signal to queue) are written as one set;
+        // every other outcome one by one.
+        let (plain, rest): (Vec<Delivery>, Vec<Delivery>) = deliveries
+            .into_iter()
+            .partition(|d| d.result.is_ok() && d.effect.reply.is_none());
         let mut recorded = 0;
-        for d in deliveries {
+        if !plain.is_empty() {
+            let attempts: Vec<effects::DeliveredAttempt<'_>> = plain
+                .iter()
+                .filter_map(|d| {
+                    let sent = d.result.as_ref().ok()?;
+                    Some(effects::DeliveredAttempt {
+                        effect: &d.effect,
+                        result: &sent.result,
+                        log: sent
+                            .log
+                            .as_ref()
+                            .map(|l| (l.recipient.as_str(), l.body.as_str())),
+                    })
+                })
+                .collect();
+            recorded += effects::delivered_all(&mut *tx, &attempts).await?.len();
+        }
+        for d in rest {
             // A fenced outcome wrote nothing (the fence is each branch's first write).
             if self.record(&mut *tx, &d.effect, d.result).await? != EffectOutcome::Fenced {
                 recorded += 1;
@@ -314,7 +336,7 @@ impl Outbox {
                 if let Some(reply) = &effect.reply {
                     reply_signal(&mut *tx, effect, reply, &result).await?;
                 }
-                tracing::info!(effect.name = %effect.name, attempt = effect.attempts, "effect delivered");
+                tracing::debug!(effect.name = %effect.name, attempt = effect.attempts, "effect delivered");
                 EffectOutcome::Delivered
             }
             Err(ChannelError::Deferred { until }) => {

@@ -88,7 +88,7 @@ impl Pump {
         done: &[Delivery],
         lease: i64,
     ) -> Result<(usize, Vec<Claimed>), EngineError> {
-        let mut tx = self.engine.pool().begin().await?;
+        let mut tx = crate::store::begin_queue_tx(self.engine.pool()).await?;
         self.outbox.record_all(&mut tx, done.to_vec()).await?;
         let applied = self
             .engine
@@ -204,7 +204,7 @@ impl Pump {
     }
 
     async fn record_only(&self, done: Vec<Delivery>) -> Result<(), EngineError> {
-        let mut tx = self.engine.pool().begin().await?;
+        let mut tx = crate::store::begin_queue_tx(self.engine.pool()).await?;
         self.outbox.record_all(&mut tx, done).await?;
         tx.commit().await?;
         Ok(())

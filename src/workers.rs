@@ -384,9 +384,7 @@ pub async fn sweep_once(
     // the queue under duplicates (seen in the chaos run: 187,000 pending
     // apply jobs for 6,600 workflows, throughput down to 5 signals/s).
     let apply_queues: Vec<String> = kinds.iter().map(|k| jobs::apply_queue(k)).collect();
-    let effect_queues: Vec<String> = kinds.iter().map(|k| jobs::effect_queue(k)).collect();
     let apply_lag = jobs::queue_lag_ms(&mut tx, &apply_queues).await?;
-    let effect_lag = jobs::queue_lag_ms(&mut tx, &effect_queues).await?;
     let inbound_lag = jobs::queue_lag_ms(&mut tx, &[jobs::INBOUND_QUEUE.to_string()]).await?;
     let stale = signals::stale_queued(&mut tx, grace + apply_lag, 500, kinds).await?;
     for (tenant_id, workflow_id, kind) in &stale {
@@ -410,23 +408,15 @@ pub async fn sweep_once(
         };
         jobs::enqueue_inbound(&mut tx, &job, format!("sweep:in:{inbound_id}:{bucket}")).await?;
     }
-    let lost = effects::recover(&mut tx, grace + effect_lag, 500, kinds).await?;
-    for (tenant_id, effect_id, attempts, kind) in &lost {
-        let job = EffectJob {
-            tenant_id: *tenant_id,
-            effect_id: *effect_id,
-            after_attempts: Some(*attempts),
-        };
-        let key = format!("sweep:eff:{effect_id}:{attempts}:{bucket}");
-        jobs::enqueue_effect(&mut tx, kind, &job, None, Some(key)).await?;
-    }
+    let released = effects::recover(&mut tx).await?;
     tx.commit().await?;
-    let made = stale.len() + lost.len();
-    if made > 0 {
+    let made = stale.len() + inbound.len();
+    if made > 0 || released > 0 {
         tracing::warn!(
             signals = stale.len(),
-            effects = lost.len(),
-            "sweep re-enqueued lost work"
+            inbound = inbound.len(),
+            effects_released = released,
+            "sweep recovered lost work"
         );
     }
     Ok(made)
@@ -445,6 +435,13 @@ async fn sweep_loop(
         }
         if let Err(e) = sweep_once(&pool, &cfg, &kinds).await {
             tracing::warn!(error = %e, "sweep failed");
+        }
+        match crate::store::refresh_stats(&pool).await {
+            Ok(tables) if !tables.is_empty() => {
+                tracing::debug!(tables = ?tables, "planner statistics refreshed");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "refreshing planner statistics failed"),
         }
     }
 }

@@ -814,12 +814,15 @@ async fn a_stale_attempt_or_version_is_fenced_off() {
         let pool = app.pool.clone();
         async move {
             let mut c = pool.acquire().await.unwrap();
-            let back = effects::recover(&mut c, 0, 10, &["dispatch".to_string()])
-                .await
-                .unwrap();
-            back.iter()
-                .any(|(_, id, _, _)| *id == effect_id)
-                .then_some(())
+            effects::recover(&mut c).await.unwrap();
+            let (status,): (String,) =
+                sqlx::query_as("select status from effects where tenant_id = $1 and id = $2")
+                    .bind(tenant)
+                    .bind(effect_id)
+                    .fetch_one(&mut *c)
+                    .await
+                    .unwrap();
+            (status == "pending").then_some(())
         }
     })
     .await;

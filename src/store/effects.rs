@@ -201,6 +201,91 @@ pub async fn delivered(
     Ok(r.rows_affected() == 1)
 }
 
+/// One delivered attempt for [`delivered_all`].
+pub struct DeliveredAttempt<'a> {
+    /// The attempt (its tenant, id and attempt number fence the write).
+    pub effect: &'a EffectRow,
+    /// What the channel reported.
+    pub result: &'a Value,
+    /// The log channel's ledger row to write with it: (recipient, body).
+    pub log: Option<(&'a str, &'a str)>,
+}
+
+/// [`delivered`] for many attempts in one statement, each with its log
+/// channel ledger row (written once per idempotency key; the message id
+/// reported in the result is that row's, the first one's on a repeat).
+/// Returns the ids of the effects recorded; a stale attempt is fenced off
+/// and not among them.
+pub async fn delivered_all(
+    conn: &mut PgConnection,
+    attempts: &[DeliveredAttempt<'_>],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    let n = attempts.len();
+    let (mut tenant, mut id, mut attempt, mut result) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut log_id, mut key, mut recipient, mut payload, mut body) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for a in attempts {
+        let e = a.effect;
+        tenant.push(e.tenant_id);
+        id.push(e.id);
+        attempt.push(e.attempts);
+        result.push(a.result);
+        log_id.push(a.log.map(|_| Uuid::now_v7()));
+        key.push(e.idempotency_key.as_str());
+        recipient.push(a.log.map(|l| l.0));
+        payload.push(&e.payload);
+        body.push(a.log.map(|l| l.1));
+    }
+    let rows: Vec<(Uuid,)> = sqlx::query_as(
+        "with u as (
+             select * from unnest($1::uuid[], $2::uuid[], $3::int4[], $4::jsonb[], $5::uuid[], $6::text[],
+                                  $7::text[], $8::jsonb[], $9::text[])
+                 u(tenant_id, id, attempt, result, log_id, key, recipient, payload, body)),
+         logged as (
+             insert into deliveries (tenant_id, id, effect_id, channel, idempotency_key, recipient, payload, body)
+             select tenant_id, log_id, id, 'log', key, recipient, payload, body from u where log_id is not null
+             on conflict (tenant_id, channel, idempotency_key) do nothing
+             returning tenant_id, idempotency_key, id),
+         msg as (
+             select u.tenant_id, u.id, u.attempt,
+                    case when u.log_id is null then u.result
+                         else (case when jsonb_typeof(u.result) = 'object' then u.result else '{}'::jsonb end)
+                              || jsonb_build_object('message_id', coalesce(l.id,
+                                     (select d.id from deliveries d where d.tenant_id = u.tenant_id
+                                       and d.channel = 'log' and d.idempotency_key = u.key))::text) end as result
+             from u
+             left join logged l on l.tenant_id = u.tenant_id and l.idempotency_key = u.key)
+         update effects e set status = 'delivered', result = msg.result, lease_until = null,
+                last_error = null, updated_at = now()
+         from msg
+         where e.tenant_id = msg.tenant_id and e.id = msg.id and e.status = 'running' and e.attempts = msg.attempt
+         returning e.id",
+    )
+    .bind(&tenant)
+    .bind(&id)
+    .bind(&attempt)
+    .bind(&result)
+    .bind(&log_id)
+    .bind(&key)
+    .bind(&recipient)
+    .bind(&payload)
+    .bind(&body)
+    .persistent(false)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| r.0).collect())
+}
+
 /// Put back for a retry after `delay` (on the database clock), fenced on the
 /// attempt. Returns when the retry is due, or `None` if fenced off.
 pub async fn retry_after(
@@ -289,40 +374,19 @@ pub async fn of_workflow(
     .await
 }
 
-/// Sweep: effects whose lease expired (worker died mid-attempt) go back to
-/// pending; returns pending effects whose job looks lost (due for longer than
-/// `grace_ms`), with their attempt count for a fresh job key.
-pub async fn recover(
-    conn: &mut PgConnection,
-    grace_ms: i64,
-    limit: i64,
-    kinds: &[String],
-) -> Result<Vec<(Uuid, Uuid, i32, String)>, sqlx::Error> {
-    sqlx::query(
+/// Sweep: effects whose lease expired (the process delivering them died
+/// mid-attempt) go back to pending, due now, for any pump to claim. A
+/// pending effect needs nothing else: pumps claim every due one from this
+/// table, however long the backlog. Returns how many were released.
+pub async fn recover(conn: &mut PgConnection) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
         "update effects set status = 'pending', lease_until = null, updated_at = now(), send_after = null,
                 last_error = coalesce(last_error, 'lease expired')
          where status = 'running' and lease_until < now()",
     )
     .execute(&mut *conn)
     .await?;
-    sqlx::query_as(
-        "with lost as (
-             update effects e set next_attempt_at = now(), updated_at = now()
-             from (select x.tenant_id, x.id from effects x
-                   join workflows w on w.tenant_id = x.tenant_id and w.id = x.workflow_id
-                   where x.status = 'pending' and x.next_attempt_at < now() - make_interval(secs => $1 / 1000.0)
-                     and w.kind = any($3)
-                   order by x.next_attempt_at limit $2 for update of x skip locked) l
-             where e.tenant_id = l.tenant_id and e.id = l.id
-             returning e.tenant_id, e.id, e.attempts, e.workflow_id)
-         select lost.tenant_id, lost.id, lost.attempts, w.kind from lost
-         join workflows w on w.tenant_id = lost.tenant_id and w.id = lost.workflow_id",
-    )
-    .bind(grace_ms as f64)
-    .bind(limit)
-    .bind(kinds)
-    .fetch_all(conn)
-    .await
+    Ok(r.rows_affected())
 }
 
 /// A message the log channel recorded.

@@ -90,6 +90,54 @@ pub async fn insert(
     .await
 }
 
+/// Where a signal is addressed by its workflow's business key.
+pub struct ByKey<'a> {
+    /// Workflow kind.
+    pub kind: &'a str,
+    /// Business key.
+    pub key: &'a str,
+    /// Wake the pumps of `kind` by NOTIFY at commit (a process that serves
+    /// the kind wakes them in memory instead).
+    pub notify: bool,
+}
+
+/// [`insert`] addressed by the workflow's (kind, key), in one statement:
+/// the workflow is looked up, the signal stored unless its idempotency key
+/// was seen, and with `to.notify` the pumps woken. `None` when nothing was
+/// stored: the workflow does not exist or the key was seen (the caller
+/// tells which). `s.workflow_id` is not read.
+pub async fn insert_by_key(
+    conn: &mut PgConnection,
+    to: &ByKey<'_>,
+    s: &NewSignal<'_>,
+) -> Result<Option<SignalRow>, sqlx::Error> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "with w as (select id from workflows where tenant_id = $1 and kind = $11 and key = $12),
+         ins as (
+             insert into signals (tenant_id, id, workflow_id, idempotency_key, name, payload, request_hash,
+                                  actor_role, actor_subject, received_at, origin)
+             select $1, $2, w.id, $3, $4, $5, $6, $7, $8, coalesce($9, clock_timestamp()), $10 from w
+             on conflict (tenant_id, workflow_id, idempotency_key) do nothing returning {COLS})
+         select {COLS}, (select count(*) from (select pg_notify($13, $11) where $13 is not null) n) as woken
+         from ins"
+    )))
+    .bind(s.tenant_id)
+    .bind(Uuid::now_v7())
+    .bind(s.idempotency_key)
+    .bind(s.name)
+    .bind(s.payload)
+    .bind(s.request_hash)
+    .bind(s.actor_role)
+    .bind(s.actor_subject)
+    .bind(s.received_at)
+    .bind(s.origin)
+    .bind(to.kind)
+    .bind(to.key)
+    .bind(to.notify.then_some(SIGNAL_QUEUED_CHANNEL))
+    .fetch_optional(conn)
+    .await
+}
+
 /// Find by idempotency key.
 pub async fn by_key(
     conn: &mut PgConnection,
@@ -137,6 +185,31 @@ pub async fn queued(
     .bind(tenant_id)
     .bind(workflow_id)
     .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// [`queued`] for many workflows in one statement: up to `limit` queued
+/// signals of each, in arrival order per workflow (grouped by workflow). The
+/// caller holds every workflow's row lock.
+pub async fn queued_of(
+    conn: &mut PgConnection,
+    workflows: &[(Uuid, Uuid)],
+    limit: i64,
+) -> Result<Vec<SignalRow>, sqlx::Error> {
+    let (tenants, ids): (Vec<Uuid>, Vec<Uuid>) = workflows.iter().copied().unzip();
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "select {COLS} from (
+             select s.*, row_number() over (partition by s.workflow_id order by s.received_at, s.seq) as rn
+             from signals s join unnest($1::uuid[], $2::uuid[]) w(tenant_id, id)
+               on s.tenant_id = w.tenant_id and s.workflow_id = w.id
+             where s.status = 'queued') q
+         where rn <= $3 order by workflow_id, received_at, seq"
+    )))
+    .bind(&tenants)
+    .bind(&ids)
+    .bind(limit)
+    .persistent(false)
     .fetch_all(conn)
     .await
 }

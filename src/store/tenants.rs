@@ -73,6 +73,19 @@ pub async fn config(conn: &mut PgConnection, tenant_id: Uuid) -> Result<Value, s
         .unwrap_or_else(|| Value::Object(Default::default())))
 }
 
+/// [`config`] and the database clock, in one statement.
+pub async fn config_and_now(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+) -> Result<(Value, chrono::DateTime<chrono::Utc>), sqlx::Error> {
+    sqlx::query_as(
+        "select coalesce((select config from tenants where id = $1), '{}'::jsonb), clock_timestamp()",
+    )
+    .bind(tenant_id)
+    .fetch_one(conn)
+    .await
+}
+
 /// Several tenants' configuration documents, read in one statement.
 pub async fn configs(
     conn: &mut PgConnection,
