@@ -369,7 +369,7 @@ impl Engine {
         } else {
             Wakes::notify()
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = store::begin_queue_tx(&self.pool).await?;
         let out = self
             .start_with(&mut tx, tenant_id, kind, key, input, &mut wakes)
             .await?;

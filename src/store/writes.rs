@@ -174,9 +174,11 @@ impl Writes {
         s.def_version.push(row.def_version);
     }
 
-    /// Write everything in one statement (one data-modifying `WITH` part
-    /// per table, each an `UNNEST` of column arrays; empty parts write
-    /// nothing), and with `notify` send it for each kind that queued effects.
+    /// Write everything in one statement: one data-modifying `WITH` part
+    /// per table that has rows, each an `UNNEST` of column arrays, and with
+    /// `notify` a NOTIFY on it for each kind that queued effects. (Only the
+    /// parts with rows are in the statement: an empty part still costs its
+    /// plan and its scans.)
     pub async fn flush(
         self,
         conn: &mut PgConnection,
@@ -187,76 +189,144 @@ impl Writes {
         }
         let (e, h, f, s) = (self.effects, self.history, self.finished, self.states);
         let kinds: Vec<String> = self.effect_kinds.into_iter().collect();
-        let (effects, updated, _woken): (i64, i64, i64) = sqlx::query_as(
-            "with e as (
+        let mut parts = Vec::new();
+        let mut next = 0;
+        let mut params = |n: usize| {
+            let p: Vec<usize> = (next + 1..=next + n).collect();
+            next += n;
+            p
+        };
+        let has = (
+            !e.tenant_id.is_empty(),
+            !h.tenant_id.is_empty(),
+            !f.tenant_id.is_empty(),
+            !s.tenant_id.is_empty(),
+        );
+        if has.0 {
+            let p = params(8);
+            parts.push(format!(
+                "e as (
                  insert into effects (tenant_id, id, workflow_id, name, idempotency_key, payload, reply, max_attempts)
-                 select * from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[],
-                                      $6::jsonb[], $7::text[], $8::int4[])
+                 select * from unnest(${}::uuid[], ${}::uuid[], ${}::uuid[], ${}::text[], ${}::text[],
+                                      ${}::jsonb[], ${}::text[], ${}::int4[])
                  on conflict (tenant_id, workflow_id, idempotency_key) do nothing
-                 returning 1),
-             h as (
+                 returning 1)",
+                p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
+            ));
+        }
+        if has.1 {
+            let p = params(12);
+            parts.push(format!(
+                "h as (
                  insert into history (tenant_id, workflow_id, version, event, signal_id, signal_name, actor_role,
                                       actor_subject, from_state, to_state, reason, commands)
-                 select * from unnest($9::uuid[], $10::uuid[], $11::int8[], $12::text[], $13::uuid[], $14::text[],
-                                      $15::text[], $16::text[], $17::text[], $18::text[], $19::text[], $20::jsonb[])),
-             f as (
+                 select * from unnest(${}::uuid[], ${}::uuid[], ${}::int8[], ${}::text[], ${}::uuid[], ${}::text[],
+                                      ${}::text[], ${}::text[], ${}::text[], ${}::text[], ${}::text[], ${}::jsonb[]))",
+                p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10], p[11]
+            ));
+        }
+        if has.2 {
+            let p = params(5);
+            parts.push(format!(
+                "f as (
                  update signals s set status = u.status, reason = u.reason, state_after = u.state_after,
                         applied_at = now()
-                 from unnest($21::uuid[], $22::uuid[], $23::text[], $24::text[], $25::text[])
+                 from unnest(${}::uuid[], ${}::uuid[], ${}::text[], ${}::text[], ${}::text[])
                       u(tenant_id, id, status, reason, state_after)
-                 where s.tenant_id = u.tenant_id and s.id = u.id and s.status = 'queued'),
-             s as (
+                 where s.tenant_id = u.tenant_id and s.id = u.id and s.status = 'queued')",
+                p[0], p[1], p[2], p[3], p[4]
+            ));
+        }
+        if has.3 {
+            let p = params(8);
+            parts.push(format!(
+                "s as (
                  update workflows w set state_name = u.state_name, state = u.state, status = u.status,
                         version = u.version, def_version = u.def_version, updated_at = now()
-                 from unnest($26::uuid[], $27::uuid[], $28::text[], $29::jsonb[], $30::text[], $31::int8[],
-                             $32::int8[], $33::int4[])
+                 from unnest(${}::uuid[], ${}::uuid[], ${}::text[], ${}::jsonb[], ${}::text[], ${}::int8[],
+                             ${}::int8[], ${}::int4[])
                       u(tenant_id, id, state_name, state, status, version, read_version, def_version)
                  where w.tenant_id = u.tenant_id and w.id = u.id and w.version = u.read_version
-                 returning 1),
-             effects as (select count(*) as n from e)
-             select effects.n, (select count(*) from s),
-                    (select count(*) from (select pg_notify($34, k) from unnest($35::text[]) k
-                                           where $34 is not null and effects.n > 0) woken)
-             from effects",
-        )
-        .bind(&e.tenant_id)
-        .bind(&e.id)
-        .bind(&e.workflow_id)
-        .bind(&e.name)
-        .bind(&e.key)
-        .bind(&e.payload)
-        .bind(&e.reply)
-        .bind(&e.max_attempts)
-        .bind(&h.tenant_id)
-        .bind(&h.workflow_id)
-        .bind(&h.version)
-        .bind(&h.event)
-        .bind(&h.signal_id)
-        .bind(&h.signal_name)
-        .bind(&h.actor_role)
-        .bind(&h.actor_subject)
-        .bind(&h.from_state)
-        .bind(&h.to_state)
-        .bind(&h.reason)
-        .bind(&h.commands)
-        .bind(&f.tenant_id)
-        .bind(&f.id)
-        .bind(&f.status)
-        .bind(&f.reason)
-        .bind(&f.state_after)
-        .bind(&s.tenant_id)
-        .bind(&s.id)
-        .bind(&s.state_name)
-        .bind(&s.state)
-        .bind(&s.status)
-        .bind(&s.version)
-        .bind(&s.read_version)
-        .bind(&s.def_version)
-        .bind(notify)
-        .bind(&kinds)
-        .fetch_one(&mut *conn)
-        .await?;
-        if updated != s.tenant_id.len() as i64 {
+                 returning 1)",
+                p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
+            ));
+        }
+        let effects = if has.0 {
+            "(select count(*) from e)"
+        } else {
+            "0::int8"
+        };
+        let updated = if has.3 {
+            "(select count(*) from s)"
+        } else {
+            "0::int8"
+        };
+        let woken = if has.0 && notify.is_some() {
+            let p = params(2);
+            format!(
+                "(select count(*) from (select pg_notify(${}, k) from unnest(${}::text[]) k) n)",
+                p[0], p[1]
+            )
+        } else {
+            "0::int8".to_string()
+        };
+        let sql = format!(
+            "with {}, counts as (select {effects} as effects, {updated} as updated)
+             select effects, updated, case when effects > 0 then {woken} else 0 end from counts",
+            parts.join(",\n")
+        );
+        let mut q = sqlx::query_as::<_, (i64, i64, i64)>(sqlx::AssertSqlSafe(sql));
+        if has.0 {
+            q = q
+                .bind(e.tenant_id)
+                .bind(e.id)
+                .bind(e.workflow_id)
+                .bind(e.name)
+                .bind(e.key)
+                .bind(e.payload)
+                .bind(e.reply)
+                .bind(e.max_attempts);
+        }
+        if has.1 {
+            q = q
+                .bind(h.tenant_id)
+                .bind(h.workflow_id)
+                .bind(h.version)
+                .bind(h.event)
+                .bind(h.signal_id)
+                .bind(h.signal_name)
+                .bind(h.actor_role)
+                .bind(h.actor_subject)
+                .bind(h.from_state)
+                .bind(h.to_state)
+                .bind(h.reason)
+                .bind(h.commands);
+        }
+        if has.2 {
+            q = q
+                .bind(f.tenant_id)
+                .bind(f.id)
+                .bind(f.status)
+                .bind(f.reason)
+                .bind(f.state_after);
+        }
+        let want = s.tenant_id.len() as i64;
+        if has.3 {
+            q = q
+                .bind(s.tenant_id)
+                .bind(s.id)
+                .bind(s.state_name)
+                .bind(s.state)
+                .bind(s.status)
+                .bind(s.version)
+                .bind(s.read_version)
+                .bind(s.def_version);
+        }
+        if let (true, Some(channel)) = (has.0, notify) {
+            q = q.bind(channel.to_string()).bind(kinds);
+        }
+        let (effects, updated, _woken) = q.fetch_one(&mut *conn).await?;
+        if updated != want {
             return Err(FlushError::Fenced);
         }
         Ok(Flushed {
