@@ -608,7 +608,7 @@ impl Engine {
         tenant_id: Uuid,
         workflow_id: Uuid,
     ) -> Result<ApplyReport, EngineError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = store::begin_queue_tx(&self.pool).await?;
         let Some(row) = store::workflows::lock(&mut tx, tenant_id, workflow_id).await? else {
             return Ok(ApplyReport::default());
         };
@@ -709,7 +709,7 @@ impl Engine {
     /// others commit. Returns how many workflows were claimed.
     #[instrument(skip_all, fields(batch.limit = limit, batch.size = tracing::field::Empty))]
     pub async fn apply_batch(&self, kinds: &[String], limit: i64) -> Result<usize, EngineError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = store::begin_queue_tx(&self.pool).await?;
         let done = self
             .apply_batch_with(&mut tx, kinds, limit, Wakes::notify())
             .await?;

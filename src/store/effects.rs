@@ -213,7 +213,8 @@ pub struct DeliveredAttempt<'a> {
 
 /// [`delivered`] for many attempts in one statement, each with its log
 /// channel ledger row (written once per idempotency key; the message id
-/// reported in the result is that row's, the first one's on a repeat).
+/// reported in the result is that row's, the first one's on a repeat), in
+/// two statements.
 /// Returns the ids of the effects recorded; a stale attempt is fenced off
 /// and not among them.
 pub async fn delivered_all(
@@ -246,25 +247,39 @@ pub async fn delivered_all(
         payload.push(&e.payload);
         body.push(a.log.map(|l| l.1));
     }
+    // Two statements: the ledger rows first, then the outcomes, whose
+    // message ids are read by a statement of its own — its snapshot sees a
+    // row another transaction committed while the insert waited on it.
+    sqlx::query(
+        "insert into deliveries (tenant_id, id, effect_id, channel, idempotency_key, recipient, payload, body)
+         select tenant_id, log_id, id, 'log', key, recipient, payload, body
+         from unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[], $6::jsonb[], $7::text[])
+              u(tenant_id, id, log_id, key, recipient, payload, body)
+         where log_id is not null
+         on conflict (tenant_id, channel, idempotency_key) do nothing",
+    )
+    .bind(&tenant)
+    .bind(&id)
+    .bind(&log_id)
+    .bind(&key)
+    .bind(&recipient)
+    .bind(&payload)
+    .bind(&body)
+    .execute(&mut *conn)
+    .await?;
+    let logged: Vec<bool> = log_id.iter().map(Option::is_some).collect();
     let rows: Vec<(Uuid,)> = sqlx::query_as(
         "with u as (
-             select * from unnest($1::uuid[], $2::uuid[], $3::int4[], $4::jsonb[], $5::uuid[], $6::text[],
-                                  $7::text[], $8::jsonb[], $9::text[])
-                 u(tenant_id, id, attempt, result, log_id, key, recipient, payload, body)),
-         logged as (
-             insert into deliveries (tenant_id, id, effect_id, channel, idempotency_key, recipient, payload, body)
-             select tenant_id, log_id, id, 'log', key, recipient, payload, body from u where log_id is not null
-             on conflict (tenant_id, channel, idempotency_key) do nothing
-             returning tenant_id, idempotency_key, id),
+             select * from unnest($1::uuid[], $2::uuid[], $3::int4[], $4::jsonb[], $5::bool[], $6::text[])
+                 u(tenant_id, id, attempt, result, logged, key)),
          msg as (
              select u.tenant_id, u.id, u.attempt,
-                    case when u.log_id is null then u.result
+                    case when not u.logged then u.result
                          else (case when jsonb_typeof(u.result) = 'object' then u.result else '{}'::jsonb end)
-                              || jsonb_build_object('message_id', coalesce(l.id,
+                              || jsonb_build_object('message_id',
                                      (select d.id from deliveries d where d.tenant_id = u.tenant_id
-                                       and d.channel = 'log' and d.idempotency_key = u.key))::text) end as result
-             from u
-             left join logged l on l.tenant_id = u.tenant_id and l.idempotency_key = u.key)
+                                       and d.channel = 'log' and d.idempotency_key = u.key)::text) end as result
+             from u)
          update effects e set status = 'delivered', result = msg.result, lease_until = null,
                 last_error = null, updated_at = now()
          from msg
@@ -275,12 +290,8 @@ pub async fn delivered_all(
     .bind(&id)
     .bind(&attempt)
     .bind(&result)
-    .bind(&log_id)
+    .bind(&logged)
     .bind(&key)
-    .bind(&recipient)
-    .bind(&payload)
-    .bind(&body)
-    .persistent(false)
     .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().map(|r| r.0).collect())

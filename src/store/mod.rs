@@ -104,35 +104,48 @@ const HOT_TABLES: [&str; 6] = [
 /// steady one is left to autovacuum. Autovacuum looks once a minute at best, and a table
 /// that grew from empty in that minute is planned as if it were empty
 /// (wrong indexes, sequential scans: 50–170 ms statements, measured). One
-/// process at a time (an advisory lock); returns the tables analyzed.
+/// process at a time (an advisory lock); returns the tables analyzed (or
+/// skipped, when an autovacuum held them).
 pub async fn refresh_stats(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut conn = pool.acquire().await?;
     let (mine,): (bool,) =
-        sqlx::query_as("select pg_try_advisory_xact_lock(hashtext('dispatch:refresh_stats'))")
-            .fetch_one(&mut *tx)
+        sqlx::query_as("select pg_try_advisory_lock(hashtext('dispatch:refresh_stats'))")
+            .fetch_one(&mut *conn)
             .await?;
     if !mine {
         return Ok(Vec::new());
     }
+    let analyzed = analyze_stale(&mut conn).await;
+    sqlx::query("select pg_advisory_unlock(hashtext('dispatch:refresh_stats'))")
+        .execute(&mut *conn)
+        .await?;
+    analyzed
+}
+
+async fn analyze_stale(conn: &mut sqlx::PgConnection) -> Result<Vec<String>, sqlx::Error> {
+    // Tables this role may analyze only (it owns them), that changed by more
+    // rows than they hold.
     let stale: Vec<(String,)> = sqlx::query_as(
-        "select relname::text from pg_stat_user_tables
-         where schemaname = current_schema() and relname = any($1)
-           and n_mod_since_analyze > greatest(1000, n_live_tup)",
+        "select s.relname::text from pg_stat_user_tables s join pg_class c on c.oid = s.relid
+         where s.schemaname = current_schema() and s.relname = any($1)
+           and pg_has_role(c.relowner, 'USAGE')
+           and s.n_mod_since_analyze > greatest(1000, s.n_live_tup)",
     )
     .bind(HOT_TABLES)
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut *conn)
     .await?;
     let mut done = Vec::with_capacity(stale.len());
     for (table,) in stale {
-        // Only names from HOT_TABLES reach this statement.
+        // Only names from HOT_TABLES reach this statement. Each in its own
+        // transaction, and never waiting on (or cancelling) an autovacuum
+        // that holds the table.
         if let Some(t) = HOT_TABLES.iter().find(|t| **t == table) {
-            sqlx::query(sqlx::AssertSqlSafe(format!("analyze {t}")))
-                .execute(&mut *tx)
+            sqlx::query(sqlx::AssertSqlSafe(format!("analyze (skip_locked) {t}")))
+                .execute(&mut *conn)
                 .await?;
             done.push(table);
         }
     }
-    tx.commit().await?;
     Ok(done)
 }
 
