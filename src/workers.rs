@@ -304,11 +304,33 @@ async fn timer_loop(
                 cfg.poll_interval
             }
         };
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(wait) => {}
-            ok = crate::notify::next(&mut notes, |n| n.is(TIMER_CHANNEL)) => {
-                if !ok { tokio::time::sleep(wait).await; }
+        let mut until = tokio::time::Instant::now() + wait;
+        // A timer armed meanwhile moves the wake-up earlier when it is due
+        // sooner; one due later changes nothing (a burst of arms does not
+        // make the loop look again each time).
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(until) => break,
+                note = notes.recv() => match note {
+                    Ok(crate::notify::Note::On { channel, payload }) if &*channel == TIMER_CHANNEL => {
+                        match payload.parse::<u64>() {
+                            Ok(ms) => {
+                                let at = tokio::time::Instant::now() + Duration::from_millis(ms);
+                                until = until.min(at.max(tokio::time::Instant::now() + TIMER_COALESCE));
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    Ok(crate::notify::Note::On { .. }) => {}
+                    // Resumed or lagged: anything may have been missed.
+                    Ok(crate::notify::Note::Resumed)
+                    | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        tokio::time::sleep_until(until).await;
+                        break;
+                    }
+                },
             }
         }
     }
@@ -373,7 +395,7 @@ async fn fire_due_timers(
             break;
         }
     }
-    Ok(timers::next_due_in_ms(&mut conn, kinds)
+    Ok(timers::next_due_in_ms(&mut conn)
         .await?
         .map(|ms| Duration::from_millis(ms as u64 + 1)))
 }

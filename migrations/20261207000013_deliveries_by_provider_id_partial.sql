@@ -1,0 +1,11 @@
+-- no-transaction
+-- Only deliveries a provider answered with its own message id are looked up
+-- by it; log-channel deliveries (and any a provider sent without an id)
+-- never are. Indexing only the rows that have one keeps the index small,
+-- and stops the planner from choosing it, with stale statistics, for a
+-- lookup by idempotency key — where it filtered every log delivery of the
+-- tenant, one by one, for each effect recorded (measured: the statement that
+-- records delivery outcomes grew with the deliveries table).
+-- Rollback: `drop index concurrently if exists deliveries_provider_message_id;`
+-- squawk-ignore require-statement-timeout, require-lock-timeout
+create index concurrently if not exists deliveries_provider_message_id on deliveries (tenant_id, channel, provider_message_id) where provider_message_id is not null;
