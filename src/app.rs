@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio::sync::broadcast;
 
 use crate::notify::Hub;
 use tokio_util::sync::CancellationToken;
@@ -107,7 +106,7 @@ pub async fn embed(settings: &Settings, pool: PgPool) -> Result<(axum::Router, R
         settings.engine.clone(),
     )
     .with_start_guard(Arc::new(crate::crew::start_guard));
-    let (applied, _) = broadcast::channel(4096);
+    let applied = crate::notify::Waiters::default();
     running
         .hub
         .forward_applied(applied.clone(), running.shutdown.clone());
@@ -159,7 +158,7 @@ pub async fn launch(
             None => TcpListener::bind(&settings.listen).await?,
         };
         addr = Some(listener.local_addr()?);
-        let (applied, _) = broadcast::channel(4096);
+        let applied = crate::notify::Waiters::default();
         hub.forward_applied(applied.clone(), shutdown.clone());
         let app = http::router(ApiState {
             engine: engine.clone(),

@@ -374,9 +374,26 @@ impl Bench {
     }
 
     async fn post_signal(&self, key: &str, idem: &str) -> anyhow::Result<Uuid> {
+        self.post_signal_waiting(key, idem, None)
+            .await
+            .map(|(id, _)| id)
+    }
+
+    /// Post a signal; with `wait_ms`, as a caller that waits for the
+    /// outcome. Returns its id and its status.
+    async fn post_signal_waiting(
+        &self,
+        key: &str,
+        idem: &str,
+        wait_ms: Option<u64>,
+    ) -> anyhow::Result<(Uuid, String)> {
+        let wait = wait_ms.map_or(String::new(), |ms| format!("?wait_ms={ms}"));
         let r = self
             .http
-            .post(format!("{}/v1/workflows/{KIND}/{key}/signals", self.url))
+            .post(format!(
+                "{}/v1/workflows/{KIND}/{key}/signals{wait}",
+                self.url
+            ))
             .bearer_auth(&self.key)
             .header("Idempotency-Key", idem)
             .json(&json!({"name": "step"}))
@@ -386,10 +403,11 @@ impl Bench {
             bail!("signal answered {}", r.status());
         }
         let v: Value = r.json().await?;
-        v["signal_id"]
+        let id = v["signal_id"]
             .as_str()
             .and_then(|s| s.parse().ok())
-            .context("no signal_id")
+            .context("no signal_id")?;
+        Ok((id, v["status"].as_str().unwrap_or_default().to_string()))
     }
 
     async fn latency(&self, rate: u32, seconds: u64, c: usize) -> anyhow::Result<Value> {
@@ -407,7 +425,7 @@ impl Bench {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         let mut sent = tokio::task::JoinSet::new();
-        for key in keys {
+        for key in keys.clone() {
             ticker.tick().await;
             let me = self.clone_light();
             sent.spawn(async move { me.post_signal(&key, "lat").await });
@@ -431,6 +449,33 @@ impl Bench {
         .await?;
         let mut out = ms_stats(rows.into_iter().map(|r| r.0).collect());
         out["rate"] = json!(rate);
+        // The same rate from callers that wait for the outcome (`?wait_ms=`,
+        // a claim button), woken by NOTIFY. Timed by the caller, from sending
+        // the request to holding the answer, which comes after the commit.
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut sent = tokio::task::JoinSet::new();
+        for key in keys {
+            ticker.tick().await;
+            let me = self.clone_light();
+            sent.spawn(async move {
+                let t = Instant::now();
+                let (_, status) = me.post_signal_waiting(&key, "lat-wait", Some(5000)).await?;
+                Ok::<_, anyhow::Error>((t.elapsed().as_secs_f64() * 1000.0, status))
+            });
+        }
+        let mut waited = Vec::with_capacity(total);
+        let mut fast = 0usize;
+        while let Some(r) = sent.join_next().await {
+            let (ms, status) = r??;
+            if status != "applied" {
+                bail!("a waiting caller was answered `{status}`");
+            }
+            fast += 1;
+            waited.push(ms);
+        }
+        out["waiting_caller"] = ms_stats(waited);
+        out["waiting_caller"]["applied"] = json!(fast);
         Ok(out)
     }
 
@@ -641,10 +686,19 @@ pub fn table(results: &[Value]) -> String {
                 r["ratio_to_pgbench"].as_f64().unwrap_or(0.0), f("pgbench_tps"),
                 f("commits_per_workflow"), f("row_writes_per_workflow")
             ),
-            "latency" => format!(
-                "latency    accepted → committed at {} signals/s: p50 {} ms  p95 {} ms  p99 {} ms  max {} ms",
-                r["rate"], f("p50_ms"), f("p95_ms"), f("p99_ms"), f("max_ms")
-            ),
+            "latency" => {
+                let w = |k: &str| {
+                    r["waiting_caller"][k]
+                        .as_f64()
+                        .map_or("-".to_string(), |v| format!("{v:.1}"))
+                };
+                format!(
+                    "latency    accepted → committed at {} signals/s: p50 {} ms  p95 {} ms  p99 {} ms  max {} ms; \
+                     waiting caller (?wait_ms), request → answer after commit: p50 {} ms  p95 {} ms  p99 {} ms  max {} ms",
+                    r["rate"], f("p50_ms"), f("p95_ms"), f("p99_ms"), f("max_ms"),
+                    w("p50_ms"), w("p95_ms"), w("p99_ms"), w("max_ms")
+                )
+            }
             "timers" => format!(
                 "timers     {} pending, {} due in one second: lateness p50 {} ms  p99 {} ms  max {} ms; unrelated {} transitions/s",
                 r["pending"], r["due_in_one_second"], f("p50_ms"), f("p99_ms"), f("max_ms"), f("unrelated_transitions_per_s")

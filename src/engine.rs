@@ -613,31 +613,11 @@ impl Engine {
             return Ok(ApplyReport::default());
         };
         tracing::Span::current().record("workflow.kind", row.kind.as_str());
-        let max = self.config.apply_batch;
-        let lateness = self.fire_due_of(&mut tx, tenant_id, workflow_id).await?;
-        let queued = signals::queued(&mut tx, tenant_id, workflow_id, max + 1).await?;
-        let config = tenants::config(&mut tx, tenant_id).await?;
-        let now = db_now(&mut tx).await?;
         let mut wakes = Wakes::notify();
-        let mut writes = Writes::default();
         let kind = row.kind.clone();
-        match self
-            .transit(
-                &mut tx,
-                row,
-                &queued,
-                max,
-                &config,
-                now,
-                &mut wakes,
-                &mut writes,
-            )
-            .await
-        {
-            Ok(mut applied) => {
-                self.flush(&mut tx, writes, &mut wakes)
-                    .await
-                    .map_err(|e| flush_error(e, workflow_id))?;
+        match self.apply_locked(&mut tx, row, &mut wakes).await {
+            Ok(applied) => {
+                signals::announce_done(&mut tx, &applied.finished).await?;
                 if applied.report.more {
                     // The rest in a job of its own (this path serves single
                     // apply jobs: ops retries, the sweep).
@@ -647,8 +627,6 @@ impl Engine {
                     };
                     jobs::enqueue_apply(&mut tx, &kind, &job, None).await?;
                 }
-                applied.lateness = lateness;
-                signals::announce_done(&mut tx, &applied.finished).await?;
                 tx.commit().await?;
                 let report = applied.report;
                 applied.count();
@@ -661,6 +639,41 @@ impl Engine {
             }
             Err(ApplyFault::Engine(e)) => Err(e),
         }
+    }
+
+    /// Apply one locked workflow's due timers and queued signals (up to the
+    /// batch size; `report.more` says if some remain) and write the result,
+    /// in the caller's transaction. The caller commits, then counts.
+    async fn apply_locked(
+        &self,
+        tx: &mut PgConnection,
+        row: WorkflowRow,
+        wakes: &mut Wakes,
+    ) -> Result<Applied, ApplyFault> {
+        let (tenant_id, workflow_id) = (row.tenant_id, row.id);
+        let max = self.config.apply_batch;
+        let lateness = self.fire_due_of(&mut *tx, tenant_id, workflow_id).await?;
+        let queued = signals::queued(&mut *tx, tenant_id, workflow_id, max + 1).await?;
+        let config = tenants::config(&mut *tx, tenant_id).await?;
+        let now = db_now(&mut *tx).await?;
+        let mut writes = Writes::default();
+        let mut applied = self
+            .transit(
+                &mut *tx,
+                row,
+                &queued,
+                max,
+                &config,
+                now,
+                wakes,
+                &mut writes,
+            )
+            .await?;
+        self.flush(&mut *tx, writes, wakes)
+            .await
+            .map_err(|e| flush_error(e, workflow_id))?;
+        applied.lateness = lateness;
+        Ok(applied)
     }
 
     /// Turn the workflow's due timers into queued signals (it is locked);

@@ -11,7 +11,6 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::broadcast;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
@@ -30,7 +29,7 @@ pub struct ApiState {
     /// The engine.
     pub engine: Engine,
     /// Signal-applied notifications, fanned out to waiting requests.
-    pub applied: broadcast::Sender<Uuid>,
+    pub applied: crate::notify::Waiters,
     /// The public base URL providers call (`DISPATCH_PUBLIC_URL`), for Twilio signatures.
     pub public_url: Option<String>,
     /// The largest request body accepted (`413 body_too_large` beyond).
@@ -464,30 +463,24 @@ async fn send_signal(
         .to_string();
     let q = WaitQuery::parse(raw_query.as_deref())?;
     let req: SignalRequest = parse_body(&body)?;
-    // Subscribe before queueing so the applied notification cannot slip past.
-    let rx = st.applied.subscribe();
-    let answer = st
-        .engine
-        .signal(SignalIn::new(
-            caller.0.tenant_id,
-            &kind,
-            &key,
-            &idem,
-            &req.name,
-            &req.payload,
-            &caller.actor(),
-        ))
-        .await?;
+    let actor = caller.actor();
+    let signal = SignalIn::new(
+        caller.0.tenant_id,
+        &kind,
+        &key,
+        &idem,
+        &req.name,
+        &req.payload,
+        &actor,
+    );
+    // A caller that waits is woken by the pumps' NOTIFY as its signal is
+    // applied. Applying it in this request's own transaction instead (a
+    // fast lane, tried) measured slower: eight round trips per request
+    // against one, on the same two cores as the pumps (ops/BENCHMARKS.md).
+    let answer = st.engine.signal(signal).await?;
     let answer = match q.wait_ms {
         Some(ms) if answer.status == "queued" && ms > 0 => {
-            wait_for(
-                &st,
-                rx,
-                caller.0.tenant_id,
-                answer,
-                Duration::from_millis(ms),
-            )
-            .await?
+            wait_for(&st, caller.0.tenant_id, answer, Duration::from_millis(ms)).await?
         }
         _ => answer,
     };
@@ -503,31 +496,21 @@ async fn send_signal(
 /// in case the listener reconnected and missed one).
 async fn wait_for(
     st: &ApiState,
-    mut rx: broadcast::Receiver<Uuid>,
     tenant_id: Uuid,
     first: SignalAnswer,
     wait: Duration,
 ) -> Result<SignalAnswer, ApiError> {
     let deadline = tokio::time::Instant::now() + wait;
-    let mut current = st.engine.signal_answer(tenant_id, first.signal_id).await?;
-    while current.status == "queued" {
-        let recheck = tokio::time::Instant::now() + Duration::from_secs(2);
-        match tokio::time::timeout_at(deadline.min(recheck), rx.recv()).await {
-            Ok(Ok(id)) if id != first.signal_id => continue,
-            Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
-            Ok(Err(broadcast::error::RecvError::Closed)) => return Ok(current),
-            Err(_) if tokio::time::Instant::now() >= deadline => {
-                return st
-                    .engine
-                    .signal_answer(tenant_id, first.signal_id)
-                    .await
-                    .map_err(Into::into);
-            }
-            Err(_) => {}
+    loop {
+        // Registered before looking, so an outcome cannot slip between.
+        let mut waiting = st.applied.register(first.signal_id);
+        let current = st.engine.signal_answer(tenant_id, first.signal_id).await?;
+        if current.status != "queued" || tokio::time::Instant::now() >= deadline {
+            return Ok(current);
         }
-        current = st.engine.signal_answer(tenant_id, first.signal_id).await?;
+        let recheck = tokio::time::Instant::now() + Duration::from_secs(2);
+        waiting.until(deadline.min(recheck)).await;
     }
-    Ok(current)
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "service", responses((status = 200, description = "The process is up", body = serde_json::Value)))]

@@ -603,3 +603,27 @@ async fn the_embedded_default_is_durable_and_fast_is_opt_in() {
     );
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// A pool asked for more connections than the server admits is capped
+/// below its `max_connections` (a burst used to open connections the server
+/// refused, and every request waiting on one failed).
+#[tokio::test]
+async fn connection_pool_is_capped_at_what_the_server_admits() {
+    let url = fresh_database().await;
+    let pool = dispatch::store::connect(&url, 100_000).await.unwrap();
+    let (admits,): (i32,) = sqlx::query_as(
+        "select current_setting('max_connections')::int4 - current_setting('superuser_reserved_connections')::int4",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let max = pool.options().get_max_connections();
+    assert!(
+        max < admits as u32,
+        "pool of {max} for a server admitting {admits}"
+    );
+    assert!(max >= 4);
+    // A small request is left as asked.
+    let small = dispatch::store::connect(&url, 3).await.unwrap();
+    assert_eq!(small.options().get_max_connections(), 3);
+}

@@ -46,9 +46,41 @@ pub enum StoreError {
 /// A pooled connection idle this long is pinged before it is handed out.
 const IDLE_BEFORE_PING: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Server connections a pool leaves to others (an operator's `psql`, a
+/// process starting up beside it).
+const SERVER_SLOTS_SPARED: i32 = 10;
+
 /// Open a pool sized for `max_connections`.
+///
+/// Never larger than the server admits: a pool sized above PostgreSQL's
+/// `max_connections` (the default process wants 112, a default server has
+/// 100) opened connections the server refused in a burst, and every
+/// request waiting on one failed after the acquire timeout although idle
+/// connections came back meanwhile (measured: `dispatch bench --scenario
+/// latency`, callers waiting for outcomes). Capped, they wait for one.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
     let opts: PgConnectOptions = url.parse()?;
+    let max_connections = {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect_with(&opts).await?;
+        let (admits,): (i32,) = sqlx::query_as(
+            "select current_setting('max_connections')::int4
+                    - current_setting('superuser_reserved_connections')::int4",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        conn.close().await?;
+        // Room for the operator's psql and a second process starting up.
+        let cap = (admits - SERVER_SLOTS_SPARED).max(4) as u32;
+        if max_connections > cap {
+            tracing::warn!(
+                wanted = max_connections,
+                capped = cap,
+                "connection pool capped below the server's max_connections; raise max_connections or lower DISPATCH_DB_POOL / DISPATCH_WORKER_CONCURRENCY"
+            );
+        }
+        max_connections.min(cap)
+    };
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(std::time::Duration::from_secs(10))

@@ -243,7 +243,7 @@ pub async fn finish(
     state_after: &str,
 ) -> Result<bool, sqlx::Error> {
     let r = sqlx::query(
-        "update signals set status = $3, reason = $4, state_after = $5, applied_at = now()
+        "update signals set status = $3, reason = $4, state_after = $5, applied_at = clock_timestamp()
          where tenant_id = $1 and id = $2 and status = 'queued'",
     )
     .bind(tenant_id)

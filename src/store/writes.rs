@@ -230,7 +230,7 @@ impl Writes {
             parts.push(format!(
                 "f as (
                  update signals s set status = u.status, reason = u.reason, state_after = u.state_after,
-                        applied_at = now()
+                        applied_at = clock_timestamp()
                  from unnest(${}::uuid[], ${}::uuid[], ${}::text[], ${}::text[], ${}::text[])
                       u(tenant_id, id, status, reason, state_after)
                  where s.tenant_id = u.tenant_id and s.id = u.id and s.status = 'queued')",
