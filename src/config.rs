@@ -175,12 +175,14 @@ impl Settings {
             s.workers.concurrency = v;
         }
         if let Some(v) = num::<i64>("DISPATCH_APPLY_BATCH")? {
-            // Each workflow of a batch is a savepoint; PostgreSQL keeps 64
-            // subtransactions per backend in shared memory before it spills.
-            if !(1..=50).contains(&v) {
+            // A batch is written as one set; only a failing one is applied
+            // workflow by workflow, at most 50 of it (a savepoint each;
+            // PostgreSQL keeps 64 subtransactions per backend in shared
+            // memory before it spills), the rest in the next cycle.
+            if !(1..=1000).contains(&v) {
                 return Err(ConfigError {
                     name: "DISPATCH_APPLY_BATCH",
-                    message: "must be 1..=50".into(),
+                    message: "must be 1..=1000".into(),
                 });
             }
             s.workers.apply_batch = v;

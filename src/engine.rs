@@ -251,6 +251,9 @@ impl<E: Into<EngineError>> From<E> for ApplyFault {
     }
 }
 
+/// Workflows of a failed batch applied one by one, each under a savepoint.
+const FALLBACK_WORKFLOWS: usize = 50;
+
 /// The durable engine.
 #[derive(Clone)]
 pub struct Engine {
@@ -866,7 +869,10 @@ impl Engine {
         wakes: &mut Wakes,
     ) -> Result<Vec<Applied>, EngineError> {
         let mut done = Vec::with_capacity(b.rows.len());
-        for row in b.rows {
+        // The rest of a large batch stays queued for the next cycle: each
+        // savepoint here is a subtransaction, and past 64 PostgreSQL spills
+        // them out of shared memory, slowing every other backend's snapshot.
+        for row in b.rows.iter().take(FALLBACK_WORKFLOWS) {
             let (tenant_id, workflow_id) = (row.tenant_id, row.id);
             sqlx::query("savepoint apply_one").execute(&mut *tx).await?;
             let mut writes = Writes::default();

@@ -66,7 +66,7 @@ impl Default for WorkerConfig {
         Self {
             concurrency: 4,
             batch_size: 20,
-            apply_batch: 32,
+            apply_batch: 128,
             effect_batch: 32,
             pumps: 2,
             deliveries: 16,
