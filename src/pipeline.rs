@@ -156,7 +156,7 @@ impl Pump {
                 }
                 Err(e) => {
                     failures += 1;
-                    tracing::warn!(error = ?e, outcomes = done.len(), "pipeline cycle failed");
+                    tracing::warn!(error = %e, outcomes = done.len(), "pipeline cycle failed");
                     if failures >= RECORD_RETRIES {
                         // Left to their leases: the sweep hands them out again.
                         done.clear();
