@@ -383,7 +383,11 @@ async fn fire_due_timers(
 ) -> Result<Option<Duration>, sqlx::Error> {
     let mut conn = pool.acquire().await?;
     loop {
-        let late = timers::fire_due(&mut conn, TIMER_BATCH, kinds).await?;
+        // The queue-transaction settings: the claim's cached plan is the
+        // index plan whatever the table sizes were when it was prepared.
+        let mut tx = crate::store::begin_queue_tx_on(&mut conn).await?;
+        let late = timers::fire_due(&mut tx, TIMER_BATCH, kinds).await?;
+        tx.commit().await?;
         if !late.is_empty() {
             wake.notify_one();
             for (kind, l) in &late {

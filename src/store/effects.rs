@@ -159,7 +159,6 @@ pub async fn claim_due(
     .bind(kinds)
     .bind(limit)
     .bind(lease_ms as f64)
-    .persistent(false)
     .fetch_all(conn)
     .await
 }

@@ -209,7 +209,6 @@ pub async fn queued_of(
     .bind(&tenants)
     .bind(&ids)
     .bind(limit)
-    .persistent(false)
     .fetch_all(conn)
     .await
 }

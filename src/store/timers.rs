@@ -148,7 +148,6 @@ pub async fn fire_due_for(
     )
     .bind(&tenants)
     .bind(&ids)
-    .persistent(false)
     .execute(conn)
     .await?;
     Ok(())
@@ -182,7 +181,6 @@ async fn fire(
     )))
     .bind(limit)
     .bind(kinds)
-    .persistent(false)
     .fetch_all(conn)
     .await
 }

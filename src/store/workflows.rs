@@ -150,7 +150,6 @@ pub async fn lock_with_queued(
     .bind(kinds)
     .bind(limit)
     .bind(CANNOT_ADVANCE)
-    .persistent(false)
     .fetch_all(conn)
     .await?;
     // One row per signal: keep each workflow once, in the order of its oldest signal.
