@@ -116,6 +116,9 @@ pub struct SignalIn<'a> {
     /// Whether the actor's role must be allowed to send it (ops overrides
     /// and the system's own sources do not check).
     pub enforce_roles: bool,
+    /// The sender waits for the outcome (`?wait_ms=`): it is announced on
+    /// [`SIGNAL_CHANNEL`] when decided. Nobody else's signal is.
+    pub awaited: bool,
 }
 
 impl<'a> SignalIn<'a> {
@@ -139,7 +142,13 @@ impl<'a> SignalIn<'a> {
             actor,
             origin: None,
             enforce_roles: true,
+            awaited: false,
         }
+    }
+
+    /// The same signal, its sender waiting for the outcome.
+    pub fn awaited(self, awaited: bool) -> Self {
+        Self { awaited, ..self }
     }
 
     /// The same signal, answered at `origin` (when given) once decided.
@@ -212,8 +221,6 @@ pub type StartGuard =
 /// What applying one workflow did, counted once its transaction committed.
 pub struct Applied {
     report: ApplyReport,
-    /// Signals finished (their waiters are told at commit).
-    finished: Vec<Uuid>,
     kind: String,
     entered: Vec<&'static str>,
     lateness: Vec<f64>,
@@ -232,6 +239,27 @@ impl Applied {
             .increment(self.report.rejected as u64);
         for l in self.lateness {
             metrics::histogram!(m::TIMER_LATENESS, "kind" => kind.clone()).record(l);
+        }
+    }
+}
+
+/// Why a batch was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchFault {
+    /// Claiming it, or applying it workflow by workflow, failed.
+    #[error(transparent)]
+    Read(EngineError),
+    /// Writing it as one set failed: the transaction is failed; roll it
+    /// back and apply the batch workflow by workflow.
+    #[error("the batch could not be written as one set: {0}")]
+    Set(EngineError),
+}
+
+impl BatchFault {
+    /// The engine error inside.
+    pub fn into_inner(self) -> EngineError {
+        match self {
+            BatchFault::Read(e) | BatchFault::Set(e) => e,
         }
     }
 }
@@ -566,6 +594,7 @@ impl Engine {
             actor_subject: actor.subject.as_deref(),
             received_at: None,
             origin: signal.origin,
+            wake: signal.awaited,
         };
         // The pumps claim it from `signals`; the wake-up only brings them
         // sooner than their poll.
@@ -588,7 +617,18 @@ impl Engine {
         if first.request_hash != request_hash {
             return Err(EngineError::IdempotencyKeyReused);
         }
-        Ok((SignalAnswer::from(&first), false))
+        let mut answer = SignalAnswer::from(&first);
+        if signal.awaited
+            && first.status == "queued"
+            && !signals::mark_awaited(&mut *tx, signal.tenant_id, first.id).await?
+        {
+            // Decided meanwhile: answer with the outcome.
+            let now = signals::by_id(&mut *tx, signal.tenant_id, first.id)
+                .await?
+                .ok_or(EngineError::NotFound)?;
+            answer = SignalAnswer::from(&now);
+        }
+        Ok((answer, false))
     }
 
     /// The current answer for a signal.
@@ -620,7 +660,6 @@ impl Engine {
         let kind = row.kind.clone();
         match self.apply_locked(&mut tx, row, &mut wakes).await {
             Ok(applied) => {
-                signals::announce_done(&mut tx, &applied.finished).await?;
                 if applied.report.more {
                     // The rest in a job of its own (this path serves single
                     // apply jobs: ops retries, the sweep).
@@ -708,6 +747,7 @@ impl Engine {
                 actor_subject: None,
                 received_at: Some(timer.due_at),
                 origin: None,
+                wake: false,
             };
             signals::insert(&mut *tx, &new).await?;
         }
@@ -718,28 +758,44 @@ impl Engine {
     /// transaction (group commit): each workflow is locked (`SKIP LOCKED`:
     /// another loop is on it), its signals applied in arrival order through
     /// the pure transition, and the whole batch's states, history, signal
-    /// outcomes and effects written with one statement per table. If that
-    /// fails, the batch is rolled back to its start and applied workflow by
-    /// workflow, each under a savepoint of its own, so one workflow that
-    /// cannot advance is rolled back alone and flagged for ops while the
-    /// others commit. Returns how many workflows were claimed.
+    /// outcomes and effects written with one statement. If that fails, the
+    /// transaction is rolled back and the batch claimed again and applied
+    /// workflow by workflow, each under a savepoint of its own, so one
+    /// workflow that cannot advance is rolled back alone and flagged for ops
+    /// while the others commit. Returns how many workflows were applied.
     #[instrument(skip_all, fields(batch.limit = limit, batch.size = tracing::field::Empty))]
     pub async fn apply_batch(&self, kinds: &[String], limit: i64) -> Result<usize, EngineError> {
-        let mut tx = store::begin_queue_tx(&self.pool).await?;
-        let done = self
-            .apply_batch_with(&mut tx, kinds, limit, Wakes::notify())
-            .await?;
-        tx.commit().await?;
-        let applied = done.len();
-        for a in done {
-            a.count();
+        let mut careful = false;
+        loop {
+            let mut tx = store::begin_queue_tx(&self.pool).await?;
+            let done = match self
+                .apply_batch_with(&mut tx, kinds, limit, Wakes::notify(), careful)
+                .await
+            {
+                Ok(done) => done,
+                Err(BatchFault::Set(e)) if !careful => {
+                    tracing::warn!(error = %e, "batch applied again workflow by workflow");
+                    drop(tx);
+                    careful = true;
+                    continue;
+                }
+                Err(f) => return Err(f.into_inner()),
+            };
+            tx.commit().await?;
+            let applied = done.len();
+            for a in done {
+                a.count();
+            }
+            // Workflows that failed do not count as progress (no hot loop on them).
+            return Ok(applied);
         }
-        // Workflows that failed do not count as progress (no hot loop on them).
-        Ok(applied)
     }
 
     /// [`Engine::apply_batch`] inside the caller's transaction: returns what
     /// was applied, for the caller to [`Applied::count`] once it committed.
+    /// Unless `careful`, the batch is written as one set with no savepoint:
+    /// a [`BatchFault::Set`] leaves the transaction failed, and the caller
+    /// rolls it back and calls again with `careful` (workflow by workflow).
     ///
     /// Effects it writes wake no one: the caller leases them in the same
     /// transaction (the pipeline's pumps do).
@@ -748,8 +804,9 @@ impl Engine {
         tx: &mut PgConnection,
         kinds: &[String],
         limit: i64,
-    ) -> Result<Vec<Applied>, EngineError> {
-        self.apply_batch_with(tx, kinds, limit, Wakes::deferred())
+        careful: bool,
+    ) -> Result<Vec<Applied>, BatchFault> {
+        self.apply_batch_with(tx, kinds, limit, Wakes::deferred(), careful)
             .await
     }
 
@@ -759,65 +816,39 @@ impl Engine {
         kinds: &[String],
         limit: i64,
         mut wakes: Wakes,
-    ) -> Result<Vec<Applied>, EngineError> {
+        careful: bool,
+    ) -> Result<Vec<Applied>, BatchFault> {
         if limit <= 0 {
             return Ok(Vec::new());
         }
-        let rows = store::workflows::lock_with_queued(&mut *tx, kinds, limit).await?;
-        if rows.is_empty() {
+        // Lock, timers, signals, configurations and the clock: one statement.
+        let batch = store::batch::claim(&mut *tx, kinds, limit, BATCH_SIGNALS_PER_WORKFLOW + 1)
+            .await
+            .map_err(|e| BatchFault::Read(e.into()))?;
+        if batch.rows.is_empty() {
             return Ok(Vec::new());
         }
-        tracing::Span::current().record("batch.size", rows.len());
-        // Each tenant's configuration once for the whole batch.
-        let mut tenant_ids: Vec<Uuid> = rows.iter().map(|r| r.tenant_id).collect();
-        tenant_ids.sort_unstable();
-        tenant_ids.dedup();
-        let configs = tenants::configs(&mut *tx, &tenant_ids).await?;
-        // Timers of these workflows due by now become signals first, so they
-        // take their place in arrival order (the timer loop may lag).
-        let ids: Vec<(Uuid, Uuid)> = rows.iter().map(|r| (r.tenant_id, r.id)).collect();
-        timers::fire_due_for(&mut *tx, &ids).await?;
-        let mut queued: std::collections::HashMap<Uuid, Vec<SignalRow>> =
-            std::collections::HashMap::with_capacity(rows.len());
-        for s in signals::queued_of(&mut *tx, &ids, BATCH_SIGNALS_PER_WORKFLOW + 1).await? {
-            queued.entry(s.workflow_id).or_default().push(s);
-        }
-        // One clock reading for the batch, taken after its timers fired.
-        let now = db_now(&mut *tx).await?;
+        tracing::Span::current().record("batch.size", batch.rows.len());
         let no_config = Value::Object(Default::default());
         let input = BatchInput {
-            rows: &rows,
-            queued: &queued,
-            configs: &configs,
+            rows: &batch.rows,
+            queued: &batch.queued,
+            configs: &batch.configs,
             no_config: &no_config,
-            now,
+            now: batch.now,
         };
-        sqlx::query("savepoint apply_batch")
-            .execute(&mut *tx)
-            .await?;
-        let done = match self.apply_set(&mut *tx, &input, &mut wakes).await {
-            Ok(done) => {
-                sqlx::query("release savepoint apply_batch")
-                    .execute(&mut *tx)
-                    .await?;
-                done
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "batch applied workflow by workflow");
-                sqlx::query("rollback to savepoint apply_batch")
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query("release savepoint apply_batch")
-                    .execute(&mut *tx)
-                    .await?;
-                self.apply_each(&mut *tx, &input, &mut wakes).await?
-            }
+        let done = if careful {
+            // Workflow by workflow, each under a savepoint of its own.
+            self.apply_each(&mut *tx, &input, &mut wakes)
+                .await
+                .map_err(BatchFault::Read)?
+        } else {
+            // The whole set in one write, no savepoint: if it fails, the
+            // caller rolls the transaction back and goes again carefully.
+            self.apply_set(&mut *tx, &input, &mut wakes)
+                .await
+                .map_err(BatchFault::Set)?
         };
-        let finished: Vec<Uuid> = done
-            .iter()
-            .flat_map(|a| a.finished.iter().copied())
-            .collect();
-        signals::announce_done(&mut *tx, &finished).await?;
         Ok(done)
     }
 
@@ -1017,7 +1048,6 @@ impl Engine {
         }
         let more = queued.len() as i64 > max_signals;
         let mut entered: Vec<&'static str> = Vec::new();
-        let mut finished = Vec::new();
         let mut report = ApplyReport {
             more,
             ..Default::default()
@@ -1083,7 +1113,6 @@ impl Engine {
                     event.commands = history_commands(&commands);
                     writes.history(tenant_id, workflow_id, &event);
                     writes.finish(tenant_id, sig.id, "applied", None, state_name);
-                    finished.push(sig.id);
                     self.answer_origin(&row, sig, "applied", None, state_name, writes);
                     report.applied += 1;
                     entered.push(state_name);
@@ -1093,7 +1122,6 @@ impl Engine {
                     event.reason = Some(&reason);
                     writes.history(tenant_id, workflow_id, &event);
                     writes.finish(tenant_id, sig.id, "rejected", Some(&reason), &from_state);
-                    finished.push(sig.id);
                     self.answer_origin(&row, sig, "rejected", Some(&reason), &from_state, writes);
                     report.rejected += 1;
                     tracing::info!(signal.name = %sig.name, state = %from_state, reason = %reason, "signal rejected");
@@ -1114,7 +1142,6 @@ impl Engine {
         }
         Ok(Applied {
             report,
-            finished,
             kind: row.kind.clone(),
             entered,
             lateness: Vec::new(),

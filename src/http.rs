@@ -472,7 +472,8 @@ async fn send_signal(
         &req.name,
         &req.payload,
         &actor,
-    );
+    )
+    .awaited(q.wait_ms.is_some_and(|ms| ms > 0));
     // A caller that waits is woken by the pumps' NOTIFY as its signal is
     // applied. Applying it in this request's own transaction instead (a
     // fast lane, tried) measured slower: eight round trips per request

@@ -429,6 +429,7 @@ async fn reply_signal(
         actor_subject: None,
         received_at: None,
         origin: None,
+        wake: false,
     };
     if signals::insert(&mut *conn, &new).await?.is_some() {
         let kind = workflow_kind(&mut *conn, effect).await?;

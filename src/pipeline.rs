@@ -23,10 +23,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, Postgres};
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Engine, EngineError};
+use crate::engine::{BatchFault, Engine, EngineError};
 use crate::notify::{self, Hub, Note};
 use crate::outbox::{Claimed, Delivery, Outbox};
 use crate::store::effects::EFFECT_QUEUED_CHANNEL;
@@ -82,28 +84,60 @@ impl Pump {
     }
 
     /// One cycle: record `done`, apply, lease; commit. Returns how many
-    /// workflows were applied and the effects leased for delivery.
+    /// workflows were applied and the effects leased for delivery. A batch
+    /// that cannot be written as one set fails the transaction (there is no
+    /// savepoint to spare on the common path): it is then gone through again,
+    /// workflow by workflow.
     async fn cycle(
         &self,
+        conn: &mut PgConnection,
         done: &[Delivery],
         lease: i64,
     ) -> Result<(usize, Vec<Claimed>), EngineError> {
-        let mut tx = crate::store::begin_queue_tx(self.engine.pool()).await?;
-        self.outbox.record_all(&mut tx, done.to_vec()).await?;
+        match self.attempt(&mut *conn, done, lease, false).await {
+            Err(BatchFault::Set(e)) => {
+                tracing::warn!(error = %e, "batch applied again workflow by workflow");
+                self.attempt(conn, done, lease, true)
+                    .await
+                    .map_err(BatchFault::into_inner)
+            }
+            other => other.map_err(BatchFault::into_inner),
+        }
+    }
+
+    async fn attempt(
+        &self,
+        conn: &mut PgConnection,
+        done: &[Delivery],
+        lease: i64,
+        careful: bool,
+    ) -> Result<(usize, Vec<Claimed>), BatchFault> {
+        let read = BatchFault::Read;
+        let mut tx = crate::store::begin_queue_tx_on(conn)
+            .await
+            .map_err(|e| read(e.into()))?;
+        self.outbox
+            .record_all(&mut tx, done.to_vec())
+            .await
+            .map_err(read)?;
         let applied = self
             .engine
-            .apply_batch_in(&mut tx, &self.kinds, self.cfg.apply_batch)
+            .apply_batch_in(&mut tx, &self.kinds, self.cfg.apply_batch, careful)
             .await?;
-        let claimed = self.outbox.claim_in(&mut tx, &self.kinds, lease).await?;
+        let claimed = self
+            .outbox
+            .claim_in(&mut tx, &self.kinds, lease)
+            .await
+            .map_err(read)?;
         if done.is_empty() && applied.is_empty() && claimed.is_empty() {
-            tx.rollback().await?;
+            tx.rollback().await.map_err(|e| read(e.into()))?;
             return Ok((0, claimed));
         }
         if !claimed.is_empty() {
             // The lease is not committed yet: dying here leaves every effect pending.
             crate::outbox::fault("before_effect");
         }
-        tx.commit().await?;
+        tx.commit().await.map_err(|e| read(e.into()))?;
         let n = applied.len();
         for a in applied {
             a.count();
@@ -118,6 +152,10 @@ impl Pump {
         let out = Arc::new(AtomicUsize::new(0));
         let mut done: Vec<Delivery> = Vec::new();
         let mut failures = 0u32;
+        // A pump keeps its own connection: its statements are prepared and
+        // planned once (the batch read costs milliseconds to plan), not on
+        // every pooled connection it happens to be handed.
+        let mut conn: Option<PoolConnection<Postgres>> = None;
         while !shutdown.is_cancelled() {
             while let Ok(d) = done_rx.try_recv() {
                 done.push(d);
@@ -128,7 +166,14 @@ impl Pump {
                 .saturating_sub(out.load(Ordering::Acquire));
             let lease = (free as i64).min(self.cfg.effect_batch);
             let mut busy = false;
-            match self.cycle(&done, lease).await {
+            let outcome = match conn.as_mut() {
+                Some(c) => self.cycle(c, &done, lease).await,
+                None => match self.engine.pool().acquire().await {
+                    Ok(c) => self.cycle(conn.insert(c), &done, lease).await,
+                    Err(e) => Err(e.into()),
+                },
+            };
+            match outcome {
                 Ok((applied, claimed)) => {
                     failures = 0;
                     done.clear();
@@ -155,6 +200,8 @@ impl Pump {
                     }
                 }
                 Err(e) => {
+                    // The connection may be what failed: take a fresh one.
+                    conn = None;
                     failures += 1;
                     tracing::warn!(error = %e, outcomes = done.len(), "pipeline cycle failed");
                     if failures >= RECORD_RETRIES {

@@ -492,3 +492,122 @@ async fn two_apis_and_two_workers_drive_workflows_to_completion_with_every_effec
         child.wait().unwrap();
     }
 }
+
+/// Only signals a caller waits on are announced when decided (each
+/// announcement wakes every listening process and takes PostgreSQL's
+/// notify lock at commit). A caller that waits on a replayed idempotency
+/// key — the signal was stored earlier by a caller that did not wait — is
+/// announced too: it gets its answer when the workers decide it, not at its
+/// two-second re-check.
+#[tokio::test]
+async fn only_signals_a_caller_waits_on_are_announced_and_a_replayed_wait_is_one_of_them() {
+    let app = TestApp::spawn_role(ProcessRole::Api).await;
+    let lead = Uuid::new_v4().to_string();
+    let (status, _) = app
+        .start(&app.keys.integration, "dispatch", &lead, lead_input(None))
+        .await;
+    assert_eq!(status, 201);
+    let mut listener = sqlx::postgres::PgListener::connect(&app.db_url)
+        .await
+        .unwrap();
+    listener.listen("dispatch_signal_done").await.unwrap();
+    // No worker runs yet: both stay queued.
+    let (s1, unwaited) = app
+        .signal(
+            &app.keys.operator,
+            &lead,
+            "nobody-waits",
+            "confirm",
+            json!({}),
+            None,
+        )
+        .await;
+    let (s2, replayed) = app
+        .signal(
+            &app.keys.operator,
+            &lead,
+            "replayed",
+            "paid",
+            json!({}),
+            None,
+        )
+        .await;
+    assert_eq!((s1, s2), (202, 202), "{unwaited} {replayed}");
+    let replay = {
+        let (http, url, key) = (
+            app.http.clone(),
+            format!(
+                "{}/v1/workflows/dispatch/{lead}/signals?wait_ms=30000",
+                app.url
+            ),
+            app.keys.operator.clone(),
+        );
+        tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .bearer_auth(key)
+                .header("Idempotency-Key", "replayed")
+                .json(&json!({"name": "paid", "payload": {}}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        })
+    };
+    let (replayed_id, unwaited_id) = (
+        replayed["signal_id"].as_str().unwrap().to_string(),
+        unwaited["signal_id"].as_str().unwrap().to_string(),
+    );
+    wait_for(
+        Duration::from_secs(10),
+        "the replay marked as awaited",
+        || {
+            let (pool, id) = (app.pool.clone(), replayed_id.clone());
+            async move {
+                let (wake,): (bool,) =
+                    sqlx::query_as("select wake from signals where id = $1::uuid")
+                        .bind(id)
+                        .fetch_one(&pool)
+                        .await
+                        .ok()?;
+                wake.then_some(())
+            }
+        },
+    )
+    .await;
+    let workers = dispatch::launch(
+        &test_settings(&app.db_url),
+        app.pool.clone(),
+        ProcessRole::Worker,
+        None,
+    )
+    .await
+    .unwrap();
+    let (status, answer) = replay.await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["signal_id"].as_str(), Some(replayed_id.as_str()));
+    assert!(
+        matches!(answer["status"].as_str(), Some("applied" | "rejected")),
+        "{answer}"
+    );
+    // Both were decided; only the awaited one was announced.
+    wait_for(Duration::from_secs(10), "both signals decided", || {
+        let pool = app.pool.clone();
+        async move {
+            let (queued,): (i64,) =
+                sqlx::query_as("select count(*) from signals where status = 'queued'")
+                    .fetch_one(&pool)
+                    .await
+                    .ok()?;
+            (queued == 0).then_some(())
+        }
+    })
+    .await;
+    let mut announced = Vec::new();
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await {
+        announced.extend(n.payload().split(',').map(str::to_string));
+    }
+    assert!(announced.contains(&replayed_id), "{announced:?}");
+    assert!(!announced.contains(&unwaited_id), "{announced:?}");
+    workers.stop().await;
+}

@@ -62,6 +62,8 @@ pub struct NewSignal<'a> {
     pub received_at: Option<DateTime<Utc>>,
     /// The chat it came from, to answer the sender.
     pub origin: Option<&'a Value>,
+    /// A caller waits for its outcome: announce it on [`SIGNAL_CHANNEL`].
+    pub wake: bool,
 }
 
 /// Insert a signal unless its idempotency key was seen; `None` on a duplicate.
@@ -71,8 +73,8 @@ pub async fn insert(
 ) -> Result<Option<SignalRow>, sqlx::Error> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "insert into signals (tenant_id, id, workflow_id, idempotency_key, name, payload, request_hash,
-                              actor_role, actor_subject, received_at, origin)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, coalesce($10, clock_timestamp()), $11)
+                              actor_role, actor_subject, received_at, origin, wake)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, coalesce($10, clock_timestamp()), $11, $12)
          on conflict (tenant_id, workflow_id, idempotency_key) do nothing returning {COLS}"
     )))
     .bind(s.tenant_id)
@@ -86,6 +88,7 @@ pub async fn insert(
     .bind(s.actor_subject)
     .bind(s.received_at)
     .bind(s.origin)
+    .bind(s.wake)
     .fetch_optional(conn)
     .await
 }
@@ -115,8 +118,8 @@ pub async fn insert_by_key(
         "with w as (select id from workflows where tenant_id = $1 and kind = $11 and key = $12),
          ins as (
              insert into signals (tenant_id, id, workflow_id, idempotency_key, name, payload, request_hash,
-                                  actor_role, actor_subject, received_at, origin)
-             select $1, $2, w.id, $3, $4, $5, $6, $7, $8, coalesce($9, clock_timestamp()), $10 from w
+                                  actor_role, actor_subject, received_at, origin, wake)
+             select $1, $2, w.id, $3, $4, $5, $6, $7, $8, coalesce($9, clock_timestamp()), $10, $14 from w
              on conflict (tenant_id, workflow_id, idempotency_key) do nothing returning {COLS})
          select {COLS}, (select count(*) from (select pg_notify($13, $11) where $13 is not null) n) as woken
          from ins"
@@ -134,6 +137,7 @@ pub async fn insert_by_key(
     .bind(to.kind)
     .bind(to.key)
     .bind(to.notify.then_some(SIGNAL_QUEUED_CHANNEL))
+    .bind(s.wake)
     .fetch_optional(conn)
     .await
 }
@@ -189,30 +193,6 @@ pub async fn queued(
     .await
 }
 
-/// [`queued`] for many workflows in one statement: up to `limit` queued
-/// signals of each, in arrival order per workflow (grouped by workflow). The
-/// caller holds every workflow's row lock.
-pub async fn queued_of(
-    conn: &mut PgConnection,
-    workflows: &[(Uuid, Uuid)],
-    limit: i64,
-) -> Result<Vec<SignalRow>, sqlx::Error> {
-    let (tenants, ids): (Vec<Uuid>, Vec<Uuid>) = workflows.iter().copied().unzip();
-    sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {COLS} from (
-             select s.*, row_number() over (partition by s.workflow_id order by s.received_at, s.seq) as rn
-             from signals s join unnest($1::uuid[], $2::uuid[]) w(tenant_id, id)
-               on s.tenant_id = w.tenant_id and s.workflow_id = w.id
-             where s.status = 'queued') q
-         where rn <= $3 order by workflow_id, received_at, seq"
-    )))
-    .bind(&tenants)
-    .bind(&ids)
-    .bind(limit)
-    .fetch_all(conn)
-    .await
-}
-
 /// NOTIFY channel carrying the id of each signal that was applied or rejected.
 pub const SIGNAL_CHANNEL: &str = "dispatch_signal_done";
 
@@ -255,23 +235,24 @@ pub async fn finish(
     Ok(r.rows_affected() == 1)
 }
 
-/// Wake the waiters of finished signals (delivered at commit): one
-/// notification per 200 ids, comma-separated — every notification wakes
-/// every listening process, so they are few and full.
-pub async fn announce_done(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Error> {
-    for chunk in ids.chunks(200) {
-        let payload = chunk
-            .iter()
-            .map(Uuid::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
-        sqlx::query("select pg_notify($1, $2)")
-            .bind(SIGNAL_CHANNEL)
-            .bind(payload)
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(())
+/// A caller now waits for a signal stored before without a waiter (a
+/// replayed idempotency key): its outcome is to be announced too. False if
+/// it is no longer queued (the caller reads the outcome). An apply already
+/// writing the outcome holds the row: this waits for its commit and then
+/// finds the signal decided.
+pub async fn mark_awaited(
+    conn: &mut PgConnection,
+    tenant_id: Uuid,
+    id: Uuid,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "update signals set wake = true where tenant_id = $1 and id = $2 and status = 'queued'",
+    )
+    .bind(tenant_id)
+    .bind(id)
+    .execute(conn)
+    .await?;
+    Ok(r.rows_affected() > 0)
 }
 
 /// Workflows flagged as ones this binary cannot advance whose signals have

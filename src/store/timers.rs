@@ -119,40 +119,6 @@ pub async fn fire_due(
     Ok(late)
 }
 
-/// [`fire_due`] for the given (locked) workflows, whatever their kind: a
-/// batch about to apply them takes their due timers first.
-pub async fn fire_due_for(
-    conn: &mut PgConnection,
-    workflows: &[(Uuid, Uuid)],
-) -> Result<(), sqlx::Error> {
-    let (tenants, ids): (Vec<Uuid>, Vec<Uuid>) = workflows.iter().copied().unzip();
-    sqlx::query(
-        "with due as (
-             select t.tenant_id, t.id from timers t
-             join unnest($1::uuid[], $2::uuid[]) w(tenant_id, id)
-               on t.tenant_id = w.tenant_id and t.workflow_id = w.id
-             where t.status = 'pending' and (t.due_at <= clock_timestamp() or t.fire_now)
-             for update of t skip locked),
-         fired as (
-             update timers t set status = 'fired', closed_at = now() from due
-             where t.tenant_id = due.tenant_id and t.id = due.id
-             returning t.tenant_id, t.id, t.workflow_id, t.due_at, t.signal)
-         insert into signals (tenant_id, id, workflow_id, idempotency_key, name, payload,
-                              request_hash, actor_role, received_at)
-         select f.tenant_id, gen_random_uuid(), f.workflow_id, 'timer:' || f.id, f.signal,
-                jsonb_build_object('due', f.due_at),
-                sha256(convert_to('{\"timer\":\"' || f.id || '\"}', 'UTF8')), 'system',
-                least(f.due_at, clock_timestamp())
-         from fired f
-         on conflict (tenant_id, workflow_id, idempotency_key) do nothing",
-    )
-    .bind(&tenants)
-    .bind(&ids)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 async fn fire(
     conn: &mut PgConnection,
     limit: i64,

@@ -122,45 +122,6 @@ pub async fn lock(
 /// migration); other notes (a dead-lettered effect) do not stop signals.
 pub const CANNOT_ADVANCE: &str = "cannot advance: ";
 
-/// Lock up to `limit` workflows of `kinds` that have queued signals, oldest
-/// signal first, skipping rows another transaction holds (it is applying
-/// them) and workflows this binary cannot advance (flagged
-/// [`CANNOT_ADVANCE`]: they wait for a migration, not a
-/// retry). Kind, flag and lock are decided before the limit, so signals of
-/// other kinds, flagged workflows or busy rows never crowd the window.
-pub async fn lock_with_queued(
-    conn: &mut PgConnection,
-    kinds: &[String],
-    limit: i64,
-) -> Result<Vec<WorkflowRow>, sqlx::Error> {
-    let cols = COLS
-        .split(", ")
-        .map(|c| format!("w.{c}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let rows: Vec<WorkflowRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "select {cols} from signals s
-         join workflows w on w.tenant_id = s.tenant_id and w.id = s.workflow_id
-         where s.status = 'queued' and w.kind = any($1)
-           and (w.attention is null or not starts_with(w.attention, $3))
-         order by s.received_at, s.seq
-         limit $2 * 4
-         for no key update of w skip locked"
-    )))
-    .bind(kinds)
-    .bind(limit)
-    .bind(CANNOT_ADVANCE)
-    .fetch_all(conn)
-    .await?;
-    // One row per signal: keep each workflow once, in the order of its oldest signal.
-    let mut seen = std::collections::HashSet::new();
-    Ok(rows
-        .into_iter()
-        .filter(|w| seen.insert((w.tenant_id, w.id)))
-        .take(limit as usize)
-        .collect())
-}
-
 /// Flag a workflow this binary cannot advance, unless it carries another
 /// note (a dead-lettered effect) that ops must not lose.
 pub async fn flag_cannot_advance(

@@ -176,7 +176,9 @@ impl Writes {
 
     /// Write everything in one statement: one data-modifying `WITH` part
     /// per table that has rows, each an `UNNEST` of column arrays, and with
-    /// `notify` a NOTIFY on it for each kind that queued effects. (Only the
+    /// `notify` a NOTIFY on it for each kind that queued effects; decided
+    /// signals a caller waits on are announced on
+    /// [`super::signals::SIGNAL_CHANNEL`]. (Only the
     /// parts with rows are in the statement: an empty part still costs its
     /// plan and its scans.)
     pub async fn flush(
@@ -188,6 +190,7 @@ impl Writes {
             return Ok(Flushed::default());
         }
         let (e, h, f, s) = (self.effects, self.history, self.finished, self.states);
+        let want_decided = f.tenant_id.len() as i64;
         let kinds: Vec<String> = self.effect_kinds.into_iter().collect();
         let mut parts = Vec::new();
         let mut next = 0;
@@ -233,7 +236,8 @@ impl Writes {
                         applied_at = clock_timestamp()
                  from unnest(${}::uuid[], ${}::uuid[], ${}::text[], ${}::text[], ${}::text[])
                       u(tenant_id, id, status, reason, state_after)
-                 where s.tenant_id = u.tenant_id and s.id = u.id and s.status = 'queued')",
+                 where s.tenant_id = u.tenant_id and s.id = u.id and s.status = 'queued'
+                 returning s.id, s.wake)",
                 p[0], p[1], p[2], p[3], p[4]
             ));
         }
@@ -270,12 +274,34 @@ impl Writes {
         } else {
             "0::int8".to_string()
         };
+        // Callers waiting on a decided signal (its row says so: `RETURNING`
+        // reads the version this update wrote, a waiter's mark included)
+        // are told at commit, 200 ids to a notification.
+        let announced = if has.2 {
+            let p = params(1);
+            format!(
+                "(select count(*) from (
+                     select pg_notify(${}, string_agg(id::text, ',')) from (
+                         select id, (row_number() over () - 1) / 200 as g from f where wake) x
+                     group by g) n)",
+                p[0]
+            )
+        } else {
+            "0::int8".to_string()
+        };
+        let decided = if has.2 {
+            "(select count(*) from f)"
+        } else {
+            "0::int8"
+        };
         let sql = format!(
-            "with {}, counts as (select {effects} as effects, {updated} as updated)
-             select effects, updated, case when effects > 0 then {woken} else 0 end from counts",
+            "with {}, counts as (select {effects} as effects, {updated} as updated,
+                                        {decided} as decided)
+             select effects, updated, decided, case when effects > 0 then {woken} else 0 end,
+                    {announced} from counts",
             parts.join(",\n")
         );
-        let mut q = sqlx::query_as::<_, (i64, i64, i64)>(sqlx::AssertSqlSafe(sql));
+        let mut q = sqlx::query_as::<_, (i64, i64, i64, i64, i64)>(sqlx::AssertSqlSafe(sql));
         if has.0 {
             q = q
                 .bind(e.tenant_id)
@@ -325,8 +351,13 @@ impl Writes {
         if let (true, Some(channel)) = (has.0, notify) {
             q = q.bind(channel.to_string()).bind(kinds);
         }
-        let (effects, updated, _woken) = q.fetch_one(&mut *conn).await?;
-        if updated != want {
+        if has.2 {
+            q = q.bind(super::signals::SIGNAL_CHANNEL);
+        }
+        let (effects, updated, decided, _woken, _announced) = q.fetch_one(&mut *conn).await?;
+        // A signal decided by someone else since it was read (the batch read
+        // it from an older snapshot) fences the write like a moved workflow.
+        if updated != want || decided != want_decided {
             return Err(FlushError::Fenced);
         }
         Ok(Flushed {
