@@ -76,10 +76,13 @@ pub async fn claim(
                  from c) x
              where k = 1 order by first_at, first_seq limit $2),
          due as (
-             select t.tenant_id, t.id from timers t
-             join l on t.tenant_id = l.tenant_id and t.workflow_id = l.id
-             where t.status = 'pending' and (t.due_at <= clock_timestamp() or t.fire_now)
-             for update of t skip locked),
+             -- Lateral: each workflow's timers by index, whatever the
+             -- planner guesses of the volatile due condition.
+             select t.tenant_id, t.id from l cross join lateral (
+                 select x.tenant_id, x.id from timers x
+                 where x.tenant_id = l.tenant_id and x.workflow_id = l.id and x.status = 'pending'
+                   and (x.due_at <= clock_timestamp() or x.fire_now)
+                 for update of x skip locked) t),
          fired as (
              update timers t set status = 'fired', closed_at = now() from due
              where t.tenant_id = due.tenant_id and t.id = due.id

@@ -7,14 +7,12 @@
 //!
 //! The statements that claim work from the queue tables (queued signals, due
 //! effects, due timers) run in a queue transaction ([`begin_queue_tx`]):
-//! sequential scans, hash and merge joins and bitmap scans are off and every
-//! statement runs on its one generic plan, made at its first execution on
-//! the connection. The plan is therefore the index plan whatever the table
-//! sizes were when it was made. (A plan made from an empty database and run
-//! against thousands of queued rows — a nested loop over sequential scans —
-//! held one pump in a single claim for over a minute, measured with 8,000
-//! workflows; planning on every execution instead cost 1–2 ms of a 7 ms
-//! signal-to-commit path, measured with statement logging.)
+//! sequential scans, hash and merge joins and bitmap scans are off. On a
+//! pump's own connection they also run on generic plans
+//! ([`begin_generic_queue_tx_on`]), made again whenever the statistics were
+//! refreshed: planning on every execution cost 1–2 ms of a 7 ms
+//! signal-to-commit path (measured with statement logging), while a plan
+//! kept from a nearly empty table walked whole tenants once it had grown.
 
 pub mod batch;
 pub mod drivers;
@@ -126,9 +124,37 @@ pub async fn begin_queue_tx_on(
     sqlx::Connection::begin_with(conn, QUEUE_TX).await
 }
 
+/// [`begin_queue_tx_on`] on a pump's own connection: every statement runs
+/// on its generic plan, made once. The pump replans (clears its statement
+/// cache) whenever [`stats_epoch`] moved or its plans are older than
+/// [`REPLAN_AFTER`]: a generic plan keeps the index choices of the
+/// statistics it was made from, and one made while a table was nearly
+/// empty probed a whole tenant's rows per lookup once it had grown
+/// (measured with `auto_explain`).
+pub async fn begin_generic_queue_tx_on(
+    conn: &mut sqlx::PgConnection,
+) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, sqlx::Error> {
+    sqlx::Connection::begin_with(conn, GENERIC_QUEUE_TX).await
+}
+
+/// How long a pump's generic plans are kept at most.
+pub const REPLAN_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
 const QUEUE_TX: &str = "begin; set local enable_seqscan = off; set local enable_hashjoin = off; \
+     set local enable_mergejoin = off; set local enable_bitmapscan = off";
+
+const GENERIC_QUEUE_TX: &str =
+    "begin; set local enable_seqscan = off; set local enable_hashjoin = off; \
      set local enable_mergejoin = off; set local enable_bitmapscan = off; \
      set local plan_cache_mode = force_generic_plan";
+
+static STATS_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Bumped each time this process refreshed the hot tables' statistics
+/// ([`refresh_stats`]): plans made before are to be made again.
+pub fn stats_epoch() -> u64 {
+    STATS_EPOCH.load(std::sync::atomic::Ordering::Acquire)
+}
 
 /// The tables queue work reads by index on every cycle.
 const HOT_TABLES: [&str; 6] = [
@@ -161,6 +187,9 @@ pub async fn refresh_stats(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query("select pg_advisory_unlock(hashtext('dispatch:refresh_stats'))")
         .execute(&mut *conn)
         .await?;
+    if analyzed.as_ref().is_ok_and(|t| !t.is_empty()) {
+        STATS_EPOCH.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
     analyzed
 }
 

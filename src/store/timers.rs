@@ -147,6 +147,10 @@ async fn fire(
     )))
     .bind(limit)
     .bind(kinds)
+    // Planned on every execution: the timer loop runs on any pooled
+    // connection, and a plan kept from an empty table would walk every
+    // pending timer.
+    .persistent(false)
     .fetch_all(conn)
     .await
 }
