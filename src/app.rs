@@ -39,30 +39,17 @@ pub fn known(settings: &Settings) -> Registry {
     }
 }
 
-/// The workflows this process runs (`ENABLED_WORKFLOWS`, default all).
+/// The workflows this process runs: [`known`] filtered by
+/// `ENABLED_WORKFLOWS` (default all). One list, so a kind added to
+/// `Registry::builtin` can be enabled by name with nothing else to change.
 pub fn registry(settings: &Settings) -> Result<Registry, AppError> {
-    let Some(enabled) = &settings.enabled_workflows else {
+    match &settings.enabled_workflows {
         // Every business workflow (the benchmark's only when named).
-        return Ok(Registry::builtin());
-    };
-    let mut reg = Registry::new();
-    for kind in enabled {
-        match kind.as_str() {
-            "dispatch" => reg = reg.with::<workflows::dispatch::Dispatch>(),
-            "lead_finalization" => {
-                reg = reg.with::<workflows::lead_finalization::LeadFinalization>()
-            }
-            "driver_registration" => {
-                reg = reg.with::<workflows::driver_registration::DriverRegistration>()
-            }
-            "route_dispatch" => reg = reg.with::<workflows::route_dispatch::RouteDispatch>(),
-            "bench_chain" if settings.bench_workload => {
-                reg = reg.with::<workflows::bench_chain::BenchChain>()
-            }
-            other => return Err(AppError::UnknownWorkflow(other.to_string())),
-        }
+        None => Ok(Registry::builtin()),
+        Some(enabled) => known(settings)
+            .only(enabled)
+            .map_err(AppError::UnknownWorkflow),
     }
-    Ok(reg)
 }
 
 /// A running application.

@@ -362,6 +362,56 @@ fn svix_headers(id: &str, body: &str) -> Vec<(String, String)> {
     ]
 }
 
+#[tokio::test]
+async fn courier_runs_on_a_worker_serving_only_its_kinds() {
+    // ENABLED_WORKFLOWS=driver_registration,route_dispatch: a driver registers
+    // by deep link, gets a route on Telegram and by email, and acknowledges it.
+    let app = TestApp::spawn_with(dispatch::ProcessRole::All, |s| {
+        s.enabled_workflows = Some(vec!["driver_registration".into(), "route_dispatch".into()])
+    })
+    .await;
+    let fake = Fake::start().await;
+    providers(&app, &fake).await;
+    add_driver(&app, "t0", Some("t0@drivers.example")).await;
+    register(&app, &fake, "t0", 8100, 300).await;
+    let route = json!({"idempotency_key": "route-solo", "driver_id": "t0",
+        "route": {"reference": "R-900", "date": "2026-11-23", "text": "Stops for R-900: depot → depot"}});
+    let (code, batch) = call(
+        &app,
+        "POST",
+        "/v1/dispatches/batch",
+        Some(json!({"items": [route]})),
+    )
+    .await;
+    assert_eq!(code, 200, "{batch}");
+    let id = batch["items"][0]["id"].as_str().unwrap().to_string();
+    wait_for(Duration::from_secs(20), "the route on Telegram", || async {
+        sent_to(&fake, 8100)
+            .iter()
+            .any(|t| t.starts_with("Route R-900"))
+            .then_some(())
+    })
+    .await;
+    telegram(&app, button(301, 8100, &format!("ack:{id}"))).await;
+    let d = wait_for(Duration::from_secs(20), "the acknowledgement", || async {
+        let (_, d) = call(&app, "GET", &format!("/v1/dispatches/{id}"), None).await;
+        (d["state"] == "ACKNOWLEDGED" && d["channels"]["email"]["status"] == "sent").then_some(d)
+    })
+    .await;
+    assert_eq!(d["channels"]["telegram"]["status"], "acknowledged", "{d}");
+    let emails = fake
+        .ok_calls("/emails")
+        .into_iter()
+        .filter(|r| {
+            r.body["subject"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("Route R-900")
+        })
+        .count();
+    assert_eq!(emails, 1, "the email sent once");
+}
+
 async fn resend_event(app: &TestApp, id: &str, event: Value) -> u16 {
     let body = event.to_string();
     let mut r = app

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use dispatch::workflows::Role;
+use dispatch::ProcessRole;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -53,6 +54,46 @@ async fn step(
 async fn happy_path_reaches_details_released_with_every_effect_delivered() {
     let app = TestApp::spawn().await;
     let lead = published(&app, None).await;
+    walk_to_details_released(&app, &lead).await;
+}
+
+#[tokio::test]
+async fn the_moving_product_runs_on_a_worker_serving_only_its_kinds() {
+    // ENABLED_WORKFLOWS=dispatch,lead_finalization: a lead is finalized, its
+    // dispatch published to the crew, claimed, paid and released.
+    let app = TestApp::spawn_with(ProcessRole::All, |s| {
+        s.enabled_workflows = Some(vec!["dispatch".into(), "lead_finalization".into()])
+    })
+    .await;
+    app.set_config(json!({"dispatch": {"crew": {"enabled": true}}}))
+        .await;
+    let lead = Uuid::new_v4().to_string();
+    let (code, body) = app
+        .start(
+            &app.keys.integration,
+            "lead_finalization",
+            &lead,
+            lead_input(None),
+        )
+        .await;
+    assert_eq!(
+        (code, body["state"].as_str()),
+        (201, Some("FINALIZED")),
+        "{body}"
+    );
+    app.wait_state(&lead, "PUBLISHED").await;
+    walk_to_details_released(&app, &lead).await;
+    let keys: Vec<String> = app.deliveries().await.into_iter().map(|d| d.0).collect();
+    assert!(
+        keys.contains(&format!("{lead}:operator_full_v1")),
+        "lead finalization's own effect ran here: {keys:?}"
+    );
+}
+
+/// Claim, confirm, invoice, pay and release a published job; every effect
+/// delivered once, and the client's details only in the release.
+async fn walk_to_details_released(app: &TestApp, lead: &str) {
+    let (app, lead) = (app, lead.to_string());
     let ops = app.keys.operator.clone();
     step(
         &app,
@@ -138,7 +179,11 @@ async fn happy_path_reaches_details_released_with_every_effect_delivered() {
         publish.2
     );
     for canary in CANARIES {
-        for d in deliveries.iter().filter(|d| !d.0.ends_with("release_v1")) {
+        // The release and the operator's own copy (lead finalization) carry them.
+        for d in deliveries
+            .iter()
+            .filter(|d| !d.0.ends_with("release_v1") && !d.0.ends_with("operator_full_v1"))
+        {
             assert!(
                 !d.2.contains(canary),
                 "{canary} leaked into {}: {}",

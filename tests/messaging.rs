@@ -12,6 +12,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use common::*;
 use dispatch::workflows::Role;
+use dispatch::ProcessRole;
 use fake::Fake;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -43,7 +44,21 @@ impl Pet {
     /// numbers and `pool` pool numbers (all provisioned through Twilio), the
     /// sitters sam and pia, and the clients cara, carl and cleo.
     async fn new(sitters: usize, pool: usize) -> Pet {
-        let app = TestApp::spawn().await;
+        Pet::serving(sitters, pool, None).await
+    }
+
+    /// [`Pet::new`] on a process whose worker serves only `kinds`
+    /// (`ENABLED_WORKFLOWS`), or every kind.
+    async fn serving(sitters: usize, pool: usize, kinds: Option<&str>) -> Pet {
+        let app = match kinds {
+            None => TestApp::spawn().await,
+            Some(kinds) => {
+                TestApp::spawn_with(ProcessRole::All, |s| {
+                    s.enabled_workflows = Some(kinds.split(',').map(str::to_string).collect())
+                })
+                .await
+            }
+        };
         let fake = Fake::start().await;
         let r = app
             .http
@@ -409,7 +424,24 @@ async fn front_desk_takes_inquiries_and_anything_without_an_active_window() {
 #[tokio::test]
 async fn sitter_masked_number_carries_service_messages_in_the_window_and_weekly_clients_stay_on_it()
 {
-    let pet = Pet::new(2, 1).await;
+    masked_numbers_main_flow(Pet::new(2, 1).await).await;
+}
+
+/// The product's kinds, as an operator enables them on a dedicated worker.
+const MESSAGING_KINDS: &str =
+    "sitter_lifecycle,pool_number,assignment_window,meet_and_greet,poaching_strikes,message_relay";
+
+#[tokio::test]
+async fn messaging_runs_on_a_worker_serving_only_its_kinds() {
+    let pet = Pet::serving(2, 1, Some(MESSAGING_KINDS)).await;
+    // Onboarding (sitter_lifecycle) and the pool (pool_number) ran here.
+    pet.wait_state("sitter_lifecycle", "sam", "ACTIVE").await;
+    masked_numbers_main_flow(pet).await;
+}
+
+/// Book a weekly client with a sitter and relay a message each way through
+/// the sitter's masked number.
+async fn masked_numbers_main_flow(pet: Pet) {
     let sam = pet.sitter_number("sam").await;
     let pia = pet.sitter_number("pia").await;
     assert_ne!(sam, pia, "one persistent number per sitter");

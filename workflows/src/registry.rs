@@ -204,6 +204,21 @@ impl Registry {
             .with::<crate::message_relay::MessageRelay>()
     }
 
+    /// Keep only the named kinds (`ENABLED_WORKFLOWS`); a name this
+    /// registry does not have is returned as the error.
+    pub fn only<S: AsRef<str>>(mut self, kinds: &[S]) -> Result<Self, String> {
+        if let Some(unknown) = kinds
+            .iter()
+            .map(AsRef::as_ref)
+            .find(|k| !self.map.contains_key(k))
+        {
+            return Err(unknown.to_string());
+        }
+        self.map
+            .retain(|kind, _| kinds.iter().any(|k| k.as_ref() == *kind));
+        Ok(self)
+    }
+
     /// Look a kind up.
     pub fn get(&self, kind: &str) -> Option<&dyn DynWorkflow> {
         self.map.get(kind).map(|b| b.as_ref())
@@ -212,5 +227,30 @@ impl Registry {
     /// Kind names, sorted.
     pub fn kinds(&self) -> Vec<&'static str> {
         self.map.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Registry;
+
+    #[test]
+    fn only_keeps_the_named_kinds_and_names_an_unknown_one() {
+        let every = Registry::builtin().kinds();
+        for kind in &every {
+            assert_eq!(
+                Registry::builtin().only(&[kind]).unwrap().kinds(),
+                [*kind],
+                "every built-in kind can be enabled by name"
+            );
+        }
+        let two = Registry::builtin()
+            .only(&["message_relay", "dispatch"])
+            .unwrap();
+        assert_eq!(two.kinds(), ["dispatch", "message_relay"]);
+        assert_eq!(
+            Registry::builtin().only(&["dispatch", "nope"]).err(),
+            Some("nope".to_string())
+        );
     }
 }
