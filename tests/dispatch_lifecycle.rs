@@ -93,10 +93,10 @@ async fn the_moving_product_runs_on_a_worker_serving_only_its_kinds() {
 /// Claim, confirm, invoice, pay and release a published job; every effect
 /// delivered once, and the client's details only in the release.
 async fn walk_to_details_released(app: &TestApp, lead: &str) {
-    let (app, lead) = (app, lead.to_string());
+    let lead = lead.to_string();
     let ops = app.keys.operator.clone();
     step(
-        &app,
+        app,
         &app.keys.executor,
         &lead,
         "claim",
@@ -104,26 +104,10 @@ async fn walk_to_details_released(app: &TestApp, lead: &str) {
         "CLAIMED",
     )
     .await;
-    step(
-        &app,
-        &ops,
-        &lead,
-        "confirm",
-        json!({}),
-        "OPERATOR_CONFIRMED",
-    )
-    .await;
-    step(&app, &ops, &lead, "invoice_sent", json!({}), "INVOICE_SENT").await;
-    step(
-        &app,
-        &app.keys.integration,
-        &lead,
-        "paid",
-        json!({}),
-        "PAID",
-    )
-    .await;
-    step(&app, &ops, &lead, "release", json!({}), "DETAILS_RELEASED").await;
+    step(app, &ops, &lead, "confirm", json!({}), "OPERATOR_CONFIRMED").await;
+    step(app, &ops, &lead, "invoice_sent", json!({}), "INVOICE_SENT").await;
+    step(app, &app.keys.integration, &lead, "paid", json!({}), "PAID").await;
+    step(app, &ops, &lead, "release", json!({}), "DETAILS_RELEASED").await;
     app.wait_effects_settled().await;
 
     let (_, wf) = app.get(&ops, &lead).await;
