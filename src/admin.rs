@@ -13,21 +13,9 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 use workflows::Role;
 
-use crate::http::{parse_body, ApiError, ApiState, Caller};
+use crate::http::{parse_body, require, ApiError, ApiState, Caller};
 use crate::store::providers::{self, Person};
 use crate::store::tenants;
-
-pub(crate) fn require(caller: &Caller, roles: &[Role], what: &str) -> Result<(), ApiError> {
-    if roles.contains(&caller.0.role) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("role `{}` may not {what}", caller.0.role.as_str()),
-        ))
-    }
-}
 
 fn invalid(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", message)

@@ -12,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 use workflows::Registry;
 
 use crate::config::{ProcessRole, Settings};
+use crate::delivery::ByName;
 use crate::engine::Engine;
-use crate::http::{self, ApiState};
+use crate::http::ApiState;
 use crate::outbox::Outbox;
 use crate::workers;
 
@@ -97,7 +98,7 @@ pub async fn embed(settings: &Settings, pool: PgPool) -> Result<(axum::Router, R
     running
         .hub
         .forward_applied(applied.clone(), running.shutdown.clone());
-    let router = http::router(ApiState {
+    let router = crate::api::router(ApiState {
         engine,
         applied,
         public_url: settings.public_url.clone(),
@@ -147,7 +148,7 @@ pub async fn launch(
         addr = Some(listener.local_addr()?);
         let applied = crate::notify::Waiters::default();
         hub.forward_applied(applied.clone(), shutdown.clone());
-        let app = http::router(ApiState {
+        let app = crate::api::router(ApiState {
             engine: engine.clone(),
             applied,
             public_url: settings.public_url.clone(),
@@ -160,10 +161,18 @@ pub async fn launch(
         tasks.spawn(crate::edge::serve(listener, app, edge, shutdown.clone()));
     }
     if matches!(role, ProcessRole::Worker | ProcessRole::All) {
-        let outbox = Outbox::new(pool.clone(), settings.outbox.clone());
+        // Products' own effect handlers, by name; everything else goes
+        // through the channel router.
+        let router = crate::channels::route::Router::new();
+        let deliver = ByName::new(Arc::new(router.clone())).with(
+            crate::messaging::effects::NAMES,
+            Arc::new(crate::messaging::effects::Effects::new()),
+        );
+        let outbox = Outbox::new(pool.clone(), settings.outbox.clone(), Arc::new(deliver));
         let mut set = workers::spawn(
             engine,
             outbox,
+            Arc::new(crate::intake::Intake::new(router)),
             hub.clone(),
             wake,
             &served.kinds(),

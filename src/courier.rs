@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
@@ -40,8 +40,9 @@ use workflows::driver_registration::DriverRegistration;
 use workflows::route_dispatch::RouteDispatch;
 use workflows::{Role, Workflow};
 
-use crate::admin::require;
+use crate::channels::qr::qr_png;
 use crate::http::{parse_body, ApiError, ApiState, Caller};
+use crate::http::{require, valid_id, IdempotencyKey};
 use crate::store::drivers::{self, Driver};
 use crate::store::{effects, providers, workflows as wf_store};
 
@@ -73,36 +74,6 @@ pub fn qr_svg(text: &str) -> Result<String, qrcode::types::QrError> {
         .build())
 }
 
-/// The QR code of `text` as a PNG (8 pixels a module, 4-module quiet zone).
-pub fn qr_png(text: &str) -> Result<Vec<u8>, qrcode::types::QrError> {
-    const SCALE: usize = 8;
-    const QUIET: usize = 4;
-    let code = qrcode::QrCode::new(text.as_bytes())?;
-    let width = code.width();
-    let colors = code.to_colors();
-    let side = (width + 2 * QUIET) * SCALE;
-    let mut pixels = vec![255u8; side * side];
-    for (i, color) in colors.iter().enumerate() {
-        if *color == qrcode::Color::Dark {
-            let (mx, my) = (i % width + QUIET, i / width + QUIET);
-            for y in my * SCALE..(my + 1) * SCALE {
-                pixels[y * side + mx * SCALE..y * side + (mx + 1) * SCALE].fill(0);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    {
-        let mut encoder = png::Encoder::new(&mut out, side as u32, side as u32);
-        encoder.set_color(png::ColorType::Grayscale);
-        encoder.set_depth(png::BitDepth::Eight);
-        let mut writer = encoder.write_header().expect("PNG header to memory");
-        writer
-            .write_image_data(&pixels)
-            .expect("PNG data to memory");
-    }
-    Ok(out)
-}
-
 /// SHA-256 of a registration token: what the database keeps.
 pub fn token_hash(token: &str) -> Vec<u8> {
     Sha256::digest(token.as_bytes()).to_vec()
@@ -124,13 +95,6 @@ struct DriverBody {
     /// Channels to dispatch on, in order; default `["telegram", "email"]`.
     #[serde(default)]
     channels: Option<Vec<String>>,
-}
-
-pub(crate) fn valid_id(id: &str) -> bool {
-    let mut chars = id.chars();
-    id.len() <= 64
-        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
 }
 
 fn valid_email(e: &str) -> bool {
@@ -614,23 +578,10 @@ async fn drivers_map(
 async fn create_dispatch(
     State(st): State<ApiState>,
     caller: Caller,
-    headers: HeaderMap,
+    IdempotencyKey(key): IdempotencyKey,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     require(&caller, MANAGERS, "dispatch routes")?;
-    let key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "idempotency_key_required",
-                "an `Idempotency-Key` header is required",
-            )
-        })?
-        .to_string();
     let b: DispatchBody = parse_body(&body)?;
     let tenant = caller.0.tenant_id;
     let mut conn = st.engine.pool().acquire().await?;

@@ -32,6 +32,10 @@ pub use crate::store::workflows::CANNOT_ADVANCE;
 
 /// Signals of one workflow one batch applies (the rest wait for the next
 /// batch): keeps a batch transaction short and its row locks brief.
+/// The effect that answers a chat-originated signal: written by the engine,
+/// delivered by the channel the signal came from.
+pub const SIGNAL_REPLY: &str = "signal_reply";
+
 const BATCH_SIGNALS_PER_WORKFLOW: i64 = 16;
 
 /// Engine errors. The HTTP layer maps each to a status code in one place.
@@ -1167,7 +1171,7 @@ impl Engine {
         });
         writes.effect(
             row,
-            crate::channels::route::SIGNAL_REPLY,
+            SIGNAL_REPLY,
             &format!("{}:reply_v1", sig.id),
             &payload,
             None,

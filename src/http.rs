@@ -6,9 +6,9 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, RawQuery, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::{Json, Router};
+use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use utoipa_axum::router::OpenApiRouter;
@@ -18,7 +18,7 @@ use workflows::{Actor, ParseError, Role};
 
 use crate::engine::{Engine, EngineError, SignalAnswer, SignalIn};
 use crate::store::tenants::{self, Principal};
-use crate::store::{effects, jobs, timers, workflows as wf_store};
+use crate::store::{effects, timers, workflows as wf_store};
 
 /// Longest `?wait_ms=` a caller may ask for.
 pub const MAX_WAIT_MS: u64 = 30_000;
@@ -191,6 +191,58 @@ impl FromRequestParts<ApiState> for Caller {
             .await?
             .ok_or_else(unauthorized)?;
         Ok(Caller(principal))
+    }
+}
+
+/// The `Idempotency-Key` header: one key per intended request, 1..=255
+/// printable characters (trimmed). Required as `IdempotencyKey` (absent or
+/// blank: `400 idempotency_key_required`), optional as
+/// `Option<IdempotencyKey>`; present but too long or with control
+/// characters, `400 invalid_idempotency_key` either way.
+pub struct IdempotencyKey(pub String);
+
+impl IdempotencyKey {
+    fn read(parts: &Parts) -> Result<Option<Self>, ApiError> {
+        let Some(value) = parts.headers.get("idempotency-key") else {
+            return Ok(None);
+        };
+        let invalid = || {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_idempotency_key",
+                "Idempotency-Key: 1..=255 printable characters",
+            )
+        };
+        let key = value.to_str().map_err(|_| invalid())?.trim();
+        if key.is_empty() {
+            return Ok(None);
+        }
+        if key.len() > 255 || key.chars().any(char::is_control) {
+            return Err(invalid());
+        }
+        Ok(Some(IdempotencyKey(key.to_string())))
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        IdempotencyKey::read(parts)?.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "idempotency_key_required",
+                "an `Idempotency-Key` header (1..=255 printable characters) is required",
+            )
+        })
+    }
+}
+
+impl<S: Send + Sync> axum::extract::OptionalFromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Option<Self>, Self::Rejection> {
+        IdempotencyKey::read(parts)
     }
 }
 
@@ -444,23 +496,10 @@ async fn send_signal(
     caller: Caller,
     Path((kind, key)): Path<(String, String)>,
     RawQuery(raw_query): RawQuery,
-    headers: HeaderMap,
+    IdempotencyKey(idem): IdempotencyKey,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     check_key(&key)?;
-    let idem = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|k| !k.is_empty() && k.len() <= 255)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "idempotency_key_required",
-                "an `Idempotency-Key` header (1..=255 chars) is required",
-            )
-        })?
-        .to_string();
     let q = WaitQuery::parse(raw_query.as_deref())?;
     let req: SignalRequest = parse_body(&body)?;
     let actor = caller.actor();
@@ -514,180 +553,51 @@ async fn wait_for(
     }
 }
 
-#[utoipa::path(get, path = "/healthz", tag = "service", responses((status = 200, description = "The process is up", body = serde_json::Value)))]
-async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
-}
-
-#[utoipa::path(get, path = "/readyz", tag = "service", responses((status = 200, description = "Ready: database reachable; queue depth and served kinds", body = serde_json::Value), (status = 503, description = "The database is unreachable", body = serde_json::Value)))]
-async fn readyz(State(st): State<ApiState>) -> Response {
-    let probe = async {
-        let mut conn = st.engine.pool().acquire().await?;
-        let depth = jobs::queue_depth(&mut conn).await?;
-        // A kind is served while some worker on its apply queue heartbeats.
-        let served = jobs::served_kinds(&mut conn, 15.0).await?;
-        Ok::<_, sqlx::Error>((depth, served))
-    };
-    match tokio::time::timeout(Duration::from_secs(3), probe).await {
-        Ok(Ok((rows, served))) => {
-            let queues: serde_json::Map<String, Value> =
-                rows.into_iter().map(|(q, n)| (q, json!(n))).collect();
-            // Signals for an unserved kind are accepted and wait durably.
-            let kinds: serde_json::Map<String, Value> = st
-                .engine
-                .registry()
-                .kinds()
-                .into_iter()
-                .map(|k| {
-                    (
-                        k.to_string(),
-                        json!(if served.iter().any(|s| s == k) {
-                            "served"
-                        } else {
-                            "unserved"
-                        }),
-                    )
-                })
-                .collect();
-            Json(json!({"status": "ready", "database": "ok", "queue_depth": queues, "workflows": kinds}))
-                .into_response()
-        }
-        _ => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "unavailable", "database": "unreachable"})),
-        )
-            .into_response(),
+/// `caller` must hold one of `roles` to `what` (403 `forbidden`).
+pub fn require(caller: &Caller, roles: &[Role], what: &str) -> Result<(), ApiError> {
+    if roles.contains(&caller.0.role) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("role `{}` may not {what}", caller.0.role.as_str()),
+        ))
     }
 }
 
-/// Prometheus exposition; gauges are sampled from the database at scrape.
-#[utoipa::path(get, path = "/metrics", tag = "service", responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain")))]
-async fn metrics_endpoint(State(st): State<ApiState>) -> Response {
-    let handle = crate::metrics::handle();
-    let sample = async {
-        let mut conn = st.engine.pool().acquire().await?;
-        let depth = jobs::queue_depth(&mut conn).await?;
-        // The same three reasons as the ops list: dead effect, overdue timer,
-        // no progress past the workflow's own deadline for its state.
-        let (kinds, states, secs) = crate::ops::stuck_deadlines(st.engine.registry());
-        let (stuck,): (i64,) = sqlx::query_as(
-            "select count(*) from workflows w
-             left join unnest($1::text[], $2::text[], $3::float8[]) as d(kind, state, secs)
-               on d.kind = w.kind and d.state = w.state_name
-             where exists (select 1 from effects e where e.tenant_id = w.tenant_id and e.workflow_id = w.id and e.status = 'dead')
-                or exists (select 1 from timers t where t.tenant_id = w.tenant_id and t.workflow_id = w.id
-                           and t.status = 'pending' and t.due_at < now() - interval '60 seconds')
-                or (w.status = 'running' and w.updated_at < now() - make_interval(secs => d.secs))",
-        )
-        .bind(&kinds)
-        .bind(&states)
-        .bind(&secs)
-        .fetch_one(&mut *conn)
-        .await?;
-        Ok::<_, sqlx::Error>((depth, stuck))
-    };
-    if let Ok(Ok((depth, stuck))) = tokio::time::timeout(Duration::from_secs(3), sample).await {
-        // Every queue this deployment knows, so an emptied one reads 0.
-        let mut queues: Vec<String> = vec![jobs::INBOUND_QUEUE.to_string()];
-        for kind in st.engine.registry().kinds() {
-            queues.push(jobs::apply_queue(kind));
-            queues.push(jobs::effect_queue(kind));
-        }
-        for queue in queues {
-            let n = depth
-                .iter()
-                .find(|(q, _)| *q == queue)
-                .map_or(0, |(_, n)| *n);
-            metrics::gauge!(crate::metrics::QUEUE_DEPTH, "queue" => queue).set(n as f64);
-        }
-        metrics::gauge!(crate::metrics::STUCK_WORKFLOWS).set(stuck as f64);
-    }
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        handle.render(),
-    )
-        .into_response()
+/// Every mutating ops or owner action needs a reason (1..=500 printable
+/// characters; 400 `reason_required`).
+pub fn reason_of(body: &Value) -> Result<String, ApiError> {
+    use workflows::text::{check, TextKind};
+    body.get("reason")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|r| check(r, TextKind::Line, 500).is_ok())
+        .map(str::to_string)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "reason_required",
+                "a `reason` (1..=500 printable characters) is required",
+            )
+        })
 }
 
-async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "no_such_route", "no such route")
+/// An id a caller chooses (drivers, sitters, clients): 1..=64 letters,
+/// digits and `_.-`, starting with a letter or digit.
+pub fn valid_id(id: &str) -> bool {
+    let mut chars = id.chars();
+    id.len() <= 64
+        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
 }
 
-#[utoipa::path(get, path = "/openapi.json", tag = "service", responses((status = 200, description = "This OpenAPI 3 document", body = serde_json::Value)))]
-async fn openapi_json() -> Response {
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        crate::openapi::document_json(),
-    )
-        .into_response()
-}
-
-/// Every route with its OpenAPI description: the router and `/openapi.json`
-/// come from this one list, so neither can miss a route.
-pub fn api_router() -> OpenApiRouter<ApiState> {
-    OpenApiRouter::with_openapi(crate::openapi::base())
-        .routes(routes!(healthz))
-        .routes(routes!(readyz))
-        .routes(routes!(metrics_endpoint))
-        .routes(routes!(openapi_json))
-        .routes(routes!(crate::console::index))
-        .routes(routes!(crate::console::script))
-        .routes(routes!(crate::console::style))
+/// The runtime's own routes: start a workflow, read it, signal it. The API
+/// surface (the `api` module) merges them with the products' and ops' routes.
+pub fn routes() -> OpenApiRouter<ApiState> {
+    OpenApiRouter::new()
         .routes(routes!(start_workflow))
         .routes(routes!(get_workflow))
         .routes(routes!(send_signal))
-        .merge(crate::intake::routes::router())
-        .merge(crate::admin::router())
-        .merge(crate::ops::router())
-        .merge(crate::courier::router())
-        .merge(crate::messaging::router())
-}
-
-/// Rejections axum answers by itself (a body over the limit, a wrong method or
-/// content type) get our JSON error shape and a machine-readable code too.
-async fn json_errors(response: Response) -> Response {
-    let status = response.status();
-    let is_json = response
-        .headers()
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|c| c.starts_with("application/json"));
-    if !status.is_client_error() || is_json {
-        return response;
-    }
-    let code = match status {
-        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
-        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-        StatusCode::NOT_FOUND => "no_such_route",
-        _ => "bad_request",
-    };
-    let allow = response.headers().get(axum::http::header::ALLOW).cloned();
-    let message = status
-        .canonical_reason()
-        .unwrap_or("bad request")
-        .to_lowercase();
-    let mut out = (
-        status,
-        Json(json!({"error": {"code": code, "message": message}})),
-    )
-        .into_response();
-    if let Some(allow) = allow {
-        out.headers_mut().insert(axum::http::header::ALLOW, allow);
-    }
-    out
-}
-
-/// Build the router.
-pub fn router(state: ApiState) -> Router {
-    let (router, _) = api_router().split_for_parts();
-    let limit = state.max_body_bytes;
-    router
-        .fallback(not_found)
-        .layer(axum::extract::DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::map_response(json_errors))
-        .with_state(state)
 }

@@ -326,6 +326,30 @@ async fn by_short_id(
     Ok(rows.into_iter().map(|r| r.0).collect())
 }
 
+/// The provider-event processor the workers run (`delivery::Inbound`):
+/// replies go out through `router`.
+pub struct Intake {
+    router: Router,
+}
+
+impl Intake {
+    /// Process events, replying through `router`.
+    pub fn new(router: Router) -> Self {
+        Intake { router }
+    }
+}
+
+impl crate::delivery::Inbound for Intake {
+    fn process<'a>(
+        &'a self,
+        engine: &'a Engine,
+        tenant_id: Uuid,
+        inbound_id: Uuid,
+    ) -> futures::future::BoxFuture<'a, Result<&'static str, EngineError>> {
+        Box::pin(process(engine, &self.router, tenant_id, inbound_id))
+    }
+}
+
 /// Process one stored inbound event (idempotent: the signal is keyed by the
 /// provider's event id, a polite reply by the event row).
 pub async fn process(

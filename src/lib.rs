@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod api;
 pub mod app;
 pub mod bench;
 pub mod channels;
@@ -15,6 +16,7 @@ pub mod config;
 pub mod console;
 pub mod courier;
 pub mod crew;
+pub mod delivery;
 pub mod edge;
 pub mod engine;
 pub mod http;

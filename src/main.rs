@@ -355,7 +355,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Openapi => {
-            println!("{}", dispatch::openapi::document_json());
+            println!("{}", dispatch::api::document_json());
             Ok(())
         }
         Cmd::Scan { text } => {

@@ -2,8 +2,6 @@
 //! same handler annotations the router is built from: every route the router
 //! serves is in the document by construction (`utoipa_axum::routes!`).
 
-use std::sync::OnceLock;
-
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoResponses, Modify, OpenApi, ToSchema};
 
@@ -73,14 +71,4 @@ struct Base;
 /// The base document (info, security scheme, tags) the routes are added to.
 pub fn base() -> utoipa::openapi::OpenApi {
     Base::openapi()
-}
-
-/// The full document as JSON, built once.
-pub fn document_json() -> &'static str {
-    static DOC: OnceLock<String> = OnceLock::new();
-    DOC.get_or_init(|| {
-        let doc = crate::http::api_router().into_openapi();
-        doc.to_pretty_json()
-            .expect("the OpenAPI document serializes")
-    })
 }

@@ -8,7 +8,7 @@
 use crate::engine::SignalIn;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -21,23 +21,12 @@ use uuid::Uuid;
 use workflows::{Actor, Role};
 
 use crate::http::{parse_body, ApiError, ApiState, Caller};
+use crate::http::{reason_of, require, IdempotencyKey};
 use crate::store::jobs::{self, ApplyJob, EffectJob};
-use crate::store::{effects, timers, workflows as wf_store};
+use crate::store::{audit, effects, timers, workflows as wf_store};
 
 /// A timer this far past due counts as overdue (stuck).
 const TIMER_OVERDUE_S: f64 = 60.0;
-
-fn require(caller: &Caller, roles: &[Role], what: &str) -> Result<(), ApiError> {
-    if roles.contains(&caller.0.role) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("role `{}` may not {what}", caller.0.role.as_str()),
-        ))
-    }
-}
 
 fn not_found(what: &str) -> ApiError {
     ApiError::new(
@@ -45,63 +34,6 @@ fn not_found(what: &str) -> ApiError {
         "not_found",
         format!("no such {what}"),
     )
-}
-
-/// Every mutating action needs a reason (1..=500 characters).
-pub(crate) fn reason_of(body: &Value) -> Result<String, ApiError> {
-    use workflows::text::{check, TextKind};
-    body.get("reason")
-        .and_then(Value::as_str)
-        .map(str::trim)
-        .filter(|r| check(r, TextKind::Line, 500).is_ok())
-        .map(str::to_string)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "reason_required",
-                "a `reason` (1..=500 printable characters) is required",
-            )
-        })
-}
-
-fn actor_name(caller: &Caller) -> String {
-    caller
-        .0
-        .subject
-        .clone()
-        .unwrap_or_else(|| format!("key:{}", caller.0.key_id))
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn audit(
-    conn: &mut PgConnection,
-    caller: &Caller,
-    action: &str,
-    workflow_id: Option<Uuid>,
-    target: Option<&str>,
-    reason: &str,
-    before: Option<&str>,
-    detail: Value,
-) -> Result<Uuid, sqlx::Error> {
-    let id = Uuid::now_v7();
-    sqlx::query(
-        "insert into audit_log (tenant_id, id, actor_role, actor_subject, action, workflow_id, target, reason, before_state, detail)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    )
-    .bind(caller.0.tenant_id)
-    .bind(id)
-    .bind(caller.0.role.as_str())
-    .bind(actor_name(caller))
-    .bind(action)
-    .bind(workflow_id)
-    .bind(target)
-    .bind(reason)
-    .bind(before)
-    .bind(detail)
-    .execute(conn)
-    .await?;
-    tracing::info!(ops.action = action, workflow.id = ?workflow_id, "ops action audited");
-    Ok(id)
 }
 
 // ---- list and show ----
@@ -388,9 +320,9 @@ async fn revive(
     .execute(&mut *tx)
     .await?;
     detail["effect_id"] = json!(effect_id);
-    let id = audit(
+    let id = audit::record(
         tx,
-        caller,
+        &caller.0,
         "retry_effect",
         Some(target.workflow_id),
         Some(&name),
@@ -479,9 +411,9 @@ async fn fire_timer(
         Some(format!("ops:tmr:{timer_id}")),
     )
     .await?;
-    let audit_id = audit(
+    let audit_id = audit::record(
         &mut tx,
-        &caller,
+        &caller.0,
         "fire_timer",
         Some(id),
         Some(&name),
@@ -526,7 +458,7 @@ async fn send(
     let row = load(&mut tx, caller.0.tenant_id, id).await?;
     let actor = Actor {
         role: caller.0.role,
-        subject: Some(actor_name(caller)),
+        subject: Some(audit::actor_name(&caller.0)),
     };
     // Ops may send any signal (system ones too: an audited override);
     // operators only what their role may send anyway.
@@ -550,9 +482,9 @@ async fn send(
     let audit_id = if new {
         let detail = json!({ "signal_id": answer.signal_id, "signal": name });
         Some(
-            audit(
+            audit::record(
                 &mut tx,
-                caller,
+                &caller.0,
                 action,
                 Some(id),
                 Some(name),
@@ -569,20 +501,9 @@ async fn send(
     Ok(json!({ "signal_id": answer.signal_id, "status": answer.status, "audit_id": audit_id }))
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
-    headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|k| !k.is_empty() && k.len() <= 255)
-        .map(|k| format!("ops:{k}"))
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "idempotency_key_required",
-                "an `Idempotency-Key` header is required",
-            )
-        })
+/// Ops actions' keys live in their own namespace beside integrations' keys.
+fn ops_key(IdempotencyKey(k): IdempotencyKey) -> String {
+    format!("ops:{k}")
 }
 
 #[utoipa::path(post, path = "/v1/ops/workflows/{id}/signals", tag = "ops", params(("id" = Uuid, Path, description = "Workflow id"), ("Idempotency-Key" = String, Header, description = "One key per intended action")), request_body = SignalBody, security(("bearer" = [])), responses((status = 202, description = "Signal queued (audited)", body = serde_json::Value), crate::openapi::ClientErrors))]
@@ -590,7 +511,7 @@ async fn signal(
     State(st): State<ApiState>,
     caller: Caller,
     Path(id): Path<Uuid>,
-    headers: HeaderMap,
+    idem: IdempotencyKey,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     require(
@@ -614,7 +535,7 @@ async fn signal(
         &b.name,
         &b.payload,
         &reason,
-        &idempotency_key(&headers)?,
+        &ops_key(idem),
         "signal",
     )
     .await?;
@@ -626,7 +547,7 @@ async fn cancel(
     State(st): State<ApiState>,
     caller: Caller,
     Path(id): Path<Uuid>,
-    headers: HeaderMap,
+    idem: IdempotencyKey,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     require(&caller, &[Role::Ops, Role::Operator], "cancel workflows")?;
@@ -638,7 +559,7 @@ async fn cancel(
         "cancel",
         &json!({ "reason": reason }),
         &reason,
-        &idempotency_key(&headers)?,
+        &ops_key(idem),
         "cancel",
     )
     .await?;
@@ -660,7 +581,7 @@ async fn force(
     State(st): State<ApiState>,
     caller: Caller,
     Path(id): Path<Uuid>,
-    headers: HeaderMap,
+    idem: IdempotencyKey,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     require(&caller, &[Role::Ops], "force transitions")?;
@@ -673,7 +594,7 @@ async fn force(
             e.to_string(),
         )
     })?;
-    let idem = idempotency_key(&headers)?;
+    let idem = ops_key(idem);
     let mut conn = st.engine.pool().acquire().await?;
     let row = load(&mut conn, caller.0.tenant_id, id).await?;
     drop(conn);

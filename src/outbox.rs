@@ -8,6 +8,7 @@
 //! written in the same transaction that records the failure (APALIS.md §3).
 //! An effect with a `reply` feeds its result back as a signal.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -17,8 +18,8 @@ use sqlx::{PgConnection, PgPool};
 use tracing::instrument;
 use uuid::Uuid;
 
-use crate::channels::route::Router;
-pub use crate::channels::{ChannelError, Sent};
+use crate::delivery::Deliver;
+pub use crate::delivery::{ChannelError, Sent};
 use crate::engine::EngineError;
 use crate::metrics as m;
 use crate::store::effects::{self, EffectRow};
@@ -100,21 +101,16 @@ pub struct Delivery {
 pub struct Outbox {
     pool: PgPool,
     config: OutboxConfig,
-    router: Router,
+    deliver: Arc<dyn Deliver>,
 }
 
 impl Outbox {
-    /// The channel router effects are delivered through.
-    pub fn router(&self) -> &Router {
-        &self.router
-    }
-
-    /// Build over a pool.
-    pub fn new(pool: PgPool, config: OutboxConfig) -> Self {
+    /// Build over a pool; effects are carried out by `deliver`.
+    pub fn new(pool: PgPool, config: OutboxConfig, deliver: Arc<dyn Deliver>) -> Self {
         Self {
             pool,
             config,
-            router: Router::new(),
+            deliver,
         }
     }
 
@@ -293,7 +289,8 @@ impl Outbox {
         let started = std::time::Instant::now();
         let result = match tokio::time::timeout(
             budget,
-            self.router.deliver(conn, effect, config, effect.send_after),
+            self.deliver
+                .deliver(conn, effect, config, effect.send_after),
         )
         .await
         {

@@ -23,6 +23,9 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use tracing::Instrument;
+
+use crate::delivery::Inbound;
 use crate::engine::{Engine, TIMER_CHANNEL};
 use crate::notify::{Hub, Note, APALIS_INSERT_CHANNEL};
 use crate::outbox::Outbox;
@@ -174,6 +177,7 @@ impl PollStrategy for WakeStrategy {
 struct Handlers {
     engine: Engine,
     outbox: Outbox,
+    inbound: Arc<dyn Inbound>,
 }
 
 async fn handle(job: Value, h: Data<Arc<Handlers>>) -> Result<(), BoxDynError> {
@@ -190,21 +194,29 @@ async fn handle(job: Value, h: Data<Arc<Handlers>>) -> Result<(), BoxDynError> {
         return Ok(());
     }
     match env.kind.as_str() {
+        // A span per job: ids only, never personal data.
         "apply" => {
             let job: ApplyJob = serde_json::from_value(env.body)?;
+            let span = tracing::info_span!("job", job.kind = "apply", tenant.id = %job.tenant_id, workflow.id = %job.workflow_id);
             h.engine
                 .apply_pending(job.tenant_id, job.workflow_id)
+                .instrument(span)
                 .await?;
         }
         "effect" => {
             let job: EffectJob = serde_json::from_value(env.body)?;
+            let span = tracing::info_span!("job", job.kind = "effect", tenant.id = %job.tenant_id, effect.id = %job.effect_id);
             h.outbox
                 .run(job.tenant_id, job.effect_id, job.after_attempts)
+                .instrument(span)
                 .await?;
         }
         "inbound" => {
             let job: InboundJob = serde_json::from_value(env.body)?;
-            crate::intake::process(&h.engine, h.outbox.router(), job.tenant_id, job.inbound_id)
+            let span = tracing::info_span!("job", job.kind = "inbound", tenant.id = %job.tenant_id, inbound.id = %job.inbound_id);
+            h.inbound
+                .process(&h.engine, job.tenant_id, job.inbound_id)
+                .instrument(span)
                 .await?;
         }
         other => tracing::error!(kind = other, "unknown job kind; dropped"),
@@ -486,9 +498,11 @@ async fn sweep_loop(
 
 /// Spawn every background task of the worker role; they stop when `shutdown`
 /// is cancelled, draining in-flight jobs for up to the shutdown grace.
+#[allow(clippy::too_many_arguments)] // each is a separate part start-up wires in
 pub fn spawn(
     engine: Engine,
     outbox: Outbox,
+    inbound: Arc<dyn Inbound>,
     hub: Hub,
     wake: Arc<tokio::sync::Notify>,
     served: &[&str],
@@ -531,7 +545,11 @@ pub fn spawn(
         shutdown.clone(),
     ));
     let engine_for_schedules = engine.clone();
-    let h = Arc::new(Handlers { engine, outbox });
+    let h = Arc::new(Handlers {
+        engine,
+        outbox,
+        inbound,
+    });
     let inserted = route_inserts(&hub, &queues, shutdown.clone());
     for (queue, inserted) in queues.into_iter().zip(inserted) {
         set.spawn(supervise(

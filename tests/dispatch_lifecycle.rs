@@ -643,6 +643,12 @@ async fn bad_input_gets_a_clear_4xx_and_stores_nothing() {
         (code, body["error"]["code"].as_str()),
         (400, Some("idempotency_key_required"))
     );
+    let long: &'static str = "k".repeat(256).leak();
+    let (code, body) = post_raw(&path, r#"{"name": "claim"}"#, Some(long)).await;
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (400, Some("invalid_idempotency_key"))
+    );
     let (code, body) = post_raw(&path, "[1,2", Some("k1")).await;
     assert_eq!(
         (code, body["error"]["code"].as_str()),

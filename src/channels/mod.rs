@@ -10,6 +10,7 @@
 //! never re-sends what already went out.
 
 pub mod email;
+pub mod qr;
 pub mod route;
 pub mod telegram;
 pub mod twilio;
@@ -23,104 +24,10 @@ use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::store::deliveries;
 use crate::store::providers::{self, ProviderRow};
 
-/// How a delivery failed.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum ChannelError {
-    /// Worth retrying (timeouts, 5xx, 429).
-    #[error("transient: {message}")]
-    Transient {
-        /// Classified description (never personal data).
-        message: String,
-        /// The provider's `Retry-After`, if it gave one.
-        retry_after: Option<Duration>,
-    },
-    /// Will never succeed (4xx, missing configuration, unknown effect).
-    #[error("permanent: {message}")]
-    Permanent {
-        /// Classified description.
-        message: String,
-    },
-    /// Not yet: the rate limit reserved a slot at this time.
-    #[error("deferred until {until}")]
-    Deferred {
-        /// The reserved slot.
-        until: DateTime<Utc>,
-    },
-}
-
-impl ChannelError {
-    pub(crate) fn permanent(message: impl Into<String>) -> Self {
-        ChannelError::Permanent {
-            message: message.into(),
-        }
-    }
-
-    pub(crate) fn transient(message: impl Into<String>) -> Self {
-        ChannelError::Transient {
-            message: message.into(),
-            retry_after: None,
-        }
-    }
-}
-
-impl From<sqlx::Error> for ChannelError {
-    fn from(e: sqlx::Error) -> Self {
-        ChannelError::transient(format!("database: {e}"))
-    }
-}
-
-/// What a delivery produced: the result reported back, and — for the
-/// built-in `log` channel, whose "send" is its ledger row — that row, written
-/// by the transaction that records the outcome, so it lands exactly once with
-/// the effect's status and costs no commit of its own.
-#[derive(Debug, Clone)]
-pub struct Sent {
-    /// The result stored on the effect (and fed back as its reply signal).
-    pub result: Value,
-    /// The log channel's ledger row still to write.
-    pub log: Option<LogEntry>,
-}
-
-impl Sent {
-    /// Sent through a provider (its ledger row is already written).
-    pub fn done(result: Value) -> Self {
-        Sent { result, log: None }
-    }
-}
-
-/// A log-channel message to record in the ledger.
-#[derive(Debug, Clone)]
-pub struct LogEntry {
-    /// Who it is for (a role name, never personal data).
-    pub recipient: String,
-    /// The rendered text.
-    pub body: String,
-}
-
-impl LogEntry {
-    /// Write the ledger row; returns the message id to report (the first
-    /// one when an earlier attempt already wrote it).
-    pub async fn write(
-        &self,
-        conn: &mut PgConnection,
-        effect: &crate::store::effects::EffectRow,
-    ) -> Result<String, sqlx::Error> {
-        ledger_insert(
-            conn,
-            effect.tenant_id,
-            effect.id,
-            "log",
-            &effect.idempotency_key,
-            &self.recipient,
-            &effect.payload,
-            &self.body,
-            None,
-        )
-        .await
-    }
-}
+pub use crate::delivery::{ChannelError, LogEntry, Sent};
 
 /// Classify a provider's HTTP answer. `description` must be the provider's
 /// error text (it never contains our message body).
@@ -346,24 +253,7 @@ pub(crate) async fn already_sent(
     channel: &str,
     key: &str,
 ) -> Result<Option<String>, ChannelError> {
-    Ok(ledger_get(conn, tenant_id, channel, key).await?)
-}
-
-async fn ledger_get(
-    conn: &mut PgConnection,
-    tenant_id: Uuid,
-    channel: &str,
-    key: &str,
-) -> Result<Option<String>, sqlx::Error> {
-    let r: Option<(Option<String>, Uuid)> = sqlx::query_as(
-        "select provider_message_id, id from deliveries where tenant_id = $1 and channel = $2 and idempotency_key = $3",
-    )
-    .bind(tenant_id)
-    .bind(channel)
-    .bind(key)
-    .fetch_optional(conn)
-    .await?;
-    Ok(r.map(|(pid, id)| pid.unwrap_or_else(|| id.to_string())))
+    Ok(deliveries::get(conn, tenant_id, channel, key).await?)
 }
 
 /// Ledger: record a send. Returns the message id to report (the first one on a repeat).
@@ -379,7 +269,7 @@ pub(crate) async fn record_sent(
     body: &str,
     provider_message_id: Option<&str>,
 ) -> Result<String, ChannelError> {
-    Ok(ledger_insert(
+    Ok(deliveries::insert(
         conn,
         tenant_id,
         effect_id,
@@ -391,42 +281,4 @@ pub(crate) async fn record_sent(
         provider_message_id,
     )
     .await?)
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn ledger_insert(
-    conn: &mut PgConnection,
-    tenant_id: Uuid,
-    effect_id: Uuid,
-    channel: &str,
-    key: &str,
-    recipient: &str,
-    payload: &Value,
-    body: &str,
-    provider_message_id: Option<&str>,
-) -> Result<String, sqlx::Error> {
-    let inserted: Option<(Uuid,)> = sqlx::query_as(
-        "insert into deliveries (tenant_id, id, effect_id, channel, idempotency_key, recipient, payload, body, provider_message_id)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-         on conflict (tenant_id, channel, idempotency_key) do nothing returning id",
-    )
-    .bind(tenant_id)
-    .bind(Uuid::now_v7())
-    .bind(effect_id)
-    .bind(channel)
-    .bind(key)
-    .bind(recipient)
-    .bind(payload)
-    .bind(body)
-    .bind(provider_message_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    match inserted {
-        Some((id,)) => Ok(provider_message_id
-            .map(str::to_string)
-            .unwrap_or_else(|| id.to_string())),
-        None => Ok(ledger_get(conn, tenant_id, channel, key)
-            .await?
-            .unwrap_or_default()),
-    }
 }

@@ -44,8 +44,7 @@ use workflows::route_dispatch::effects as route_effects;
 /// deferred job wakes about 2 s early).
 const SLOT_WAIT: Duration = Duration::from_secs(10);
 
-/// The effect that answers a chat-originated signal (written by the engine).
-pub const SIGNAL_REPLY: &str = "signal_reply";
+use crate::engine::SIGNAL_REPLY;
 
 /// Who a message is for.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,6 +109,18 @@ impl Default for Router {
     }
 }
 
+impl crate::delivery::Deliver for Router {
+    fn deliver<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        effect: &'a EffectRow,
+        config: Option<&'a Value>,
+        send_after: Option<DateTime<Utc>>,
+    ) -> futures::future::BoxFuture<'a, Result<Sent, ChannelError>> {
+        Box::pin(Router::deliver(self, conn, effect, config, send_after))
+    }
+}
+
 impl Router {
     /// A router with its own HTTP client.
     pub fn new() -> Self {
@@ -136,11 +147,6 @@ impl Router {
         };
         let config = config.as_ref();
         inject_failure(config, effect)?;
-        if crate::messaging::effects::handles(&effect.name) {
-            return crate::messaging::effects::deliver(&self.http, conn, effect)
-                .await
-                .map(Sent::done);
-        }
         if effect.name == registration_effects::BIND_CHAT {
             // Local: the driver's chat is stored; nothing is sent.
             let (Some(driver), Some(chat)) = (
@@ -759,7 +765,7 @@ async fn render_courier(
             .await?
             .ok_or_else(|| ChannelError::permanent("the driver no longer exists"))?;
         let expires = str_field(&input, "expires_at").unwrap_or("soon");
-        let png = crate::courier::qr_png(link)
+        let png = super::qr::qr_png(link)
             .map_err(|e| ChannelError::permanent(format!("QR code: {e}")))?;
         let text = format!(
             "Hello {},\n\nTo receive your route assignments on Telegram, open this link on your phone and press Start:\n\n{link}\n\nOr scan the attached QR code with your phone's camera. The link works once and expires at {expires} (UTC).\n",

@@ -30,9 +30,53 @@ async fn workflow_key(conn: &mut PgConnection, effect: &EffectRow) -> Result<Str
     Ok(key)
 }
 
-/// Whether this module handles the effect.
-pub fn handles(name: &str) -> bool {
-    name.starts_with("msg_")
+/// The effects this module carries out, registered by name with the
+/// runtime's delivery (`delivery::ByName`) at start-up.
+pub const NAMES: &[&str] = &[
+    message_relay::effects::SEND,
+    sitter_lifecycle::effects::REGISTER_NUMBER,
+    sitter_lifecycle::effects::RECYCLE_NUMBER,
+    pool_number::effects::RELEASED,
+    pool_number::effects::AVAILABLE,
+    meet_and_greet::effects::APPROVED,
+    meet_and_greet::effects::FAILED,
+    poaching_strikes::effects::OWNER_ALERT,
+];
+
+/// Messaging's effect handler (see [`NAMES`]), with its own HTTP client.
+pub struct Effects {
+    http: reqwest::Client,
+}
+
+impl Effects {
+    /// A handler with the channels' HTTP client settings.
+    pub fn new() -> Self {
+        Effects {
+            http: crate::channels::http_client(),
+        }
+    }
+}
+
+impl Default for Effects {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl crate::delivery::Deliver for Effects {
+    fn deliver<'a>(
+        &'a self,
+        conn: &'a mut PgConnection,
+        effect: &'a EffectRow,
+        _config: Option<&'a Value>,
+        _send_after: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> futures::future::BoxFuture<'a, Result<crate::delivery::Sent, ChannelError>> {
+        Box::pin(async move {
+            deliver(&self.http, conn, effect)
+                .await
+                .map(crate::delivery::Sent::done)
+        })
+    }
 }
 
 /// Carry out one messaging effect.

@@ -33,7 +33,7 @@ pub mod routing;
 use crate::engine::SignalIn;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Duration, Utc};
@@ -49,11 +49,11 @@ use workflows::pool_number::PoolNumber;
 use workflows::sitter_lifecycle::{SitterLifecycle, NUMBER_COOLDOWN_DAYS};
 use workflows::{Actor, Role, Workflow};
 
-use crate::admin::require;
-use crate::courier::valid_id;
-use crate::http::{parse_body, ApiError, ApiState, Caller};
-use crate::ops::{audit, reason_of};
+use crate::http::{
+    parse_body, reason_of, require, valid_id, ApiError, ApiState, Caller, IdempotencyKey,
+};
 use crate::scan;
+use crate::store::audit;
 use crate::store::providers::{self, db_now};
 use crate::store::tenants;
 use routing::{Author, Number, Sitter};
@@ -117,25 +117,6 @@ fn sitter_subject(caller: &Caller) -> Result<&str, ApiError> {
             "forbidden",
             "a sitter's executor key (with its sitter id as subject) is required",
         )),
-    }
-}
-
-fn idempotency(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    match headers.get("idempotency-key") {
-        None => Ok(None),
-        Some(v) => v
-            .to_str()
-            .ok()
-            .map(str::trim)
-            .filter(|k| !k.is_empty() && k.len() <= 255 && !k.chars().any(char::is_control))
-            .map(|k| Some(k.to_string()))
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_idempotency_key",
-                    "Idempotency-Key: 1..=255 printable characters",
-                )
-            }),
     }
 }
 
@@ -511,7 +492,7 @@ async fn offboard(
             .bind(new_number)
             .execute(&mut *tx)
             .await?;
-        audit(&mut tx, &caller, "thread_reassigned", None, Some(&thread.to_string()), &reason, None,
+        audit::record(&mut tx, &caller.0, "thread_reassigned", None, Some(&thread.to_string()), &reason, None,
             json!({ "from_sitter": id, "to": b.reassign_to.as_deref().unwrap_or("owner"), "cause": "offboarding" })).await?;
     }
     // Open and future bookings follow the threads.
@@ -527,7 +508,7 @@ async fn offboard(
     .bind(successor_number)
     .execute(&mut *tx)
     .await?;
-    audit(&mut tx, &caller, "sitter_offboarded", None, Some(&id), &reason, None,
+    audit::record(&mut tx, &caller.0, "sitter_offboarded", None, Some(&id), &reason, None,
         json!({ "threads_reassigned": threads.len(), "to": b.reassign_to.as_deref().unwrap_or("owner") })).await?;
     st.engine
         .signal_in(
@@ -576,9 +557,9 @@ async fn unlock(
             "the sitter's messaging is not locked",
         ));
     }
-    audit(
+    audit::record(
         &mut tx,
-        &caller,
+        &caller.0,
         "sitter_unlocked",
         None,
         Some(&id),
@@ -1328,7 +1309,7 @@ async fn send_message(
     State(st): State<ApiState>,
     caller: Caller,
     Path(id): Path<Uuid>,
-    headers: HeaderMap,
+    idem: Option<IdempotencyKey>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let b: SendBody = parse_body(&body)?;
@@ -1343,7 +1324,7 @@ async fn send_message(
         .subject
         .clone()
         .unwrap_or_else(|| caller.0.key_id.to_string());
-    let key = idempotency(&headers)?;
+    let key = idem.map(|k| k.0);
     let source = format!(
         "api:{who}:{}",
         key.clone().unwrap_or_else(|| Uuid::now_v7().to_string())
@@ -1581,9 +1562,9 @@ async fn reassign(
     .bind(new_number)
     .execute(&mut *tx)
     .await?;
-    audit(
+    audit::record(
         &mut tx,
-        &caller,
+        &caller.0,
         "thread_reassigned",
         None,
         Some(&id.to_string()),
@@ -1669,9 +1650,9 @@ async fn resolve(
             ));
         }
         if blocked {
-            audit(
+            audit::record(
                 &mut tx,
-                &caller,
+                &caller.0,
                 "blocked_message_forced",
                 None,
                 Some(&message.to_string()),
@@ -1719,9 +1700,9 @@ async fn resolve(
             .execute(&mut *tx)
             .await?;
     }
-    audit(
+    audit::record(
         &mut tx,
-        &caller,
+        &caller.0,
         "inbox_resolved",
         None,
         Some(&id.to_string()),
@@ -1775,9 +1756,9 @@ async fn force_send(
         "service",
     )
     .await?;
-    audit(
+    audit::record(
         &mut tx,
-        &caller,
+        &caller.0,
         "blocked_message_forced",
         None,
         Some(&id.to_string()),

@@ -14,7 +14,9 @@
 //! signal-to-commit path (measured with statement logging), while a plan
 //! kept from a nearly empty table walked whole tenants once it had grown.
 
+pub mod audit;
 pub mod batch;
+pub mod deliveries;
 pub mod drivers;
 pub mod effects;
 pub mod jobs;
