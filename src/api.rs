@@ -187,7 +187,6 @@ pub fn router(state: ApiState) -> Router {
     let (router, _) = api_router().split_for_parts();
     let limit = state.max_body_bytes;
     router
-        .route_layer(axum::middleware::from_fn(request_span))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .layer(axum::middleware::map_response(json_errors))
@@ -202,30 +201,4 @@ pub fn document_json() -> &'static str {
         doc.to_pretty_json()
             .expect("the OpenAPI document serializes")
     })
-}
-
-/// A span on every routed request: method and route template (never the
-/// path itself, which can carry keys), then status and duration at debug.
-async fn request_span(
-    route: axum::extract::MatchedPath,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    use tracing::Instrument;
-    let span = tracing::info_span!(
-        "request",
-        http.method = %request.method(),
-        http.route = route.as_str(),
-        http.status = tracing::field::Empty,
-    );
-    let started = std::time::Instant::now();
-    let response = next.run(request).instrument(span.clone()).await;
-    span.record("http.status", response.status().as_u16());
-    span.in_scope(|| {
-        tracing::debug!(
-            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-            "request answered"
-        )
-    });
-    response
 }

@@ -43,6 +43,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
+use tracing::Instrument;
 
 /// Limits every connection is held to. Every field is a `DISPATCH_HTTP_…`
 /// setting (see the README's "Edge limits").
@@ -128,7 +129,21 @@ pub async fn serve(
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let app = app.clone();
             let cfg = cfg.clone();
-            async move { Ok::<_, Infallible>(handle(app, &cfg, req).await) }
+            // A span per request: the method here, the route template and
+            // tenant where the caller is authenticated (`http::Caller`), the
+            // status at the end; never the path itself or a body.
+            let span = tracing::info_span!(
+                "request",
+                http.method = %req.method(),
+                http.route = tracing::field::Empty,
+                tenant.id = tracing::field::Empty,
+                http.status = tracing::field::Empty,
+            );
+            async move {
+                let response = handle(app, &cfg, req).instrument(span.clone()).await;
+                span.record("http.status", response.status().as_u16());
+                Ok::<_, Infallible>(response)
+            }
         });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())

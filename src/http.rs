@@ -190,6 +190,12 @@ impl FromRequestParts<ApiState> for Caller {
         let principal = tenants::authenticate(&mut conn, key)
             .await?
             .ok_or_else(unauthorized)?;
+        // Fill in the request span the edge opened (no-ops when disabled).
+        let span = tracing::Span::current();
+        if let Some(route) = parts.extensions.get::<axum::extract::MatchedPath>() {
+            span.record("http.route", route.as_str());
+        }
+        span.record("tenant.id", tracing::field::display(principal.tenant_id));
         Ok(Caller(principal))
     }
 }

@@ -531,6 +531,18 @@ async fn a_trace_level_run_of_every_flow_leaks_no_personal_data() {
         logs.lines().count()
     );
     assert!(logs.contains("\"level\":\"TRACE\""), "JSON logs at TRACE");
+    // Every request runs in a span with its route template and tenant (the
+    // template, never the path), and every worker job in one with its ids.
+    assert!(
+        logs.contains("\"name\":\"request\"")
+            && logs.contains("\"http.route\":\"/v1/workflows/{kind}/{key}/signals\""),
+        "request spans carry the route template"
+    );
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("\"name\":\"request\"") && l.contains("\"tenant.id\":")),
+        "request spans carry the tenant"
+    );
     let seen = api.seen.lock().unwrap().clone();
     // Nothing of the refused leads went to anyone: crew, driver, executor or operator.
     for canary in DIGIT_CANARIES {
