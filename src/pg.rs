@@ -192,6 +192,31 @@ impl EmbeddedPg {
     }
 }
 
+/// How long a server still shutting down in the data folder is waited for.
+const PREVIOUS_SERVER_GRACE: Duration = Duration::from_secs(15);
+
+/// Wait while `postmaster.pid` names a live `postgres` process; after
+/// [`PREVIOUS_SERVER_GRACE`] the folder is in use, and that is the error.
+fn wait_for_previous_server(pgdata: &Path) -> Result<(), PgError> {
+    let live = || -> Option<u32> {
+        let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
+        let pid: u32 = text.lines().next()?.trim().parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == "postgres").then_some(pid)
+    };
+    let deadline = Instant::now() + PREVIOUS_SERVER_GRACE;
+    while let Some(pid) = live() {
+        if Instant::now() > deadline {
+            return Err(PgError::Failed(format!(
+                "the data folder {} is in use by postgres (pid {pid}): is another `dispatch` running on it?",
+                pgdata.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// [`start`] on a given port (to restart a cluster where its clients expect it).
 pub fn start_on(
     data_dir: &Path,
@@ -229,7 +254,11 @@ pub fn start_on(
         }
     } else {
         chown_to_pg(&data_dir)?;
-        // A server left by a killed run would hold the lock file: stale pid files are cleared by postgres itself.
+        // A server left by a killed run would hold the lock file: stale pid
+        // files are cleared by postgres itself. One still shutting down (the
+        // previous run of `dispatch` just exited, and its server stops on the
+        // parent-death signal) is waited for.
+        wait_for_previous_server(&pgdata)?;
         if durability == Durability::Durable
             && durability_mark(&data_dir) != Some(Durability::Durable)
         {

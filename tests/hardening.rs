@@ -604,6 +604,48 @@ async fn the_embedded_default_is_durable_and_fast_is_opt_in() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// Starting the embedded server right after the previous process exited
+/// (its server still shutting down, as after `dispatch bench` or a quick
+/// restart of `dispatch dev`) waits for the old server instead of failing on
+/// its lock file.
+#[tokio::test]
+async fn the_embedded_server_starts_while_the_previous_one_is_still_stopping() {
+    let root = std::env::temp_dir().join(format!("dispatch-restart-{}", Uuid::new_v4()));
+    let d = root.clone();
+    let first = tokio::task::spawn_blocking(move || dispatch::pg::start_fast(&d))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut conn = connect_retry(&first.url).await;
+    sqlx::query("create table kept (n int)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    drop(conn);
+    // What the parent-death signal does: ask for a shutdown, do not wait.
+    // SAFETY: signalling the server this test started.
+    unsafe { libc::kill(first.pid as i32, libc::SIGINT) };
+    let d = root.clone();
+    let second = tokio::task::spawn_blocking(move || dispatch::pg::start_fast(&d))
+        .await
+        .unwrap()
+        .expect("the second start waits for the first server to stop");
+    assert_ne!(second.pid, first.pid);
+    let mut conn = connect_retry(&second.url).await;
+    let (n,): (i64,) =
+        sqlx::query_as("select count(*) from information_schema.tables where table_name = 'kept'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(n, 1, "the same cluster");
+    drop(conn);
+    tokio::task::spawn_blocking(move || second.stop())
+        .await
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&root);
+}
+
 /// A pool asked for more connections than the server admits is capped
 /// below its `max_connections` (a burst used to open connections the server
 /// refused, and every request waiting on one failed).
