@@ -24,7 +24,6 @@ use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::store::deliveries;
 use crate::store::providers::{self, ProviderRow};
 
 pub use crate::delivery::{ChannelError, LogEntry, Sent};
@@ -244,41 +243,4 @@ impl RateConfig {
             whatsapp_number_per_s: get("whatsapp_number_per_s", 80.0),
         }
     }
-}
-
-/// Ledger: what a previous attempt already sent under this key, if anything.
-pub(crate) async fn already_sent(
-    conn: &mut PgConnection,
-    tenant_id: Uuid,
-    channel: &str,
-    key: &str,
-) -> Result<Option<String>, ChannelError> {
-    Ok(deliveries::get(conn, tenant_id, channel, key).await?)
-}
-
-/// Ledger: record a send. Returns the message id to report (the first one on a repeat).
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn record_sent(
-    conn: &mut PgConnection,
-    tenant_id: Uuid,
-    effect_id: Uuid,
-    channel: &str,
-    key: &str,
-    recipient: &str,
-    payload: &Value,
-    body: &str,
-    provider_message_id: Option<&str>,
-) -> Result<String, ChannelError> {
-    Ok(deliveries::insert(
-        conn,
-        tenant_id,
-        effect_id,
-        channel,
-        key,
-        recipient,
-        payload,
-        body,
-        provider_message_id,
-    )
-    .await?)
 }

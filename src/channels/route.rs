@@ -29,14 +29,11 @@ use super::email::Email;
 use super::telegram::{claim_button, Telegram};
 use super::twilio::Twilio;
 use super::whatsapp::WhatsApp;
-use super::{
-    already_sent, pace, provider, record_sent, wait_for_slot, ChannelError, LogEntry, RateConfig,
-    Sent,
-};
+use super::{pace, provider, wait_for_slot, ChannelError, LogEntry, RateConfig, Sent};
 use crate::store::drivers;
 use crate::store::effects::EffectRow;
 use crate::store::providers::{self, Person};
-use crate::store::{tenants, workflows as wf_store};
+use crate::store::{deliveries, tenants, workflows as wf_store};
 use workflows::driver_registration::effects as registration_effects;
 use workflows::route_dispatch::effects as route_effects;
 
@@ -212,7 +209,7 @@ impl Router {
                 reply_to,
                 callback,
             } => {
-                if let Some(id) = already_sent(conn, tenant, "telegram", key).await? {
+                if let Some(id) = deliveries::get(conn, tenant, "telegram", key).await? {
                     return Ok(Sent::done(
                         json!({ "message_id": id, "provider": "telegram", "chat_id": chat_id }),
                     ));
@@ -246,7 +243,7 @@ impl Router {
                         }
                     }
                 };
-                let id = record_sent(
+                let id = deliveries::insert(
                     conn,
                     tenant,
                     effect.id,
@@ -273,7 +270,7 @@ impl Router {
                     } else {
                         format!("{key}:{phone}")
                     };
-                    let id = match already_sent(conn, tenant, "whatsapp", &k).await? {
+                    let id = match deliveries::get(conn, tenant, "whatsapp", &k).await? {
                         Some(id) => id,
                         None => {
                             match slot.take() {
@@ -296,7 +293,7 @@ impl Router {
                                     continue;
                                 }
                             };
-                            record_sent(
+                            deliveries::insert(
                                 conn,
                                 tenant,
                                 effect.id,
@@ -335,14 +332,14 @@ impl Router {
                 json!({ "message_id": first, "provider": "whatsapp", "chat_id": chat_id, "unreachable": permanent.len() })
             }
             Dest::Sms(to) => {
-                if let Some(id) = already_sent(conn, tenant, "twilio", key).await? {
+                if let Some(id) = deliveries::get(conn, tenant, "twilio", key).await? {
                     return Ok(Sent::done(
                         json!({ "message_id": id, "provider": "twilio", "chat_id": to }),
                     ));
                 }
                 let row = provider(conn, tenant, "twilio").await?;
                 let sid = Twilio::new(&self.http, &row)?.send(&to, &m.text).await?;
-                let id = record_sent(
+                let id = deliveries::insert(
                     conn,
                     tenant,
                     effect.id,
@@ -358,7 +355,7 @@ impl Router {
             }
             Dest::Email(to) => {
                 let (name, row) = email_provider(conn, tenant).await?;
-                if let Some(id) = already_sent(conn, tenant, name, key).await? {
+                if let Some(id) = deliveries::get(conn, tenant, name, key).await? {
                     return Ok(Sent::done(
                         json!({ "message_id": id, "provider": name, "chat_id": to }),
                     ));
@@ -366,7 +363,7 @@ impl Router {
                 let sent = Email::new(&self.http, name, &row)?
                     .send(&to, &m.subject, &m.text, key, m.attachment.as_ref())
                     .await?;
-                let id = record_sent(
+                let id = deliveries::insert(
                     conn,
                     tenant,
                     effect.id,

@@ -9,7 +9,8 @@ use uuid::Uuid;
 use workflows::{meet_and_greet, message_relay, poaching_strikes, pool_number, sitter_lifecycle};
 
 use crate::channels::twilio::Twilio;
-use crate::channels::{already_sent, provider, record_sent, ChannelError};
+use crate::channels::{provider, ChannelError};
+use crate::store::deliveries;
 use crate::store::effects::EffectRow;
 use crate::store::providers;
 
@@ -113,7 +114,7 @@ pub async fn deliver(
             .fetch_one(&mut *conn)
             .await?;
             if offboarded
-                && already_sent(&mut *conn, tenant, "twilio", &effect.idempotency_key)
+                && deliveries::get(&mut *conn, tenant, "twilio", &effect.idempotency_key)
                     .await?
                     .is_none()
             {
@@ -154,14 +155,14 @@ pub async fn deliver(
             let key = &effect.idempotency_key;
             let twilio = providers::get(&mut *conn, tenant, "twilio").await?;
             let (channel, sent) = match twilio {
-                Some(_) => match already_sent(&mut *conn, tenant, "twilio", key).await? {
+                Some(_) => match deliveries::get(&mut *conn, tenant, "twilio", key).await? {
                     Some(sid) => ("twilio", sid),
                     None => {
                         let row = provider(&mut *conn, tenant, "twilio").await?;
                         let sid = Twilio::new(http, &row)?
                             .send_from(&from, &to, &body)
                             .await?;
-                        let id = record_sent(
+                        let id = deliveries::insert(
                             &mut *conn,
                             tenant,
                             effect.id,
@@ -179,7 +180,7 @@ pub async fn deliver(
                 // A tenant without Twilio (development): the log channel.
                 None => (
                     "log",
-                    record_sent(
+                    deliveries::insert(
                         &mut *conn, tenant, effect.id, "log", key, &to, p, &body, None,
                     )
                     .await?,
